@@ -1,0 +1,14 @@
+"""Shared code of the BreaKHis pipeline: data and splits, transforms, models, training, Grad-CAM, metrics.
+
+Sections, one module each:
+    common.data        index a dataset into records; patient-level splits; the split file
+    common.demo        synthetic BreaKHis-like demo data
+    common.transforms  train/eval transforms (PIL per image, and batched on the device)
+    common.dataset     batches on the device: plain DataLoader path or decoded-image cache
+    common.models      architecture table, weights loading, forward split at the Grad-CAM layer
+    common.cam         Grad-CAM at the cost of one forward pass
+    common.heatmaps    heatmap export (heatmaps_<arch>.npz) and overlays
+    common.metrics     image- and patient-level metrics
+    common.train       the shared fine-tuning loop (single process or torchrun) and checkpoints
+    common.cli         the model scripts' one argument parser
+"""

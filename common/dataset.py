@@ -1,0 +1,213 @@
+"""Images in, normalised batches on the training device out, by one of two equivalent paths.
+
+* plain (`--cache none`): a DataLoader decodes each PNG and applies the PIL transforms per image, in workers.
+* cached (`--cache memory|disk`): every image is decoded and resized once into a uint8 array (RAM, or a memmap
+  in the output dir shared by the three model scripts); each batch is then gathered from it, moved to the
+  device and augmented there as a whole (`augment_batch`). Decoding a 700x460 PNG costs ~9 ms of CPU; gathering
+  a cached 224x224 image costs microseconds, so the GPU, not the PNG decoder, sets the pace.
+
+Both yield `(images (B, 3, S, S) float32 on device, labels (B,) int64 on device, indices (B,) int64)`, where
+indices point into the record list, so callers can write results row by row.
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from common.data import Record
+from common.errors import PipelineError
+from common.fileio import atomic_path
+from common.transforms import augment_batch, build_transforms, normalize_batch, resize_image
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+CACHE_FORMAT_VERSION = 1
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode an image as RGB, or stop with an error that names the file."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise PipelineError(f"cannot read image {path}: {error}") from None
+
+
+class ImageRecords(Dataset):
+    """Records -> (transformed image, label, index)."""
+
+    def __init__(self, root: Path, records: list[Record], transform):
+        self.root, self.records, self.transform = Path(root), records, transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        return self.transform(load_rgb(self.root / record.path)), record.label, index
+
+
+class ResizedUint8(ImageRecords):
+    """Records -> (S, S, 3) uint8 array, for filling the cache with DataLoader workers."""
+
+    def __init__(self, root: Path, records: list[Record], image_size: int):
+        super().__init__(root, records, transform=None)
+        self.image_size = image_size
+
+    def __getitem__(self, index: int):
+        image = load_rgb(self.root / self.records[index].path)
+        return np.asarray(resize_image(image, self.image_size)), self.records[index].label, index
+
+
+def _keep_as_list(items: list) -> list:
+    return items
+
+
+def loader_options(*, workers: int, device: torch.device) -> dict:
+    """DataLoader settings that keep a GPU fed: parallel decoding, pinned memory, batches prefetched."""
+    options = dict(num_workers=workers, pin_memory=device.type == "cuda")
+    if workers > 0:
+        options.update(persistent_workers=True, prefetch_factor=4)
+    return options
+
+
+class PlainBatches:
+    """Per-image PIL decoding and augmentation in DataLoader workers."""
+
+    def __init__(self, root: Path, records: list[Record], *, train: bool, image_size: int, batch_size: int,
+                 workers: int, device: torch.device, seed: int, rank: int = 0, world_size: int = 1):
+        dataset = ImageRecords(root, records, build_transforms(train=train, image_size=image_size))
+        self.sampler = None
+        if train and world_size > 1:
+            self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        elif not train and world_size > 1:
+            self.sampler = list(range(rank, len(dataset), world_size))  # a shard each, no padding duplicates
+        generator = torch.Generator().manual_seed(seed)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
+                                 shuffle=train and self.sampler is None, drop_last=False, generator=generator,
+                                 **loader_options(workers=workers, device=device))
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def batches(self, epoch: int = 0) -> Iterator[Batch]:
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+        for images, labels, indices in self.loader:
+            yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), indices)
+
+
+# ------------------------------------------------------------------------------------------ decoded cache
+
+
+def cache_key(root: Path, records: list[Record], image_size: int) -> str:
+    """Changes when any file (path, size, mtime), the record list (split) or the image size changes."""
+    digest = hashlib.sha256(f"{CACHE_FORMAT_VERSION}|{image_size}|{root}\n".encode())
+    for record in records:
+        stat = os.stat(root / record.path)
+        digest.update(f"{record.path}|{record.label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def _decode_into(array: np.ndarray, root: Path, records: list[Record], image_size: int, workers: int) -> None:
+    loader = DataLoader(ResizedUint8(root, records, image_size), batch_size=64, num_workers=workers,
+                        collate_fn=_keep_as_list)
+    for items in loader:
+        for pixels, _label, index in items:
+            array[index] = pixels
+
+
+def build_cache(root: Path, records: list[Record], *, image_size: int, mode: str, cache_dir: Path | None,
+                workers: int) -> np.ndarray:
+    """(N, S, S, 3) uint8 images in record order: decoded now (memory) or reused from/written to disk."""
+    shape = (len(records), image_size, image_size, 3)
+    if mode == "memory":
+        array = np.empty(shape, np.uint8)
+        _decode_into(array, root, records, image_size, workers)
+        return array
+    key = cache_key(root, records, image_size)
+    cache_path = Path(cache_dir) / f"images_{image_size}px_{key}.npy"
+    if cache_path.exists():
+        print(f"decoded-image cache hit: {cache_path}")
+        return np.load(cache_path, mmap_mode="r", allow_pickle=False)
+    print(f"building decoded-image cache {cache_path} ({np.prod(shape) / 2**30:.2f} GiB)")
+    with atomic_path(cache_path, suffix=".npy") as temp_path:
+        array = np.lib.format.open_memmap(temp_path, mode="w+", dtype=np.uint8, shape=shape)
+        _decode_into(array, root, records, image_size, workers)
+        array.flush()
+        del array
+    (Path(cache_dir) / f"images_{image_size}px_{key}.json").write_text(
+        json.dumps({"root": str(root), "images": len(records), "image_size": image_size}) + "\n")
+    return np.load(cache_path, mmap_mode="r", allow_pickle=False)
+
+
+class CachedBatches:
+    """Batches gathered from the decoded cache and augmented on the device, each image with its own draws."""
+
+    def __init__(self, cache: np.ndarray, records: list[Record], indices: list[int], *, train: bool,
+                 batch_size: int, device: torch.device, seed: int, rank: int = 0, world_size: int = 1):
+        self.cache, self.train, self.batch_size, self.device, self.seed = cache, train, batch_size, device, seed
+        self.indices = np.asarray(indices, dtype=np.int64)  # rows of the cache (= records) this source covers
+        self.labels = torch.tensor([records[i].label for i in indices], dtype=torch.int64)
+        self.rank, self.world_size = rank, world_size
+
+    def _order(self, epoch: int) -> np.ndarray:
+        positions = np.arange(len(self.indices))
+        if self.train:
+            positions = np.random.default_rng((self.seed, epoch)).permutation(positions)
+            # Equal shard sizes on every rank (DDP needs the same number of steps): pad by wrapping around.
+            per_rank = -(-len(positions) // self.world_size)
+            positions = np.resize(positions, per_rank * self.world_size)
+        return positions[self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        return -(-len(self._order(0)) // self.batch_size)
+
+    def batches(self, epoch: int = 0) -> Iterator[Batch]:
+        generator = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + epoch * 101 + self.rank)
+        pin = self.device.type == "cuda"
+        for start in range(0, len(order := self._order(epoch)), self.batch_size):
+            positions = order[start:start + self.batch_size]
+            rows = self.indices[positions]
+            pixels = torch.from_numpy(np.ascontiguousarray(self.cache[np.sort(rows)]))  # sorted: sequential reads
+            pixels = pixels[torch.from_numpy(np.argsort(np.argsort(rows)))]  # back to the shuffled order
+            if pin:
+                pixels = pixels.pin_memory()
+            pixels = pixels.to(self.device, non_blocking=True)
+            images = augment_batch(pixels, generator) if self.train else normalize_batch(pixels)
+            labels = self.labels[torch.from_numpy(positions)].to(self.device, non_blocking=True)
+            yield images, labels, torch.from_numpy(rows)
+
+
+def make_batches(root: Path, records: list[Record], indices: list[int], *, train: bool, image_size: int,
+                 batch_size: int, workers: int, device: torch.device, seed: int, cache: np.ndarray | None,
+                 rank: int = 0, world_size: int = 1):
+    """The batch source for one split: cached when a decoded cache is given, else the plain DataLoader path."""
+    if cache is not None:
+        return CachedBatches(cache, records, indices, train=train, batch_size=batch_size, device=device,
+                             seed=seed, rank=rank, world_size=world_size)
+    subset = [records[i] for i in indices]
+    source = PlainBatches(root, subset, train=train, image_size=image_size, batch_size=batch_size,
+                          workers=workers, device=device, seed=seed, rank=rank, world_size=world_size)
+    return _ReindexedBatches(source, np.asarray(indices, dtype=np.int64))
+
+
+class _ReindexedBatches:
+    """Maps a subset loader's positions back to indices into the full record list."""
+
+    def __init__(self, source: PlainBatches, indices: np.ndarray):
+        self.source, self.indices = source, torch.from_numpy(indices)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batches(self, epoch: int = 0) -> Iterator[Batch]:
+        for images, labels, positions in self.source.batches(epoch):
+            yield images, labels, self.indices[positions]

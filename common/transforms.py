@@ -1,0 +1,84 @@
+"""Train and eval transforms, each defined once, in two equivalent forms.
+
+* `build_transforms`: per-image PIL -> tensor pipelines (the plain DataLoader path).
+* `augment_batch` / `normalize_batch`: the same augmentation on a whole uint8 batch already resized and on the
+  training device (the decoded-image cache path). Every image draws its own flips and angle.
+
+Both resize with PIL's antialiased bilinear filter to a square `image_size` (the whole field of view is kept;
+BreaKHis's 700x460 images are squashed, not cropped), so eval tensors agree between the two paths.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Histology has no canonical orientation: flips in both axes plus a small rotation. Larger angles would fill
+# more of each image with the black corners that rotation leaves.
+ROTATION_DEGREES = 20.0
+
+
+def resize_image(image: Image.Image, image_size: int) -> Image.Image:
+    return image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
+
+
+class SquareResize:
+    """A picklable transform (DataLoader workers may be spawned) that calls `resize_image`."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return resize_image(image, self.image_size)
+
+
+def build_transforms(*, train: bool, image_size: int) -> T.Compose:
+    steps = [SquareResize(image_size)]
+    if train:
+        steps += [
+            T.RandomHorizontalFlip(),
+            T.RandomVerticalFlip(),
+            T.RandomRotation(ROTATION_DEGREES, interpolation=T.InterpolationMode.BILINEAR, fill=0),
+        ]
+    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(steps)
+
+
+def _normalize_unit(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) float in [0, 1] -> ImageNet-normalised, in place."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return images.sub_(mean).div_(std)
+
+
+def normalize_batch(images_uint8: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32, ImageNet-normalised, on the same device."""
+    return _normalize_unit(images_uint8.permute(0, 3, 1, 2).float().div_(255.0))
+
+
+def augment_batch(images_uint8: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random flips and rotation, drawn per image, then normalisation: (B, H, W, 3) uint8 -> (B, 3, H, W) float.
+
+    One affine_grid/grid_sample call applies each image's own flip-and-rotate matrix; outside the rotated
+    image the fill is black, as in the PIL path (fill=0 before normalisation).
+    """
+    batch = images_uint8.shape[0]
+    device = images_uint8.device
+    images = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
+    draws = torch.rand(batch, 3, generator=generator, device=generator.device if generator else "cpu").to(device)
+    flip_x = torch.where(draws[:, 0] < 0.5, -1.0, 1.0)
+    flip_y = torch.where(draws[:, 1] < 0.5, -1.0, 1.0)
+    angle = (draws[:, 2] * 2 - 1) * math.radians(ROTATION_DEGREES)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # Output pixel (x, y) samples input at R(angle) @ diag(flip) @ (x, y), in normalised coordinates.
+    # Square images keep the rotation exact in normalised coordinates.
+    theta = torch.zeros(batch, 2, 3, device=device)
+    theta[:, 0, 0], theta[:, 0, 1] = cos * flip_x, -sin * flip_y
+    theta[:, 1, 0], theta[:, 1, 1] = sin * flip_x, cos * flip_y
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return _normalize_unit(images)
