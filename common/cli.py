@@ -1,0 +1,91 @@
+"""The one command-line parser of the three model scripts; each script passes only its own defaults."""
+
+import argparse
+import os
+
+from common.cam import TARGET_RULES
+
+DEFAULTS = dict(
+    output_dir="runs/breakhis", weights="imagenet", epochs=10, batch_size=32, lr=1e-4, weight_decay=1e-4,
+    optimizer="adamw", image_size=224, magnification="all", split="patient", fold_file=None, val_fraction=0.1,
+    test_fraction=0.2, seed=0, device="auto", workers=min(8, os.cpu_count() or 1), class_weights="balanced",
+    cache="disk", max_images=None, cam_target="predicted", overlays=8, amp=True,
+)
+
+
+def build_parser(*, arch: str, description: str, **script_defaults) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data and split")
+    data.add_argument("--data-dir", required=True,
+                      help="BreaKHis folder (any folder at or above histology_slides), a folder with benign/ and "
+                           "malignant/, or a CSV manifest with columns path,label[,patient,magnification]")
+    data.add_argument("--output-dir", help="where the split file, checkpoints, heatmaps and metrics go; "
+                                           "give the four scripts the same one")
+    data.add_argument("--magnification", choices=["40", "100", "200", "400", "all"])
+    data.add_argument("--split", choices=["patient", "image"],
+                      help="patient: no patient on two sides (honest); image: random images, leaks patients")
+    data.add_argument("--fold-file", help="official BreaKHis dsfoldN.txt: its test side is the test split; "
+                                          "val patients are carved from its train side")
+    data.add_argument("--val-fraction", type=float, help="fraction of patients (per class) for validation")
+    data.add_argument("--test-fraction", type=float, help="fraction of patients (per class) for the test")
+    data.add_argument("--max-images", type=int, help="quick trial: keep at most this many images, split kept")
+    data.add_argument("--cache", choices=["none", "memory", "disk"],
+                      help="decode each image once (RAM, or a file in the output dir shared by the three "
+                           "scripts) and augment whole batches on the device; none = per-image PIL workers")
+    data.add_argument("--workers", type=int, help="DataLoader worker processes")
+
+    training = parser.add_argument_group("model and training")
+    training.add_argument("--weights", help="imagenet (torchvision download), none (random init), or PATH to a "
+                                            "local state_dict (offline clusters)")
+    training.add_argument("--epochs", type=int)
+    training.add_argument("--batch-size", type=int, help="per process (per GPU under torchrun)")
+    training.add_argument("--lr", type=float)
+    training.add_argument("--weight-decay", type=float)
+    training.add_argument("--optimizer", choices=["adam", "adamw"])
+    training.add_argument("--image-size", type=int, help="images are resized to a square of this many pixels")
+    training.add_argument("--class-weights", choices=["none", "balanced"],
+                          help="balanced: loss weights inverse to the train split's class frequencies")
+    training.add_argument("--seed", type=int)
+    training.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    training.add_argument("--no-amp", dest="amp", action="store_false",
+                          help="turn off mixed precision on CUDA (bf16 where supported, else fp16)")
+    training.add_argument("--resume", action="store_true",
+                          help="continue the interrupted run in --output-dir from its last completed epoch")
+
+    heatmaps = parser.add_argument_group("Grad-CAM heatmaps")
+    heatmaps.add_argument("--heatmaps-only", action="store_true",
+                          help="skip training: recompute heatmaps and test metrics from the saved checkpoint")
+    heatmaps.add_argument("--cam-target", choices=TARGET_RULES,
+                          help="class whose score Grad-CAM explains (never the true label)")
+    heatmaps.add_argument("--overlays", type=int, help="test images saved as heatmap overlay PNGs")
+
+    parser.set_defaults(**{**DEFAULTS, **script_defaults})
+    parser.set_defaults(arch=arch)
+    return parser
+
+
+def parse_args(*, arch: str, description: str, argv: list[str] | None = None, **script_defaults) -> argparse.Namespace:
+    parser = build_parser(arch=arch, description=description, **script_defaults)
+    args = parser.parse_args(argv)
+    if not 0 < args.val_fraction < 1 or not 0 < args.test_fraction < 1 or args.val_fraction + args.test_fraction >= 1:
+        parser.error("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
+    for option in ("epochs", "batch_size", "image_size"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1")
+    if args.image_size < 32:
+        parser.error("--image-size must be at least 32 (the networks downsample by 32)")
+    if args.fold_file and args.split == "image":
+        parser.error("--fold-file defines a patient-level split; it cannot be combined with --split image")
+    return args
+
+
+def split_protocol(args: argparse.Namespace) -> dict:
+    """The options that define the split; stored in the split file and checked by every later script."""
+    return {
+        "method": "fold" if args.fold_file else args.split,
+        "fold_file": os.path.abspath(args.fold_file) if args.fold_file else None,
+        "val_fraction": args.val_fraction,
+        "test_fraction": None if args.fold_file else args.test_fraction,
+        "seed": args.seed,
+        "magnification": args.magnification,
+    }

@@ -1,0 +1,118 @@
+"""One evaluation pass over every image of every split: logits and raw Grad-CAM maps -> heatmaps_<arch>.npz.
+
+The maps are written as they are computed into a preallocated memmap, so memory stays flat as the dataset
+grows; the finished file replaces any earlier one atomically.
+
+heatmaps_<arch>.npz (np.load(path, allow_pickle=False)):
+    cams (N, h, w) float32   raw Grad-CAM, after ReLU, before any scaling
+    logits (N, 2) float32    the same pass's logits
+    labels (N,) int64, paths, patients, magnifications, splits (N,) unicode   rows in split-file order
+    arch, target_layer, target_class_rule, split_digest (unicode scalars), image_size, format_version (int)
+"""
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from PIL import Image
+from tqdm import tqdm
+
+from common.cam import grad_cam, scale_for_display
+from common.data import Split
+from common.dataset import load_rgb, make_batches
+from common.errors import PipelineError
+from common.fileio import save_npz
+from common.models import ARCHS
+from common.transforms import resize_image
+
+HEATMAP_FORMAT_VERSION = 1
+HEATMAP_KEYS = ("cams", "logits", "labels", "paths", "patients", "magnifications", "splits", "arch",
+                "target_layer", "target_class_rule", "split_digest", "image_size", "format_version")
+
+
+def heatmap_path(output_dir: Path, arch: str) -> Path:
+    return Path(output_dir) / f"heatmaps_{arch}.npz"
+
+
+def export_heatmaps(model, arch: str, split: Split, out_path: Path, *, image_size: int, batch_size: int,
+                    workers: int, device: torch.device, cache, target_rule: str, amp_dtype=None) -> dict:
+    """Write heatmaps_<arch>.npz for every record of `split`; return its small arrays (logits, labels, ...)."""
+    model.to(device)
+    batches = make_batches(split.root, split.records, list(range(len(split.records))), train=False,
+                           image_size=image_size, batch_size=batch_size, workers=workers, device=device,
+                           seed=0, cache=cache)
+    cam_size = image_size // ARCHS[arch].cam_stride
+    logits = np.zeros((len(split.records), 2), np.float32)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".heatmaps_") as scratch:
+        cams = np.lib.format.open_memmap(Path(scratch) / "cams.npy", mode="w+", dtype=np.float32,
+                                         shape=(len(split.records), cam_size, cam_size))
+        for images, _labels, indices in tqdm(batches.batches(), total=len(batches), desc=f"{arch} Grad-CAM",
+                                             leave=False):
+            batch_cams, batch_logits = grad_cam(model, arch, images, target=target_rule, autocast_dtype=amp_dtype)
+            if batch_cams.shape[1:] != cams.shape[1:]:
+                raise PipelineError(f"{arch} maps are {tuple(batch_cams.shape[1:])}, expected {cams.shape[1:]}")
+            cams[indices.numpy()] = batch_cams.cpu().numpy()
+            logits[indices.numpy()] = batch_logits.cpu().numpy()
+        cams.flush()
+        arrays = {
+            "logits": logits,
+            "labels": np.array([r.label for r in split.records], np.int64),
+            "paths": np.array([r.path for r in split.records], dtype=str),
+            "patients": np.array([r.patient for r in split.records], dtype=str),
+            "magnifications": np.array([r.magnification for r in split.records], dtype=str),
+            "splits": np.array(split.splits, dtype=str),
+            "arch": np.array(arch), "target_layer": np.array(ARCHS[arch].target_layer),
+            "target_class_rule": np.array(target_rule), "split_digest": np.array(split.digest),
+            "image_size": np.array(image_size), "format_version": np.array(HEATMAP_FORMAT_VERSION),
+        }
+        save_npz(out_path, cams=cams, **arrays)  # numpy streams the memmap into the zip in chunks
+        del cams
+    return arrays
+
+
+def load_heatmaps(path: Path) -> dict[str, np.ndarray]:
+    """Read a heatmap file (never unpickling) and check it has this format's keys."""
+    if not Path(path).is_file():
+        raise PipelineError(f"heatmap file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as content:
+            arrays = {key: content[key] for key in content.files}
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"heatmap file {path} is unreadable ({error})") from None
+    missing = [key for key in HEATMAP_KEYS if key not in arrays]
+    if missing or int(arrays["format_version"]) != HEATMAP_FORMAT_VERSION:
+        raise PipelineError(f"heatmap file {path} is from an older format (missing {missing or 'nothing'}, version "
+                            f"{arrays.get('format_version', 'none')}); regenerate it with --heatmaps-only")
+    return arrays
+
+
+def colorize(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Display-scaled map, upsampled bilinearly to `size` (width, height), as a (H, W, 3) uint8 jet image."""
+    scaled = Image.fromarray(scale_for_display(cam)).resize(size, Image.Resampling.BILINEAR)
+    return (colormaps["jet"](np.asarray(scaled).clip(0, 1))[..., :3] * 255).astype(np.uint8)
+
+
+def overlay_panel(image: Image.Image, cam: np.ndarray, *, alpha: float = 0.45) -> Image.Image:
+    """Image | heatmap | blend, side by side."""
+    pixels = np.asarray(image, dtype=np.float32)
+    heat = colorize(cam, image.size)
+    blend = ((1 - alpha) * pixels + alpha * heat).astype(np.uint8)
+    return Image.fromarray(np.concatenate([pixels.astype(np.uint8), heat, blend], axis=1))
+
+
+def save_overlays(split: Split, arrays: dict, cams: np.ndarray, out_dir: Path, *, count: int,
+                  image_size: int) -> list[Path]:
+    """Overlay PNGs for `count` test images, spread evenly over the test split."""
+    test_rows = np.flatnonzero(arrays["splits"] == "test")
+    chosen = test_rows[np.linspace(0, len(test_rows) - 1, num=min(count, len(test_rows))).astype(int)] \
+        if len(test_rows) and count > 0 else []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for row in chosen:
+        image = resize_image(load_rgb(split.root / split.records[row].path), image_size)
+        target = out_dir / f"{Path(split.records[row].path).stem}.png"
+        overlay_panel(image, cams[row]).save(target)
+        written.append(target)
+    return written

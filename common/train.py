@@ -1,0 +1,399 @@
+"""The shared fine-tuning loop: one process or many (torchrun), one stage per function.
+
+    run_model_script  config -> split -> data -> model -> fit (train_one_epoch / evaluate) -> heatmap export
+
+Distributed training is detected from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK): each process
+trains on its shard with DistributedDataParallel; only rank 0 logs and saves, metrics are summed across
+ranks, and the saved state_dict is the unwrapped model's.
+"""
+
+import argparse
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from common.cli import parse_args, split_protocol
+from common.data import CLASS_NAMES, Split, describe_protocol, prepare_split, subsample_split, summarize_split
+from common.dataset import build_cache, make_batches
+from common.errors import PipelineError
+from common.fileio import save_torch, write_json
+from common.heatmaps import export_heatmaps, heatmap_path, load_heatmaps, save_overlays
+from common.metrics import binary_metrics, metrics_table, softmax
+from common.models import ARCHS, build_model
+from common.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+CHECKPOINT_FORMAT_VERSION = 1
+SELECTION_METRIC = "val balanced accuracy (ties: lower val loss)"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def pick_device(option: str, local_rank: int = 0) -> torch.device:
+    if option == "auto":
+        option = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if option == "cuda":
+        if not torch.cuda.is_available():
+            raise PipelineError("--device cuda: no CUDA device is visible")
+        return torch.device("cuda", local_rank)
+    if option == "mps" and not torch.backends.mps.is_available():
+        raise PipelineError("--device mps: MPS is not available")
+    return torch.device(option)
+
+
+def setup_runtime(device_option: str) -> Runtime:
+    """Single process, or one process per GPU under torchrun (nccl on CUDA, gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Runtime(pick_device(device_option))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_option, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device, dist.get_rank(), dist.get_world_size())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def reduce_sum(values: list[float], runtime: Runtime) -> list[float]:
+    if not runtime.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 on GPUs that have it (no loss scaling needed), else fp16 with a GradScaler; none off CUDA."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def class_weights(split: Split, mode: str, device: torch.device) -> torch.Tensor | None:
+    if mode == "none":
+        return None
+    counts = np.bincount([record.label for record in split.subset("train")], minlength=len(CLASS_NAMES))
+    if counts.min() == 0:
+        raise PipelineError("the train split lacks a class; --class-weights balanced cannot be computed")
+    return torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32, device=device)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def train_one_epoch(model, batches, optimizer, loss_fn, *, epoch: int, runtime: Runtime, amp_dtype, scaler,
+                    channels_last: bool) -> dict:
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    progress = tqdm(batches.batches(epoch), total=len(batches), desc=f"epoch {epoch + 1} train",
+                    disable=not runtime.is_main, leave=False)
+    for step, (images, labels, _indices) in enumerate(progress):
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+            loss = loss_fn(logits.float(), labels)
+        if not torch.isfinite(loss):
+            raise PipelineError(f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                                "the last good checkpoint is kept. Lower --lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.item() * len(labels)
+        correct += int((logits.argmax(1) == labels).sum())
+        seen += len(labels)
+        progress.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+    loss_sum, correct, seen = reduce_sum([loss_sum, correct, seen], runtime)
+    return {"loss": loss_sum / seen, "accuracy": correct / seen}
+
+
+@torch.no_grad()
+def predict_logits(model, batches, *, runtime: Runtime, amp_dtype, channels_last: bool, desc: str):
+    """(indices, logits) of every image the batch source covers, gathered from all ranks."""
+    model.eval()
+    all_indices, all_logits = [], []
+    for images, _labels, indices in tqdm(batches.batches(), total=len(batches), desc=desc,
+                                         disable=not runtime.is_main, leave=False):
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            all_logits.append(model(images).float().cpu())
+        all_indices.append(indices.cpu())
+    indices = torch.cat(all_indices).numpy() if all_indices else np.zeros(0, np.int64)
+    logits = torch.cat(all_logits).numpy() if all_logits else np.zeros((0, 2), np.float32)
+    if runtime.distributed:
+        gathered = [None] * runtime.world_size
+        dist.all_gather_object(gathered, (indices, logits))
+        indices = np.concatenate([part[0] for part in gathered])
+        logits = np.concatenate([part[1] for part in gathered])
+    return indices, logits
+
+
+def evaluate(model, batches, split: Split, *, runtime: Runtime, amp_dtype, channels_last: bool) -> dict:
+    """Loss and every metric of `binary_metrics` over the images of `batches`."""
+    indices, logits = predict_logits(model, batches, runtime=runtime, amp_dtype=amp_dtype,
+                                     channels_last=channels_last, desc="validate")
+    labels = np.array([split.records[i].label for i in indices])
+    loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
+    records = [split.records[i] for i in indices]
+    metrics = binary_metrics(labels, softmax(logits)[:, 1], [r.patient for r in records],
+                             [r.magnification for r in records])
+    return {"loss": loss, **metrics}
+
+
+def selection_score(val_metrics: dict) -> tuple[float, float]:
+    balanced = val_metrics["balanced_accuracy"]
+    return (val_metrics["accuracy"] if balanced is None else balanced, -val_metrics["loss"])
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_path(output_dir: Path, arch: str) -> Path:
+    return Path(output_dir) / f"fine_tuned_{arch}.pth"
+
+
+def state_path(output_dir: Path, arch: str) -> Path:
+    return Path(output_dir) / f"training_state_{arch}.pth"
+
+
+def save_best_checkpoint(model: nn.Module, args: argparse.Namespace, split: Split, *, epoch: int,
+                         val_metrics: dict) -> None:
+    """fine_tuned_<arch>.pth: tensors and primitives only, so torch.load(weights_only=True) reads it."""
+    spec = ARCHS[args.arch]
+    save_torch({
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "model": {key: value.detach().cpu() for key, value in model.state_dict().items()},
+        "arch": args.arch,
+        "class_names": list(CLASS_NAMES),
+        "image_size": args.image_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "target_layer": spec.target_layer,
+        "epoch": epoch,
+        "selection_metric": SELECTION_METRIC,
+        "val_metrics": val_metrics,
+        "config": vars(args).copy(),
+        "split_digest": split.digest,
+        "split_protocol": split.protocol,
+    }, checkpoint_path(args.output_dir, args.arch))
+
+
+def load_checkpoint(path: Path, arch: str | None = None) -> dict:
+    """Read one of our checkpoints safely (weights_only) or stop with an error naming the file."""
+    if not Path(path).is_file():
+        raise PipelineError(f"checkpoint {path} does not exist; run the model script first (or drop --heatmaps-only)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file raises one of many types
+        raise PipelineError(f"checkpoint {path} is unreadable ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "arch" not in checkpoint:
+        raise PipelineError(f"checkpoint {path} is not a checkpoint of this pipeline")
+    if arch is not None and checkpoint["arch"] != arch:
+        raise PipelineError(f"checkpoint {path} holds {checkpoint['arch']}, not {arch}")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict) -> nn.Module:
+    model = build_model(checkpoint["arch"], "none")
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- fit
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
+def restore_training_state(path: Path, model, optimizer, scheduler, scaler) -> dict:
+    if not path.is_file():
+        raise PipelineError(f"--resume: no training state {path} to resume from (start without --resume)")
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return state
+
+
+def log_epoch(log_path: Path, row: dict) -> None:
+    with open(log_path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def fit(model: nn.Module, args: argparse.Namespace, split: Split, runtime: Runtime, cache) -> None:
+    """Fine-tune every layer; keep the best epoch by val balanced accuracy in fine_tuned_<arch>.pth."""
+    device, output_dir = runtime.device, Path(args.output_dir)
+    channels_last = device.type == "cuda"
+    amp_dtype = autocast_dtype(device, args.amp)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    optimizer = make_optimizer(model, args)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    start_epoch, best_score = 0, None
+    if args.resume:
+        state = restore_training_state(state_path(output_dir, args.arch), model, optimizer, scheduler, scaler)
+        start_epoch, best_score = state["epoch"], tuple(state["best_score"]) if state["best_score"] else None
+        if runtime.is_main:
+            print(f"resuming {args.arch} after epoch {start_epoch} of {args.epochs}")
+    trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if runtime.distributed else model
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(split, args.class_weights, device))
+    common = dict(image_size=args.image_size, batch_size=args.batch_size, workers=args.workers, device=device,
+                  seed=args.seed, cache=cache, rank=runtime.rank, world_size=runtime.world_size)
+    train_batches = make_batches(split.root, split.records, split.indices("train"), train=True, **common)
+    val_batches = make_batches(split.root, split.records, split.indices("val"), train=False, **common)
+    for epoch in range(start_epoch, args.epochs):
+        started = time.perf_counter()
+        train_metrics = train_one_epoch(trained, train_batches, optimizer, loss_fn, epoch=epoch, runtime=runtime,
+                                        amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last)
+        train_seconds = time.perf_counter() - started
+        val_metrics = evaluate(model, val_batches, split, runtime=runtime, amp_dtype=amp_dtype,
+                               channels_last=channels_last)
+        scheduler.step()
+        score = selection_score(val_metrics)
+        improved = best_score is None or score > best_score
+        best_score = max(score, best_score) if best_score else score
+        if runtime.is_main:
+            report_epoch(args, epoch, train_metrics, val_metrics, train_seconds, len(split.indices("train")), improved)
+            if improved:
+                save_best_checkpoint(model, args, split, epoch=epoch + 1, val_metrics=val_metrics)
+            save_torch({"model": model.state_dict(), "arch": args.arch, "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                        "best_score": list(best_score)}, state_path(output_dir, args.arch))
+        runtime.barrier()
+
+
+def report_epoch(args, epoch: int, train_metrics: dict, val_metrics: dict, seconds: float, train_images: int,
+                 improved: bool) -> None:
+    row = {"epoch": epoch + 1, "train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],
+           "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
+           "val_balanced_accuracy": val_metrics["balanced_accuracy"], "val_roc_auc": val_metrics["roc_auc"],
+           "train_seconds": round(seconds, 2), "train_images_per_second": round(train_images / seconds, 1),
+           "best_so_far": improved}
+    log_epoch(Path(args.output_dir) / f"train_log_{args.arch}.jsonl", row)
+    balanced = val_metrics["balanced_accuracy"]
+    print(f"{args.arch} epoch {epoch + 1}/{args.epochs}: train loss {train_metrics['loss']:.4f} "
+          f"acc {train_metrics['accuracy']:.3f} | val loss {val_metrics['loss']:.4f} acc {val_metrics['accuracy']:.3f} "
+          f"bal-acc {'n/a' if balanced is None else f'{balanced:.3f}'} | {seconds:.1f}s"
+          f"{' | saved best' if improved else ''}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------- the script
+
+
+def export_and_report(args: argparse.Namespace, split: Split, runtime: Runtime, cache) -> dict:
+    """Reload the best checkpoint; one pass over every split yields the heatmaps and the test metrics."""
+    output_dir = Path(args.output_dir)
+    checkpoint = load_checkpoint(checkpoint_path(output_dir, args.arch), args.arch)
+    if checkpoint["split_digest"] != split.digest:
+        raise PipelineError(f"{checkpoint_path(output_dir, args.arch)} was trained on another split than "
+                            f"{output_dir / 'split.json'}; retrain it in this output dir")
+    model = model_from_checkpoint(checkpoint)
+    arrays = export_heatmaps(model, args.arch, split, heatmap_path(output_dir, args.arch),
+                             image_size=checkpoint["image_size"], batch_size=args.batch_size, workers=args.workers,
+                             device=runtime.device, cache=cache, target_rule=args.cam_target,
+                             amp_dtype=autocast_dtype(runtime.device, args.amp))
+    cams = load_heatmaps(heatmap_path(output_dir, args.arch))["cams"]
+    save_overlays(split, arrays, cams, output_dir / "overlays" / args.arch, count=args.overlays,
+                  image_size=checkpoint["image_size"])
+    probabilities = softmax(arrays["logits"])[:, 1]
+    results = {"arch": args.arch, "split_protocol": describe_protocol(split.protocol),
+               "checkpoint_epoch": checkpoint["epoch"], "selection_metric": SELECTION_METRIC}
+    for split_name in ("val", "test"):
+        rows = arrays["splits"] == split_name
+        results[split_name] = binary_metrics(arrays["labels"][rows], probabilities[rows], arrays["patients"][rows],
+                                             arrays["magnifications"][rows])
+    write_json(output_dir / f"metrics_{args.arch}.json", results)
+    return results
+
+
+def print_results(results: dict) -> None:
+    print(f"\n{results['arch']}: best epoch {results['checkpoint_epoch']} by {results['selection_metric']}")
+    print(f"split protocol: {results['split_protocol']}")
+    print(metrics_table({f"{results['arch']} {name}": results[name] for name in ("val", "test")}, title="split"))
+    test = results["test"]
+    tn, fp = test["confusion_matrix"][0]
+    fn, tp = test["confusion_matrix"][1]
+    print(f"test confusion matrix (rows true, columns predicted): benign [{tn} {fp}]  malignant [{fn} {tp}]")
+    for magnification, accuracy in test.get("accuracy_by_magnification", {}).items():
+        print(f"test accuracy at {magnification}X: {accuracy:.3f}")
+
+
+def run_model_script(*, arch: str, description: str, argv: list[str] | None = None, **defaults) -> None:
+    """Everything a model script does: split, fine-tune, export heatmaps, report the test split once."""
+    args = parse_args(arch=arch, description=description, argv=argv, **defaults)
+    runtime = setup_runtime(args.device)
+    try:
+        seed_everything(args.seed)
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if runtime.is_main:  # the first script to run writes the split; the others (and other ranks) read it
+            split = prepare_split(args.data_dir, output_dir, split_protocol(args))
+        runtime.barrier()
+        if not runtime.is_main:
+            split = prepare_split(args.data_dir, output_dir, split_protocol(args))
+        if args.max_images:
+            split = subsample_split(split, args.max_images, args.seed)
+        if runtime.is_main:
+            print(f"split protocol: {describe_protocol(split.protocol)}\n{summarize_split(split)}")
+        cache = prepare_cache(args, split, runtime)
+        if not args.heatmaps_only:
+            model = build_model(arch, args.weights)
+            fit(model, args, split, runtime, cache)
+        if runtime.is_main:
+            print_results(export_and_report(args, split, runtime, cache))
+        runtime.barrier()
+    finally:
+        if runtime.distributed:
+            dist.destroy_process_group()
+
+
+def prepare_cache(args: argparse.Namespace, split: Split, runtime: Runtime):
+    """The decoded-image cache, or None for the plain path; rank 0 builds a disk cache, the others reuse it."""
+    if args.cache == "none":
+        return None
+    options = dict(image_size=args.image_size, mode=args.cache, cache_dir=Path(args.output_dir) / "cache",
+                   workers=args.workers)
+    if args.cache == "disk" and runtime.distributed and not runtime.is_main:
+        runtime.barrier()
+        return build_cache(split.root, split.records, **options)
+    cache = build_cache(split.root, split.records, **options)
+    if args.cache == "disk":
+        runtime.barrier()
+    return cache
