@@ -111,6 +111,11 @@ def _index_folders(data_dir: Path) -> IndexedDataset:
         for file_path in _walk_files(data_dir / class_name):
             if file_path.suffix.lower() in IMAGE_EXTENSIONS:
                 relative = file_path.relative_to(data_dir).as_posix()
+                parsed = parse_breakhis_name(file_path.name)
+                if parsed is not None and parsed.label == label:
+                    # BreaKHis names below the tree (e.g. --data-dir .../breast) still carry the patient.
+                    records.append(Record(relative, label, parsed.subtype, parsed.patient, parsed.magnification))
+                    continue
                 # No patient information: each image is its own group, which is only honest when images are
                 # independent. A manifest with a patient column gives real groups.
                 records.append(Record(relative, label, "", f"image:{relative}", ""))

@@ -1,0 +1,567 @@
+"""The data layer: BreaKHis name parsing, indexing of the three layouts, patient-level splits, fold files,
+the split file and its checks, and each bad input's error. CPU only, synthetic data (the `demo_dir` fixture),
+seconds in all.
+
+The demo tree (tests/conftest.py) holds, per class, 4 patients x magnifications {100, 400} x 3 images = 24 images:
+  benign    14-10000AB (A), 14-10100AB (F), 14-10200AB (PT), 14-10300AB (TA)
+  malignant 14-10050 (DC),  14-10150 (LC),  14-10250 (MC),  14-10350 (PC)
+"""
+
+import json
+import shutil
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.cli import parse_args, split_protocol
+from common.data import (
+    Record,
+    filter_magnification,
+    index_dataset,
+    load_split,
+    make_split,
+    parse_breakhis_name,
+    patient_labels,
+    prepare_split,
+    read_fold_file,
+    split_by_fold_file,
+    split_by_image,
+    split_by_patient,
+    split_digest,
+    subsample_split,
+)
+from common.dataset import ImageRecords, load_rgb
+from common.demo import make_demo_dataset
+from common.errors import PipelineError
+from common.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
+
+BENIGN_PATIENTS = {"14-10000AB", "14-10100AB", "14-10200AB", "14-10300AB"}
+MALIGNANT_PATIENTS = {"14-10050", "14-10150", "14-10250", "14-10350"}
+SUBTYPE_OF = {"14-10000AB": "A", "14-10100AB": "F", "14-10200AB": "PT", "14-10300AB": "TA",
+              "14-10050": "DC", "14-10150": "LC", "14-10250": "MC", "14-10350": "PC"}
+
+
+def protocol(**overrides) -> dict:
+    """A split protocol as `common.cli.split_protocol` makes it (the parser's defaults)."""
+    base = dict(method="patient", fold_file=None, val_fraction=0.1, test_fraction=0.2, seed=0, magnification="all")
+    return {**base, **overrides}
+
+
+def copy_demo(demo_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "data"
+    shutil.copytree(demo_dir, target)
+    return target
+
+
+def patients_by_split(records: list[Record], splits: list[str]) -> dict[str, set[str]]:
+    sides = defaultdict(set)
+    for record, split in zip(records, splits):
+        sides[split].add(record.patient)
+    return sides
+
+
+# ------------------------------------------------------------------------------------------- file names
+
+
+@pytest.mark.parametrize("name, label, subtype, patient, magnification", [
+    ("SOB_B_A-14-29960CD-100-002.png", 0, "A", "14-29960CD", "100"),
+    ("SOB_B_F-14-23060CD-100-006.png", 0, "F", "14-23060CD", "100"),
+    ("SOB_B_PT-14-29315EF-100-016.png", 0, "PT", "14-29315EF", "100"),
+    ("SOB_M_PC-14-15687B-100-006.png", 1, "PC", "14-15687B", "100"),
+    ("SOB_M_DC-14-10926-100-001.png", 1, "DC", "14-10926", "100"),
+    ("SOB_M_LC-14-12204-100-057.png", 1, "LC", "14-12204", "100"),
+    ("SOB_M_MC-14-18842-100-017.png", 1, "MC", "14-18842", "100"),
+    ("SOB_M_DC-14-2523-400-001.png", 1, "DC", "14-2523", "400"),
+    ("SOB_B_TA-14-3411F-40-001.png", 0, "TA", "14-3411F", "40"),
+])
+def test_parse_breakhis_name_on_real_names(name, label, subtype, patient, magnification):
+    record = parse_breakhis_name(name)
+    assert record is not None
+    assert (record.label, record.subtype, record.patient, record.magnification) == (label, subtype, patient,
+                                                                                    magnification)
+
+
+@pytest.mark.parametrize("name", [
+    "image_001.png", "SOB_X_A-14-29960CD-100-002.png", "SOB_B_A-14-29960CD-100-002.jpg",
+    "SOB_B_A-14-29960CD-100.png", "SOB_B_A_14-29960CD-100-002.png", "Thumbs.db", "",
+])
+def test_parse_breakhis_name_rejects_other_names(name):
+    assert parse_breakhis_name(name) is None
+
+
+# ------------------------------------------------------------------------------------------- indexing
+
+
+@pytest.mark.parametrize("start", [".", "BreaKHis_v1", "BreaKHis_v1/histology_slides"])
+def test_index_finds_the_tree_from_any_folder_above_it(demo_dir, start):
+    data_dir = (demo_dir / start).resolve()
+    dataset = index_dataset(data_dir)
+    assert dataset.layout == "breakhis"
+    assert dataset.root == data_dir
+    assert dataset.skipped == []
+    assert len(dataset.records) == 48
+    for record in dataset.records:
+        assert (dataset.root / record.path).is_file()
+        assert "/" in record.path and "\\" not in record.path
+        parsed = parse_breakhis_name(Path(record.path).name)
+        assert (parsed.label, parsed.patient, parsed.magnification) == (record.label, record.patient,
+                                                                        record.magnification)
+    # The same files whichever folder the user points at.
+    assert {Path(record.path).name for record in dataset.records} == {
+        Path(record.path).name for record in index_dataset(demo_dir).records}
+
+
+def test_index_order_is_sorted_and_deterministic(demo_dir):
+    first, second = index_dataset(demo_dir), index_dataset(demo_dir)
+    paths = [record.path for record in first.records]
+    assert paths == sorted(paths)
+    assert first.records == second.records
+
+
+def test_index_counts_match_what_the_generator_wrote(demo_dir):
+    records = index_dataset(demo_dir).records
+    assert Counter(record.label for record in records) == {0: 24, 1: 24}
+    assert {r.patient for r in records if r.label == 0} == BENIGN_PATIENTS
+    assert {r.patient for r in records if r.label == 1} == MALIGNANT_PATIENTS
+    assert Counter(record.patient for record in records) == {patient: 6 for patient in SUBTYPE_OF}
+    assert Counter((r.patient, r.magnification) for r in records) == {
+        (patient, mag): 3 for patient in SUBTYPE_OF for mag in ("100", "400")}
+    assert all(record.subtype == SUBTYPE_OF[record.patient] for record in records)
+
+
+def test_index_skips_unparseable_names_and_lists_them(demo_dir, tmp_path):
+    data = copy_demo(demo_dir, tmp_path)
+    folder = data / "BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis/SOB_B_A_14-10000AB/100X"
+    source = folder / "SOB_B_A-14-10000AB-100-001.png"
+    shutil.copy(source, folder / "copy of SOB_B_A-14-10000AB-100-001.png")
+    shutil.copy(source, folder / "scan.PNG")
+    (folder / "notes.txt").write_text("not an image")
+    dataset = index_dataset(data)
+    assert len(dataset.records) == 48
+    prefix = "BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis/SOB_B_A_14-10000AB/100X/"
+    assert dataset.skipped == [prefix + "copy of SOB_B_A-14-10000AB-100-001.png", prefix + "scan.PNG"]
+
+
+def _folder_pair(demo_dir: Path, tmp_path: Path, benign: int, malignant: int) -> Path:
+    """benign/ + malignant/ with generic file names (another dataset), one nested subfolder."""
+    records = index_dataset(demo_dir).records
+    data = tmp_path / "plain"
+    for label, class_name, count in ((0, "benign", benign), (1, "malignant", malignant)):
+        sources = [r for r in records if r.label == label][:count]
+        for index, record in enumerate(sources):
+            folder = data / class_name / ("sub" if index % 2 else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(demo_dir / record.path, folder / f"img{index:02d}.png")
+    return data
+
+
+def test_index_plain_folder_pair_each_image_its_own_patient(demo_dir, tmp_path):
+    data = _folder_pair(demo_dir, tmp_path, benign=4, malignant=3)
+    dataset = index_dataset(data)
+    assert dataset.layout == "folders"
+    assert [r.path for r in dataset.records] == [
+        "benign/img00.png", "benign/img02.png", "benign/sub/img01.png", "benign/sub/img03.png",
+        "malignant/img00.png", "malignant/img02.png", "malignant/sub/img01.png"]
+    assert [r.label for r in dataset.records] == [0, 0, 0, 0, 1, 1, 1]
+    assert [r.patient for r in dataset.records] == [f"image:{r.path}" for r in dataset.records]
+    assert all(r.magnification == "" and r.subtype == "" for r in dataset.records)
+
+
+def test_index_breakhis_breast_folder_keeps_patients(demo_dir):
+    """Pointing at `.../breast` (benign/ + malignant/ with BreaKHis names) must not make each image a patient."""
+    dataset = index_dataset(demo_dir / "BreaKHis_v1/histology_slides/breast")
+    assert len(dataset.records) == 48
+    assert {record.patient for record in dataset.records} == BENIGN_PATIENTS | MALIGNANT_PATIENTS
+    assert Counter(record.magnification for record in dataset.records) == {"100": 24, "400": 24}
+
+
+def test_index_csv_manifest(demo_dir, tmp_path):
+    records = index_dataset(demo_dir).records
+    picks = [records[0], records[1], records[30], records[31]]  # two benign, two malignant
+    folder = tmp_path / "manifest"
+    (folder / "images").mkdir(parents=True)
+    for index, record in enumerate(picks):
+        shutil.copy(demo_dir / record.path, folder / "images" / f"{index}.png")
+    absolute = (folder / "images" / "3.png").resolve()
+    (folder / "list.csv").write_text(
+        "path,label,patient,magnification\n"
+        "images/0.png,Benign,p1,100X\n"
+        "images/1.png,0,p1,100\n"
+        "images/2.png,MALIGNANT,,400\n"
+        f"{absolute},1,p2,\n")
+    dataset = index_dataset(folder / "list.csv")
+    assert dataset.layout == "manifest"
+    assert dataset.root == folder.resolve()
+    assert [(r.path, r.label, r.patient, r.magnification) for r in dataset.records] == [
+        ("images/0.png", 0, "p1", "100"),
+        ("images/1.png", 0, "p1", "100"),
+        ("images/2.png", 1, "image:images/2.png", "400"),
+        ("images/3.png", 1, "p2", ""),
+    ]
+
+
+def test_index_manifest_with_only_path_and_label(demo_dir, tmp_path):
+    record = index_dataset(demo_dir).records[0]
+    shutil.copy(demo_dir / record.path, tmp_path / "a.png")
+    shutil.copy(demo_dir / record.path, tmp_path / "b.png")
+    (tmp_path / "m.csv").write_text("path,label\nb.png,malignant\na.png,benign\n")
+    dataset = index_dataset(tmp_path / "m.csv")
+    assert [(r.path, r.label, r.patient) for r in dataset.records] == [("a.png", 0, "image:a.png"),
+                                                                       ("b.png", 1, "image:b.png")]
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("path\na.png\n", "lacks the column(s) label"),
+    ("path,label\na.png,tumour\n", "line 2: label 'tumour'"),
+    ("path,label\nmissing.png,1\n", "missing.png does not exist"),
+])
+def test_index_bad_manifest(demo_dir, tmp_path, content, expected):
+    shutil.copy(demo_dir / index_dataset(demo_dir).records[0].path, tmp_path / "a.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(content)
+    with pytest.raises(PipelineError, match="m.csv") as error:
+        index_dataset(manifest)
+    assert expected in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------- splits
+
+
+def test_split_by_patient_keeps_each_patient_on_one_side(demo_dir):
+    records = index_dataset(demo_dir).records
+    splits = split_by_patient(records, val_fraction=0.1, test_fraction=0.2, seed=0)
+    side_of = defaultdict(set)
+    for record, split in zip(records, splits):
+        side_of[record.patient].add(split)
+    assert all(len(sides) == 1 for sides in side_of.values())
+    # 4 patients per class -> val max(1, round(0.4)) = 1, test max(1, round(0.8)) = 1, train the other 2.
+    sides = patients_by_split(records, splits)
+    for split, expected in (("train", 2), ("val", 1), ("test", 1)):
+        assert len(sides[split] & BENIGN_PATIENTS) == expected
+        assert len(sides[split] & MALIGNANT_PATIENTS) == expected
+    assert Counter(splits) == {"train": 24, "val": 12, "test": 12}
+
+
+def test_split_by_patient_keeps_all_magnifications_of_a_patient_together(demo_dir):
+    records = index_dataset(demo_dir).records
+    splits = split_by_patient(records, val_fraction=0.25, test_fraction=0.25, seed=3)
+    mags = defaultdict(set)
+    for record, split in zip(records, splits):
+        mags[(record.patient, split)].add(record.magnification)
+    assert len(mags) == 8  # one split per patient
+    assert all(found == {"100", "400"} for found in mags.values())
+
+
+def test_split_by_patient_is_stratified_on_unbalanced_classes():
+    # 10 benign and 20 malignant patients, 2 images each. Per class: val round(0.1 n), test round(0.2 n).
+    records = [Record(f"{label}/{p}/{i}.png", label, "", f"{label}-{p}", "100")
+               for label, n in ((0, 10), (1, 20)) for p in range(n) for i in range(2)]
+    splits = split_by_patient(records, val_fraction=0.1, test_fraction=0.2, seed=7)
+    side_of = {record.patient: (split, record.label) for record, split in zip(records, splits)}
+    patients = Counter(side_of.values())
+    assert patients == {("train", 0): 7, ("val", 0): 1, ("test", 0): 2,
+                        ("train", 1): 14, ("val", 1): 2, ("test", 1): 4}
+
+
+def test_split_same_seed_same_split_other_seed_other_split(demo_dir):
+    records = index_dataset(demo_dir).records
+    split = lambda seed: split_by_patient(records, val_fraction=0.1, test_fraction=0.2, seed=seed)  # noqa: E731
+    assert split(5) == split(5)
+    # 144 possible patient assignments; ten seeds all giving the same one would mean the seed is ignored.
+    assert len({tuple(split(seed)) for seed in range(10)}) > 1
+
+
+def test_patient_labels_majority_and_tie():
+    records = [Record("a", 0, "", "p", ""), Record("b", 0, "", "p", ""), Record("c", 1, "", "p", ""),
+               Record("d", 0, "", "q", ""), Record("e", 1, "", "q", "")]
+    assert patient_labels(records) == {"p": 0, "q": 1}
+
+
+def test_filter_magnification(demo_dir):
+    records = index_dataset(demo_dir).records
+    assert filter_magnification(records, "all") == records
+    for option in ("100", "100X", "100x"):
+        kept = filter_magnification(records, option)
+        assert len(kept) == 24 and {r.magnification for r in kept} == {"100"}
+        assert kept == [r for r in records if r.magnification == "100"]  # order kept
+    with pytest.raises(PipelineError, match=r"--magnification 200: no images at that magnification"):
+        filter_magnification(records, "200")
+    with pytest.raises(PipelineError, match=r"--magnification 50: choose one of 40, 100, 200, 400 or all"):
+        filter_magnification(records, "50")
+
+
+def test_image_split_is_stratified_and_warns_through_make_split(demo_dir, capsys):
+    records = index_dataset(demo_dir).records
+    split = make_split(records, demo_dir, protocol(method="image"))
+    assert "WARNING" in capsys.readouterr().out
+    # Per class 24 images: val round(2.4) = 2, test round(4.8) = 5, train 17.
+    assert Counter(zip(split.splits, (r.label for r in records))) == {
+        ("train", 0): 17, ("val", 0): 2, ("test", 0): 5, ("train", 1): 17, ("val", 1): 2, ("test", 1): 5}
+    assert split.splits == split_by_image(records, val_fraction=0.1, test_fraction=0.2, seed=0)
+    make_split(records, demo_dir, protocol())
+    assert "WARNING" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------- fold files
+
+
+FOLD_TEST_PATIENTS = {"14-10300AB", "14-10350"}
+FOLD_UNLISTED_PATIENT = "14-10250"
+
+
+def write_fold_file(path: Path, records: list[Record]) -> Path:
+    """dsfold1.txt for the demo's 100X images: two test patients, one patient left out, 400X left out."""
+    lines = []
+    for record in records:
+        if record.magnification != "100" or record.patient == FOLD_UNLISTED_PATIENT:
+            continue
+        side = "test" if record.patient in FOLD_TEST_PATIENTS else "train"
+        lines.append(f"{Path(record.path).name}|100|1|{side}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_read_fold_file_official_format(tmp_path):
+    fold = tmp_path / "dsfold1.txt"
+    fold.write_text("SOB_B_A-14-22549AB-100-001.png|100|1|train\n\nSOB_M_DC-14-2523-400-001.png|400|1|test\n")
+    assert read_fold_file(fold) == {"SOB_B_A-14-22549AB-100-001.png": "train",
+                                    "SOB_M_DC-14-2523-400-001.png": "test"}
+    fold.write_text("SOB_B_A-14-22549AB-100-001.png|100|1|train\nSOB_B_A-14-22549AB-100-002.png|100|1|val\n")
+    with pytest.raises(PipelineError, match=r"dsfold1.txt line 2"):
+        read_fold_file(fold)
+    with pytest.raises(PipelineError, match=r"--fold-file .*dsfold9.txt does not exist"):
+        read_fold_file(tmp_path / "dsfold9.txt")
+
+
+def test_split_by_fold_file(demo_dir, tmp_path):
+    records = index_dataset(demo_dir).records
+    fold = write_fold_file(tmp_path / "dsfold1.txt", records)
+    splits = split_by_fold_file(records, str(fold), val_fraction=0.1, seed=0)
+    listed = read_fold_file(fold)
+    for record, split in zip(records, splits):
+        name = Path(record.path).name
+        if name not in listed:
+            assert split == ""
+        elif listed[name] == "test":
+            assert split == "test"
+        else:
+            assert split in ("train", "val")
+    sides = patients_by_split(records, splits)
+    assert sides["test"] == FOLD_TEST_PATIENTS
+    fold_train = (BENIGN_PATIENTS | MALIGNANT_PATIENTS) - FOLD_TEST_PATIENTS - {FOLD_UNLISTED_PATIENT}
+    assert sides["val"] <= fold_train and sides["train"] <= fold_train
+    assert not sides["val"] & sides["train"]
+    # Fold train patients: 3 benign -> 1 val, 2 train; 2 malignant -> 1 val, 1 train.
+    assert len(sides["val"] & BENIGN_PATIENTS) == 1 and len(sides["val"] & MALIGNANT_PATIENTS) == 1
+    assert len(sides["train"]) == 3
+
+
+def test_make_split_with_fold_drops_unlisted_images(demo_dir, tmp_path):
+    records = index_dataset(demo_dir).records
+    fold = write_fold_file(tmp_path / "dsfold1.txt", records)
+    split = make_split(records, demo_dir, protocol(method="fold", fold_file=str(fold), test_fraction=None))
+    assert len(split.records) == 7 * 3  # 7 listed patients x 3 images at 100X
+    assert all(r.magnification == "100" and r.patient != FOLD_UNLISTED_PATIENT for r in split.records)
+    assert "" not in split.splits
+    assert {Path(r.path).name for r in split.subset("test")} == {
+        name for name, side in read_fold_file(fold).items() if side == "test"}
+
+
+def test_fold_file_naming_no_image_of_the_dataset(demo_dir, tmp_path):
+    fold = tmp_path / "dsfold2.txt"
+    fold.write_text("SOB_B_A-14-22549AB-100-001.png|100|2|train\nSOB_M_DC-14-2523-100-001.png|100|2|test\n")
+    with pytest.raises(PipelineError, match="dsfold2.txt names no train or no test image"):
+        split_by_fold_file(index_dataset(demo_dir).records, str(fold), val_fraction=0.1, seed=0)
+
+
+# ------------------------------------------------------------------------------------------- split file
+
+
+def test_protocol_from_the_command_line(demo_dir, tmp_path):
+    args = parse_args(arch="resnet50", description="x", argv=["--data-dir", str(demo_dir)])
+    assert split_protocol(args) == protocol()
+    fold = tmp_path / "dsfold1.txt"
+    args = parse_args(arch="resnet50", description="x",
+                      argv=["--data-dir", str(demo_dir), "--fold-file", str(fold), "--magnification", "100"])
+    assert split_protocol(args) == protocol(method="fold", fold_file=str(fold.resolve()), test_fraction=None,
+                                            magnification="100")
+
+
+def test_prepare_split_writes_once_and_reuses(demo_dir, tmp_path):
+    out = tmp_path / "out"
+    args = parse_args(arch="resnet50", description="x", argv=["--data-dir", str(demo_dir)])
+    first = prepare_split(str(demo_dir), out, split_protocol(args))
+    split_path = out / "split.json"
+    assert split_path.is_file()
+    content = json.loads(split_path.read_text())
+    assert content["digest"] == first.digest == split_digest(first.records, first.splits)
+    assert len(content["rows"]) == 48
+    assert set(content["rows"][0]) >= {"path", "label", "patient", "magnification", "split"}
+    before = split_path.stat()
+
+    second = prepare_split(str(demo_dir), out, split_protocol(args))
+    after = split_path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
+    assert second.digest == first.digest
+    assert second.records == first.records and second.splits == first.splits
+    assert second.root == demo_dir.resolve()
+    loaded = load_split(split_path)
+    assert (loaded.records, loaded.splits, loaded.protocol) == (first.records, first.splits, first.protocol)
+
+
+def test_prepare_split_with_a_fold_file_is_reused(demo_dir, tmp_path):
+    fold = write_fold_file(tmp_path / "dsfold1.txt", index_dataset(demo_dir).records)
+    options = protocol(method="fold", fold_file=str(fold), test_fraction=None)
+    first = prepare_split(str(demo_dir), tmp_path / "out", options)
+    second = prepare_split(str(demo_dir), tmp_path / "out", options)
+    assert second.digest == first.digest and len(second.records) == 21
+
+
+def test_prepare_split_rejects_a_dataset_with_an_image_removed(demo_dir, tmp_path):
+    data, out = copy_demo(demo_dir, tmp_path), tmp_path / "out"
+    split = prepare_split(str(data), out, protocol())
+    (data / split.records[5].path).unlink()
+    with pytest.raises(PipelineError, match=r"does not match .*split\.json \(1 image\(s\) of the split file"):
+        prepare_split(str(data), out, protocol())
+
+
+def test_prepare_split_rejects_another_dataset(demo_dir, tmp_path):
+    out = tmp_path / "out"
+    prepare_split(str(demo_dir), out, protocol())
+    other = tmp_path / "other"
+    make_demo_dataset(other, patients_per_class=5, images_per_patient=1, magnifications=("100",), width=16,
+                      height=16, seed=1)
+    with pytest.raises(PipelineError, match=r"split\.json"):
+        prepare_split(str(other), out, protocol())
+
+
+@pytest.mark.parametrize("option, value", [("seed", 1), ("magnification", "100"), ("val_fraction", 0.25),
+                                           ("method", "image")])
+def test_prepare_split_rejects_other_split_options(demo_dir, tmp_path, option, value):
+    out = tmp_path / "out"
+    prepare_split(str(demo_dir), out, protocol())
+    with pytest.raises(PipelineError, match=rf"split\.json was made with other split options \({option}: "):
+        prepare_split(str(demo_dir), out, protocol(**{option: value}))
+
+
+def test_prepare_split_rejects_a_hand_edited_split_file(demo_dir, tmp_path):
+    out = tmp_path / "out"
+    prepare_split(str(demo_dir), out, protocol())
+    split_path = out / "split.json"
+    content = json.loads(split_path.read_text())
+    row = content["rows"][0]
+    row["split"] = "test" if row["split"] != "test" else "train"
+    split_path.write_text(json.dumps(content))
+    with pytest.raises(PipelineError, match=r"split\.json was edited by hand"):
+        prepare_split(str(demo_dir), out, protocol())
+    split_path.write_text("{not json")
+    with pytest.raises(PipelineError, match=r"split file .*split\.json is unreadable"):
+        prepare_split(str(demo_dir), out, protocol())
+
+
+def test_subsample_split(demo_dir):
+    records = index_dataset(demo_dir).records
+    split = make_split(records, demo_dir, protocol())
+    assert subsample_split(split, 48, seed=0) is split
+    small = subsample_split(split, 12, seed=0)
+    # Six (split, class) cells, each keeps round(12 * cell / 48) but at least one image.
+    assert 6 <= len(small.records) <= 12 + 6
+    assert set(small.splits) == {"train", "val", "test"}
+    position = {record.path: index for index, record in enumerate(split.records)}
+    kept = [position[record.path] for record in small.records]
+    assert kept == sorted(kept) and len(set(kept)) == len(kept)  # the split file's order, no duplicates
+    assert small.splits == [split.splits[index] for index in kept]  # each image keeps its split
+    assert small.digest == split.digest
+    assert subsample_split(split, 12, seed=0).records == small.records
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def test_missing_data_dir(tmp_path):
+    with pytest.raises(PipelineError, match=r"--data-dir .*nowhere does not exist"):
+        index_dataset(tmp_path / "nowhere")
+
+
+def test_empty_data_dir(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineError, match=r"--data-dir .*empty holds no BreaKHis tree"):
+        index_dataset(tmp_path / "empty")
+
+
+def test_breakhis_tree_without_images(tmp_path):
+    (tmp_path / "BreaKHis_v1/histology_slides/breast/benign").mkdir(parents=True)
+    with pytest.raises(PipelineError, match=r"--data-dir .*: no images found"):
+        index_dataset(tmp_path)
+
+
+def test_data_dir_that_is_a_file_but_not_a_manifest(tmp_path):
+    (tmp_path / "data.txt").write_text("x")
+    with pytest.raises(PipelineError, match=r"data\.txt is a file but not a \.csv manifest"):
+        index_dataset(tmp_path / "data.txt")
+
+
+def test_class_without_images(demo_dir, tmp_path):
+    data = copy_demo(demo_dir, tmp_path)
+    for image in (data / "BreaKHis_v1/histology_slides/breast/malignant").rglob("*.png"):
+        image.unlink()
+    with pytest.raises(PipelineError, match=r"the class 'malignant' has no images"):
+        index_dataset(data)
+
+
+def test_too_few_patients_for_the_split(tmp_path):
+    make_demo_dataset(tmp_path, patients_per_class=2, images_per_patient=1, magnifications=("100",), width=16,
+                      height=16)
+    with pytest.raises(PipelineError, match=r"too few patients .*'benign' has 2 patient\(s\), the split needs "
+                                            r"at least 3; lower --val-fraction/--test-fraction"):
+        prepare_split(str(tmp_path), tmp_path / "out", protocol())
+    assert not (tmp_path / "out" / "split.json").exists()
+
+
+def test_unknown_magnification(demo_dir, tmp_path):
+    with pytest.raises(PipelineError, match=r"--magnification 50"):
+        prepare_split(str(demo_dir), tmp_path / "out", protocol(magnification="50"))
+
+
+def test_corrupt_image_names_the_file(demo_dir, tmp_path):
+    data = copy_demo(demo_dir, tmp_path)
+    records = index_dataset(data).records
+    garbage, truncated = data / records[0].path, data / records[1].path
+    garbage.write_bytes(b"this is not a png\x00\x01\x02" * 10)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    assert len(index_dataset(data).records) == 48  # indexing never decodes
+    for path in (garbage, truncated):
+        with pytest.raises(PipelineError, match=rf"cannot read image .*{path.name}"):
+            load_rgb(path)
+    dataset = ImageRecords(data, records, build_transforms(train=False, image_size=32))
+    with pytest.raises(PipelineError, match=rf"cannot read image .*{garbage.name}"):
+        dataset[0]
+    image, label, index = dataset[2]  # an intact neighbour still loads
+    assert image.shape == (3, 32, 32) and (label, index) == (records[2].label, 2)
+
+
+# ------------------------------------------------------------------------------------------- transforms
+
+
+def test_eval_transform_shape_and_imagenet_normalisation():
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[...] = (200, 100, 50)  # uniform, so resizing keeps each value exactly
+    tensor = build_transforms(train=False, image_size=32)(Image.fromarray(pixels))
+    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
+    expected = [(200 / 255 - IMAGENET_MEAN[0]) / IMAGENET_STD[0],
+                (100 / 255 - IMAGENET_MEAN[1]) / IMAGENET_STD[1],
+                (50 / 255 - IMAGENET_MEAN[2]) / IMAGENET_STD[2]]
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
+    assert torch.allclose(tensor[:, 7, 11], torch.tensor(expected), atol=1e-5)
+    assert torch.allclose(tensor, torch.tensor(expected).view(3, 1, 1).expand(3, 32, 32), atol=1e-5)
+
+
+def test_train_transform_shape(demo_dir):
+    image = load_rgb(demo_dir / index_dataset(demo_dir).records[0].path)
+    torch.manual_seed(0)
+    tensor = build_transforms(train=True, image_size=32)(image)
+    assert tensor.shape == (3, 32, 32) and torch.isfinite(tensor).all()
