@@ -133,7 +133,7 @@ def _parse_label(value: str, where: str) -> int:
 
 def _index_manifest(manifest: Path) -> IndexedDataset:
     root = manifest.parent
-    with open(manifest, newline="", encoding="utf-8") as handle:
+    with open(manifest, newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheets write a BOM
         reader = csv.DictReader(handle)
         missing = {"path", "label"} - set(reader.fieldnames or [])
         if missing:
@@ -141,6 +141,8 @@ def _index_manifest(manifest: Path) -> IndexedDataset:
         records = []
         for line_number, row in enumerate(reader, start=2):
             where = f"manifest {manifest} line {line_number}"
+            if not row.get("path") or row.get("label") is None:
+                raise PipelineError(f"{where}: the row lacks a path or a label")
             image_path = Path(row["path"])
             if not image_path.is_absolute():
                 image_path = root / image_path
