@@ -1,0 +1,173 @@
+"""The final stage: an MLP on the three CNNs' combined Grad-CAM heatmaps, compared on the same test patients
+with each CNN alone and with their soft vote.
+
+    python cancer_class_further.py --output-dir runs/breakhis
+
+Reads from --output-dir: split.json and heatmaps_{densenet121,resnet50,vgg16}.npz (written by the three
+cancer_class_*.py scripts). Writes:
+    final_classifier.pth                     the MLP on --features (default: the heatmaps, as the design asks)
+    final_classifier_<other features>.pth    the other feature set's MLP, for the comparison
+    results.json, results.md                 one table: each CNN, soft vote, both MLPs, on the test split
+    test_predictions.npz                     per test image: label, patient and every model's P(malignant)
+
+The MLP learns from the rows of --fit-split and picks its best epoch on held-out rows; the test split is
+used once, for the table. See the README for why the default fit split is what it is.
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.data import SPLIT_FILE_NAME, assign_groups, describe_protocol, load_split
+from common.errors import PipelineError, run_main
+from common.fileio import save_npz, save_torch, sha256_of_file, write_json, write_text
+from common.fusion import (CLASSIFIER_FORMAT_VERSION, FEATURE_SETS, MODEL_ORDER, Standardizer, build_features,
+                           check_against_split, load_aligned_heatmaps, mlp_logits, stack_maps, train_mlp)
+from common.heatmaps import heatmap_path
+from common.metrics import binary_metrics, metrics_table, per_patient_rates, softmax
+from common.train import checkpoint_path, pick_device
+
+DISPLAY_NAMES = {"densenet121": "DenseNet-121", "resnet50": "ResNet-50", "vgg16": "VGG-16",
+                 "soft_vote": "Soft vote (mean probability)", "mlp_heatmaps": "MLP on heatmaps",
+                 "mlp_heatmaps+logits": "MLP on heatmaps + logits"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output-dir", default="runs/breakhis", help="the model scripts' output dir")
+    parser.add_argument("--heatmaps", nargs=3, metavar=("DENSENET", "RESNET", "VGG"),
+                        help="heatmap files to use instead of the output dir's")
+    parser.add_argument("--grid-size", type=int, default=14, help="maps are resized to S x S (VGG-16 gives 14x14 "
+                                                                  "at 224 px, the other two 7x7)")
+    parser.add_argument("--features", choices=FEATURE_SETS, default="heatmaps",
+                        help="input of final_classifier.pth; the other set is trained too, for the table")
+    parser.add_argument("--fit-split", choices=["train", "val"], default="val",
+                        help="rows the MLP learns from; train: best epoch on val; val: best epoch on a "
+                             "patient-level quarter of val held out from fitting")
+    parser.add_argument("--hidden-sizes", default="256,64", help="comma-separated dense layer widths")
+    parser.add_argument("--dropout", type=float, default=0.3)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--optimizer", choices=["adam", "adamw"], default="adamw")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    args = parser.parse_args(argv)
+    try:
+        args.hidden_sizes = [int(size) for size in args.hidden_sizes.split(",") if size.strip()]
+    except ValueError:
+        parser.error(f"--hidden-sizes {args.hidden_sizes!r}: expected comma-separated integers, e.g. 256,64")
+    if args.grid_size < 1 or args.epochs < 1 or not 0 <= args.dropout < 1:
+        parser.error("--grid-size and --epochs must be positive and --dropout in [0, 1)")
+    return args
+
+
+def fit_and_selection_rows(splits: np.ndarray, labels: np.ndarray, patients: np.ndarray, fit_split: str,
+                           seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows the MLP fits on and rows that pick its epoch; never a test row."""
+    if fit_split == "train":
+        return np.flatnonzero(splits == "train"), np.flatnonzero(splits == "val")
+    val_rows = np.flatnonzero(splits == "val")
+    groups = {patient: int(labels[val_rows][patients[val_rows] == patient].mean() >= 0.5)
+              for patient in set(patients[val_rows])}
+    try:
+        part_of = assign_groups(groups, {"fit": 0.75, "select": 0.25}, seed)
+    except PipelineError:
+        raise PipelineError("--fit-split val needs at least 2 val patients per class (3 of 4 to fit on, 1 of 4 to "
+                            "select the epoch); use --fit-split train or a larger --val-fraction") from None
+    parts = np.array([part_of[patient] for patient in patients[val_rows]])
+    return val_rows[parts == "fit"], val_rows[parts == "select"]
+
+
+def sources(output_dir: Path, heatmap_files: dict[str, Path]) -> dict:
+    """Which files the classifier was made from, with their hashes."""
+    result = {}
+    for arch in MODEL_ORDER:
+        checkpoint = checkpoint_path(output_dir, arch)
+        result[arch] = {"heatmaps": str(heatmap_files[arch]), "heatmaps_sha256": sha256_of_file(heatmap_files[arch]),
+                        "checkpoint": str(checkpoint),
+                        "checkpoint_sha256": sha256_of_file(checkpoint) if checkpoint.is_file() else None}
+    return result
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+
+    # Data: the split file and three aligned heatmap files.
+    split_file = output_dir / SPLIT_FILE_NAME
+    if not split_file.is_file():
+        raise PipelineError(f"{split_file} is missing: --output-dir must be where the model scripts ran")
+    split = load_split(split_file)
+    heatmap_files = dict(zip(MODEL_ORDER, map(Path, args.heatmaps))) if args.heatmaps else \
+        {arch: heatmap_path(output_dir, arch) for arch in MODEL_ORDER}
+    heatmaps = load_aligned_heatmaps(output_dir, heatmap_files)
+    reference = heatmaps[MODEL_ORDER[0]]
+    check_against_split(reference, split)
+    labels, splits, patients = reference["labels"], reference["splits"], reference["patients"]
+    logits = {arch: heatmaps[arch]["logits"] for arch in MODEL_ORDER}
+
+    # Features: maps on one grid, (N, 3, S, S); optionally the three models' logits after them.
+    maps = stack_maps({arch: heatmaps[arch]["cams"] for arch in MODEL_ORDER}, args.grid_size)
+    fit_rows, select_rows = fit_and_selection_rows(splits, labels, patients, args.fit_split, args.seed)
+    test_rows = np.flatnonzero(splits == "test")
+    print(f"split protocol: {describe_protocol(split.protocol)}")
+    print(f"MLP fits on {len(fit_rows)} {args.fit_split} images, selects its epoch on {len(select_rows)}, "
+          f"is tested on {len(test_rows)} test images")
+
+    # Train one MLP per feature set; the chosen one is final_classifier.pth.
+    probabilities = {arch: softmax(logits[arch])[:, 1] for arch in MODEL_ORDER}
+    probabilities["soft_vote"] = np.mean([probabilities[arch] for arch in MODEL_ORDER], axis=0)
+    histories = {}
+    for feature_set in FEATURE_SETS:
+        features = build_features(maps, logits if feature_set == "heatmaps+logits" else None)
+        standardizer = Standardizer.fit(features, fit_rows)
+        features = standardizer(features)
+        mlp, histories[feature_set] = train_mlp(
+            features, labels, patients, fit_rows, select_rows, hidden_sizes=args.hidden_sizes, dropout=args.dropout,
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+            optimizer=args.optimizer, seed=args.seed, device=device, desc=f"MLP on {feature_set}")
+        probabilities[f"mlp_{feature_set}"] = softmax(mlp_logits(mlp, features, device))[:, 1]
+        name = "final_classifier.pth" if feature_set == args.features else \
+            f"final_classifier_{feature_set.replace('+', '_')}.pth"
+        save_torch({
+            "format_version": CLASSIFIER_FORMAT_VERSION, "kind": "heatmap_mlp", "features": feature_set,
+            "model": {key: value.detach().cpu() for key, value in mlp.state_dict().items()},
+            "input_shape": [len(MODEL_ORDER), args.grid_size, args.grid_size], "in_features": features.shape[1],
+            "model_order": list(MODEL_ORDER), "grid_size": args.grid_size, "hidden_sizes": args.hidden_sizes,
+            "dropout": args.dropout, "feature_mean": torch.from_numpy(standardizer.mean),
+            "feature_std": torch.from_numpy(standardizer.std), "fit_split": args.fit_split,
+            "best_epoch": max(row["epoch"] for row in histories[feature_set] if row.get("best_so_far")),
+            "target_class_rule": str(reference["target_class_rule"]), "class_names": ["benign", "malignant"],
+            "split_digest": split.digest, "sources": sources(output_dir, heatmap_files),
+            "config": {key: value for key, value in vars(args).items()},
+        }, output_dir / name)
+
+    # The one use of the test split: every model on the same test images.
+    rows = {key: binary_metrics(labels[test_rows], probabilities[key][test_rows], patients[test_rows],
+                                reference["magnifications"][test_rows]) for key in DISPLAY_NAMES}
+    per_patient = {key: per_patient_rates(labels[test_rows], (probabilities[key][test_rows] >= 0.5).astype(int),
+                                          patients[test_rows]) for key in DISPLAY_NAMES}
+    table = metrics_table({DISPLAY_NAMES[key]: metrics for key, metrics in rows.items()})
+    protocol = describe_protocol(split.protocol)
+    write_json(output_dir / "results.json", {
+        "split_protocol": protocol, "fit_split": args.fit_split, "final_features": args.features,
+        "test_images": len(test_rows), "test_patients": sorted(set(patients[test_rows])),
+        "display_names": DISPLAY_NAMES, "rows": rows, "per_patient": per_patient, "mlp_training": histories})
+    write_text(output_dir / "results.md", f"Test split, {len(test_rows)} images of "
+               f"{len(set(patients[test_rows]))} patients. Split: {protocol}. MLP fit on: {args.fit_split}.\n\n"
+               f"{table}\n")
+    save_npz(output_dir / "test_predictions.npz", paths=reference["paths"][test_rows], labels=labels[test_rows],
+             patients=patients[test_rows], magnifications=reference["magnifications"][test_rows],
+             **{f"prob_{key.replace('+', '_')}": probabilities[key][test_rows].astype(np.float32)
+                for key in DISPLAY_NAMES})
+    print(f"\ntest split ({len(test_rows)} images, {len(set(patients[test_rows]))} patients; {protocol}):\n{table}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,156 @@
+"""The final stage's pieces: align the three heatmap files, turn maps into features, the MLP and its training.
+
+Features: each model's raw Grad-CAM maps resized to one S x S grid and stacked, (N, 3, S, S), flattened;
+optionally followed by the three models' logits (N, 6). They are standardised with a mean and standard
+deviation fitted on the MLP's fit rows only, and stored with the classifier.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from common.errors import PipelineError
+from common.heatmaps import heatmap_path, load_heatmaps
+from common.metrics import binary_metrics, softmax
+
+MODEL_ORDER = ("densenet121", "resnet50", "vgg16")  # channel order of the stacked maps
+SCRIPT_OF = {"densenet121": "cancer_class_densenet_121.py", "resnet50": "cancer_class_resnet_50.py",
+             "vgg16": "cancer_class_vgg_16.py"}
+FEATURE_SETS = ("heatmaps", "heatmaps+logits")
+ALIGNED_KEYS = ("paths", "labels", "splits", "patients", "magnifications")
+CLASSIFIER_FORMAT_VERSION = 1
+
+
+def load_aligned_heatmaps(output_dir: Path, paths: dict[str, Path] | None = None) -> dict[str, dict]:
+    """The three heatmap files, checked to describe the same images in the same order, labels and splits."""
+    paths = paths or {arch: heatmap_path(output_dir, arch) for arch in MODEL_ORDER}
+    loaded = {}
+    for arch in MODEL_ORDER:
+        if not Path(paths[arch]).is_file():
+            raise PipelineError(f"heatmap file {paths[arch]} is missing: run {SCRIPT_OF[arch]} --output-dir "
+                                f"{output_dir} first (or --heatmaps-only if its checkpoint exists)")
+        loaded[arch] = load_heatmaps(paths[arch])
+        if str(loaded[arch]["arch"]) != arch:
+            raise PipelineError(f"{paths[arch]} holds heatmaps of {loaded[arch]['arch']}, not {arch}")
+    reference_arch = MODEL_ORDER[0]
+    reference = loaded[reference_arch]
+    for arch in MODEL_ORDER[1:]:
+        for key in ALIGNED_KEYS + ("split_digest",):
+            ours, theirs = loaded[arch][key], reference[key]
+            if ours.shape != theirs.shape:
+                raise PipelineError(f"{paths[arch]} has {len(ours)} rows, {paths[reference_arch]} has {len(theirs)}: "
+                                    "rerun the model scripts with the same --output-dir and --max-images")
+            if not np.array_equal(ours, theirs):
+                row = int(np.flatnonzero(np.atleast_1d(ours != theirs))[0]) if ours.ndim else 0
+                raise PipelineError(
+                    f"{paths[arch]} and {paths[reference_arch]} differ in '{key}' (first at row {row}: "
+                    f"{np.atleast_1d(ours)[row]!r} vs {np.atleast_1d(theirs)[row]!r}); rerun the model scripts "
+                    "on one split (same --output-dir)")
+    return loaded
+
+
+def check_against_split(heatmaps: dict, split) -> None:
+    """Every heatmap row must be a row of split.json with the same label and split, in the file's order."""
+    row_of = {record.path: index for index, record in enumerate(split.records)}
+    rows = [row_of.get(path, -1) for path in heatmaps["paths"]]
+    if -1 in rows or rows != sorted(rows):
+        raise PipelineError("the heatmap files do not follow split.json (unknown or reordered images); "
+                            "rerun the model scripts in this output dir")
+    if any(split.records[row].label != label or split.splits[row] != name
+           for row, label, name in zip(rows, heatmaps["labels"], heatmaps["splits"])):
+        raise PipelineError("the heatmap files disagree with split.json on labels or splits; rerun the model scripts")
+
+
+def stack_maps(cams_by_arch: dict[str, np.ndarray], grid_size: int) -> np.ndarray:
+    """(N, 3, S, S) float32: each model's raw maps resized (bilinear) to the common grid, in MODEL_ORDER."""
+    channels = []
+    for arch in MODEL_ORDER:
+        cams = torch.from_numpy(np.asarray(cams_by_arch[arch], dtype=np.float32))[:, None]  # (N, 1, h, w)
+        channels.append(F.interpolate(cams, size=(grid_size, grid_size), mode="bilinear", align_corners=False))
+    return torch.cat(channels, dim=1).numpy()
+
+
+def build_features(maps: np.ndarray, logits_by_arch: dict[str, np.ndarray] | None) -> np.ndarray:
+    """(N, 3*S*S) or, with logits, (N, 3*S*S + 6) float32."""
+    features = maps.reshape(len(maps), -1)
+    if logits_by_arch is not None:
+        features = np.concatenate([features] + [logits_by_arch[arch] for arch in MODEL_ORDER], axis=1)
+    return features.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Standardizer:
+    mean: np.ndarray  # (F,)
+    std: np.ndarray  # (F,), >= 1e-6
+
+    @classmethod
+    def fit(cls, features: np.ndarray, fit_rows: np.ndarray) -> "Standardizer":
+        """Statistics of the fit rows alone: the rows the MLP learns from, never val or test."""
+        chosen = features[fit_rows]
+        return cls(chosen.mean(axis=0), np.maximum(chosen.std(axis=0), 1e-6))
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        return ((features - self.mean) / self.std).astype(np.float32)
+
+
+def build_mlp(in_features: int, hidden_sizes: list[int], dropout: float) -> nn.Sequential:
+    """Dense layers, each followed by batch norm, ReLU and dropout; a 2-class linear output."""
+    layers, width = [], in_features
+    for size in hidden_sizes:
+        layers += [nn.Linear(width, size), nn.BatchNorm1d(size), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        width = size
+    layers.append(nn.Linear(width, 2))
+    return nn.Sequential(*layers)
+
+
+def mlp_logits(model: nn.Module, features: np.ndarray, device: torch.device, batch_size: int = 1024) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        parts = [model(torch.from_numpy(features[start:start + batch_size]).to(device)).float().cpu()
+                 for start in range(0, len(features), batch_size)]
+    return torch.cat(parts).numpy() if parts else np.zeros((0, 2), np.float32)
+
+
+def train_mlp(features: np.ndarray, labels: np.ndarray, patients: np.ndarray, fit_rows: np.ndarray,
+              select_rows: np.ndarray, *, hidden_sizes: list[int], dropout: float, epochs: int, batch_size: int,
+              lr: float, weight_decay: float, optimizer: str, seed: int, device: torch.device,
+              desc: str) -> tuple[nn.Sequential, list[dict]]:
+    """Train on fit rows; keep the epoch with the best balanced accuracy on the selection rows."""
+    torch.manual_seed(seed)
+    model = build_mlp(features.shape[1], hidden_sizes, dropout).to(device)
+    optimizer_class = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(model.parameters(), lr=lr, weight_decay=weight_decay)
+    inputs = torch.from_numpy(features[fit_rows]).to(device)
+    targets = torch.from_numpy(labels[fit_rows]).long().to(device)
+    generator = torch.Generator().manual_seed(seed)
+    best_score, best_state, history = None, None, []
+    for epoch in tqdm(range(epochs), desc=desc, leave=False):
+        model.train()
+        order = torch.randperm(len(inputs), generator=generator).to(device)
+        loss_sum = 0.0
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            if len(batch) < 2:  # batch norm needs two samples to estimate a variance
+                continue
+            loss = F.cross_entropy(model(inputs[batch]), targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(batch)
+        select_logits = mlp_logits(model, features[select_rows], device)
+        select_loss = float(F.cross_entropy(torch.from_numpy(select_logits), torch.from_numpy(labels[select_rows])))
+        metrics = binary_metrics(labels[select_rows], softmax(select_logits)[:, 1], patients[select_rows])
+        score = (metrics["balanced_accuracy"] or metrics["accuracy"], -select_loss)
+        history.append({"epoch": epoch + 1, "fit_loss": loss_sum / max(len(order), 1), "select_loss": select_loss,
+                        "select_balanced_accuracy": metrics["balanced_accuracy"], "select_accuracy": metrics["accuracy"]})
+        if best_score is None or score > best_score:
+            best_score = score
+            best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+            history[-1]["best_so_far"] = True
+    model.load_state_dict(best_state)
+    return model, history
