@@ -24,7 +24,7 @@ from common.data import Split
 from common.dataset import load_rgb, make_batches
 from common.errors import PipelineError
 from common.fileio import save_npz
-from common.models import ARCHS
+from common.models import ARCHS, cam_shape
 from common.transforms import resize_image
 
 HEATMAP_FORMAT_VERSION = 1
@@ -43,11 +43,11 @@ def export_heatmaps(model, arch: str, split: Split, out_path: Path, *, image_siz
     batches = make_batches(split.root, split.records, list(range(len(split.records))), train=False,
                            image_size=image_size, batch_size=batch_size, workers=workers, device=device,
                            seed=0, cache=cache)
-    cam_size = image_size // ARCHS[arch].cam_stride
+    cam_height, cam_width = cam_shape(model, arch, image_size)
     logits = np.zeros((len(split.records), 2), np.float32)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".heatmaps_") as scratch:
         cams = np.lib.format.open_memmap(Path(scratch) / "cams.npy", mode="w+", dtype=np.float32,
-                                         shape=(len(split.records), cam_size, cam_size))
+                                         shape=(len(split.records), cam_height, cam_width))
         for images, _labels, indices in tqdm(batches.batches(), total=len(batches), desc=f"{arch} Grad-CAM",
                                              leave=False):
             batch_cams, batch_logits = grad_cam(model, arch, images, target=target_rule, autocast_dtype=amp_dtype)

@@ -28,14 +28,13 @@ class ArchSpec:
     imagenet_weights: models.WeightsEnum
     head_attr: str  # dotted path of the final Linear layer replaced by a 2-class one
     target_layer: str  # the activation Grad-CAM differentiates, as a reader finds it in the model
-    cam_stride: int  # input pixels per heatmap cell (224 px -> 7x7 or 14x14)
 
 
 ARCHS = {
     "densenet121": ArchSpec("densenet121", models.densenet121, models.DenseNet121_Weights.IMAGENET1K_V1,
-                            "classifier", "relu(features.norm5)", 32),
-    "resnet50": ArchSpec("resnet50", models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2, "fc", "layer4", 32),
-    "vgg16": ArchSpec("vgg16", models.vgg16, models.VGG16_Weights.IMAGENET1K_V1, "classifier.6", "features.29", 16),
+                            "classifier", "relu(features.norm5)"),
+    "resnet50": ArchSpec("resnet50", models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2, "fc", "layer4"),
+    "vgg16": ArchSpec("vgg16", models.vgg16, models.VGG16_Weights.IMAGENET1K_V1, "classifier.6", "features.29"),
 }
 
 
@@ -49,6 +48,19 @@ def body(model: nn.Module, arch: str, images: torch.Tensor) -> torch.Tensor:
     if arch == "vgg16":
         return model.features[:30](images)  # features[29] is the ReLU after the last conv; [30] is a max-pool
     raise ValueError(arch)
+
+
+@torch.no_grad()
+def cam_shape(model: nn.Module, arch: str, image_size: int) -> tuple[int, int]:
+    """(h, w) of the target activation for square inputs: 7x7 (VGG-16: 14x14) at 224 px."""
+    parameter = next(model.parameters())
+    probe = torch.zeros(1, 3, image_size, image_size, device=parameter.device, dtype=parameter.dtype)
+    was_training = model.training
+    model.eval()  # batch norm in train mode would update its running statistics
+    try:
+        return tuple(body(model, arch, probe).shape[2:])
+    finally:
+        model.train(was_training)
 
 
 def head(model: nn.Module, arch: str, activation: torch.Tensor) -> torch.Tensor:
