@@ -211,18 +211,18 @@ def save_best_checkpoint(model: nn.Module, args: argparse.Namespace, split: Spli
     }, checkpoint_path(args.output_dir, args.arch))
 
 
-def load_checkpoint(path: Path, arch: str | None = None) -> dict:
+def load_checkpoint(path: Path, arch: str | None = None, *, made_by: str = "its model script") -> dict:
     """Read one of our checkpoints safely (weights_only) or stop with an error naming the file."""
     if not Path(path).is_file():
-        raise PipelineError(f"checkpoint {path} does not exist; run the model script first (or drop --heatmaps-only)")
+        raise PipelineError(f"checkpoint {path} does not exist; run {made_by} first")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file raises one of many types
         raise PipelineError(f"checkpoint {path} is unreadable ({type(error).__name__}: {error})") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "arch" not in checkpoint:
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise PipelineError(f"checkpoint {path} is not a checkpoint of this pipeline")
-    if arch is not None and checkpoint["arch"] != arch:
-        raise PipelineError(f"checkpoint {path} holds {checkpoint['arch']}, not {arch}")
+    if arch is not None and checkpoint.get("arch") != arch:
+        raise PipelineError(f"checkpoint {path} holds {checkpoint.get('arch')}, not {arch}")
     return checkpoint
 
 
