@@ -43,9 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                   "at 224 px, the other two 7x7)")
     parser.add_argument("--features", choices=FEATURE_SETS, default="heatmaps",
                         help="input of final_classifier.pth; the other set is trained too, for the table")
-    parser.add_argument("--fit-split", choices=["train", "val"], default="val",
+    parser.add_argument("--fit-split", choices=["train", "val"], default="train",
                         help="rows the MLP learns from; train: best epoch on val; val: best epoch on a "
-                             "patient-level quarter of val held out from fitting")
+                             "patient-level quarter of val held out from fitting (see the README)")
     parser.add_argument("--hidden-sizes", default="256,64", help="comma-separated dense layer widths")
     parser.add_argument("--dropout", type=float, default=0.3)
     parser.add_argument("--epochs", type=int, default=30)
