@@ -1,0 +1,227 @@
+"""The HTML report: it parses, every file it links exists, its numbers are results.json's, the gallery shows
+misclassified images first, and a run without results.json gives a clear error.
+
+The run dir is synthesised (running the four scripts on the demo set takes minutes on 2 CPU cores): a real
+split.json of the demo tree, heatmap files in the exported format, and results.json / test_predictions.npz made
+with the same metric functions as cancer_class_further.py.
+"""
+
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.data import index_dataset, make_split, save_split
+from common.errors import PipelineError
+from common.fileio import save_npz, write_json
+from common.fusion import MODEL_ORDER
+from common.heatmaps import HEATMAP_FORMAT_VERSION
+from common.metrics import binary_metrics, per_patient_rates, softmax
+from common.report import build_report
+
+DISPLAY_NAMES = {"densenet121": "DenseNet-121", "resnet50": "ResNet-50", "vgg16": "VGG-16",
+                 "soft_vote": "Soft vote (mean probability)", "mlp_heatmaps": "MLP on heatmaps",
+                 "mlp_heatmaps+logits": "MLP on heatmaps + logits"}
+CAM_SIDES = {"densenet121": 4, "resnet50": 4, "vgg16": 8}  # VGG-16's maps are twice as fine
+PROTOCOL = {"method": "patient", "fold_file": None, "val_fraction": 0.25, "test_fraction": 0.25, "seed": 0,
+            "magnification": "all"}
+VOID_TAGS = {"meta", "img", "br", "hr", "input", "link", "source", "wbr"}
+
+
+def write_heatmaps(run_dir: Path, split, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """heatmaps_<arch>.npz in the exported format; returns each CNN's logits."""
+    logits = {}
+    for arch in MODEL_ORDER:
+        side = CAM_SIDES[arch]
+        logits[arch] = rng.normal(0, 1.5, (len(split.records), 2)).astype(np.float32)
+        save_npz(run_dir / f"heatmaps_{arch}.npz",
+                 cams=np.maximum(rng.normal(0, 1, (len(split.records), side, side)), 0).astype(np.float32),
+                 logits=logits[arch], labels=np.array([r.label for r in split.records], np.int64),
+                 paths=np.array([r.path for r in split.records]), patients=np.array([r.patient for r in split.records]),
+                 magnifications=np.array([r.magnification for r in split.records]), splits=np.array(split.splits),
+                 arch=np.array(arch), target_layer=np.array("layer"), target_class_rule=np.array("predicted"),
+                 split_digest=np.array(split.digest), image_size=np.array(32),
+                 format_version=np.array(HEATMAP_FORMAT_VERSION))
+    return logits
+
+
+def write_train_logs(run_dir: Path, rng: np.random.Generator) -> None:
+    for arch in MODEL_ORDER:
+        rows = [{"epoch": epoch, "train_loss": 0.7 - 0.1 * epoch, "train_accuracy": 0.5 + 0.1 * epoch,
+                 "val_loss": 0.7 - 0.05 * epoch, "val_accuracy": 0.5, "val_balanced_accuracy": 0.5,
+                 "val_roc_auc": float(rng.uniform()), "best_so_far": epoch != 3} for epoch in (1, 2, 3)]
+        (run_dir / f"train_log_{arch}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_results(run_dir: Path, split, logits: dict[str, np.ndarray], rng: np.random.Generator) -> None:
+    """results.json and test_predictions.npz as cancer_class_further.py writes them."""
+    test = np.array(split.indices("test"))
+    labels = np.array([split.records[i].label for i in test])
+    patients = np.array([split.records[i].patient for i in test])
+    magnifications = np.array([split.records[i].magnification for i in test])
+    probabilities = {arch: softmax(logits[arch][test])[:, 1] for arch in MODEL_ORDER}
+    probabilities["soft_vote"] = np.mean([probabilities[arch] for arch in MODEL_ORDER], axis=0)
+    # The final MLP gets every third test image wrong, so the gallery has both kinds to order.
+    wrong = np.arange(len(test)) % 3 == 1
+    probabilities["mlp_heatmaps"] = np.where(labels.astype(bool) ^ wrong, rng.uniform(0.6, 1, len(test)),
+                                             rng.uniform(0, 0.4, len(test)))
+    probabilities["mlp_heatmaps+logits"] = rng.uniform(0, 1, len(test))
+    rows = {key: binary_metrics(labels, probabilities[key], patients, magnifications) for key in DISPLAY_NAMES}
+    per_patient = {key: per_patient_rates(labels, (probabilities[key] >= 0.5).astype(int), patients)
+                   for key in DISPLAY_NAMES}
+    history = [{"epoch": epoch, "fit_loss": 1 / epoch, "select_loss": 0.6, "select_balanced_accuracy": 0.5 + epoch / 20,
+                "select_accuracy": 0.6, **({"best_so_far": True} if epoch < 4 else {})} for epoch in range(1, 6)]
+    write_json(run_dir / "results.json", {
+        "split_protocol": "patient-level split (synthetic run)", "fit_split": "train", "final_features": "heatmaps",
+        "test_images": len(test), "test_patients": sorted(set(patients)), "display_names": DISPLAY_NAMES,
+        "rows": rows, "per_patient": per_patient,
+        "mlp_training": {"heatmaps": history, "heatmaps+logits": history[:4]}})
+    save_npz(run_dir / "test_predictions.npz", paths=np.array([split.records[i].path for i in test]), labels=labels,
+             patients=patients, magnifications=magnifications,
+             **{f"prob_{key.replace('+', '_')}": probabilities[key].astype(np.float32) for key in DISPLAY_NAMES})
+
+
+@pytest.fixture(scope="module")
+def run_dir(demo_dir, tmp_path_factory) -> Path:
+    """A finished run's files over the demo tree (12 test images of 2 patients)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    dataset = index_dataset(demo_dir)
+    split = make_split(dataset.records, dataset.root, PROTOCOL)
+    save_split(run_dir / "split.json", split)
+    rng = np.random.default_rng(0)
+    logits = write_heatmaps(run_dir, split, rng)
+    write_train_logs(run_dir, rng)
+    write_results(run_dir, split, logits, rng)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def report(run_dir) -> Path:
+    return build_report(run_dir)
+
+
+class PageParser(HTMLParser):
+    """Checks that tags nest and close; collects links, tables (cell texts by table id) and gallery cards."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.links, self.ids = [], [], [], set()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.cards: list[str] = []
+        self._table, self._cell = None, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag not in VOID_TAGS:
+            self.stack.append(tag)
+        self.links += [attrs[key] for key in ("src", "href") if key in attrs]
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "table":
+            self._table = attrs.get("id")
+            self.tables.setdefault(self._table, [])
+        elif tag == "tr" and self._table:
+            self.tables[self._table].append([])
+        elif tag in ("td", "th") and self._table:
+            self._cell = []
+        elif tag == "div" and "data-path" in attrs:
+            self.cards.append(attrs["data-path"])
+
+    def handle_endtag(self, tag):
+        if tag in VOID_TAGS:
+            return
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes <{self.stack[-1] if self.stack else 'nothing'}>")
+            return
+        self.stack.pop()
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[self._table][-1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def parse(index: Path) -> PageParser:
+    parser = PageParser()
+    parser.feed(index.read_text(encoding="utf-8"))
+    parser.close()
+    return parser
+
+
+def test_html_parses_and_every_link_exists(report):
+    page = parse(report)
+    assert page.errors == [] and page.stack == [], (page.errors, page.stack)
+    assert any(link.endswith(".png") for link in page.links)
+    for link in page.links:
+        assert "://" not in link and not link.startswith("/"), f"{link} leaves the report folder"
+        if link.startswith("#"):
+            assert link[1:] in page.ids, link
+        else:
+            assert (report.parent / link).is_file(), link
+
+
+def test_comparison_table_equals_results_json(report, run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    table = parse(report).tables["comparison"]
+    header, rows = table[0], table[1:]
+    assert [row[0] for row in rows] == list(results["display_names"].values())  # same rows, same order
+    columns = ["accuracy", "balanced_accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc",
+               "patient_recognition_rate"]
+    assert len(header) == len(columns) + 1
+    for key, row in zip(results["display_names"], rows):
+        expected = [("n/a" if results["rows"][key][column] is None else f"{results['rows'][key][column]:.3f}")
+                    for column in columns]
+        assert row[1:] == expected, key
+
+
+def test_per_patient_table_equals_results_json(report, run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    rows = parse(report).tables["per-patient"][1:]
+    assert [row[0] for row in rows] == results["test_patients"]
+    for row in rows:
+        for key, cell in zip(results["display_names"], row[3:]):
+            entry = results["per_patient"][key][row[0]]
+            assert cell == f"{entry['rate']:.3f} ({entry['correct']}/{entry['images']})"
+
+
+def test_gallery_lists_misclassified_images_first(report, run_dir):
+    with np.load(run_dir / "test_predictions.npz") as predictions:
+        labels = predictions["labels"]
+        row_of = {str(path): row for row, path in enumerate(predictions["paths"])}
+        wrong = {key: (predictions[f"prob_{key.replace('+', '_')}"] >= 0.5) != labels for key in DISPLAY_NAMES}
+    cards = parse(report).cards
+    assert len(cards) == min(24, len(labels)) and len(set(cards)) == len(cards)
+    order = [(bool(wrong["mlp_heatmaps"][row_of[path]]), sum(int(w[row_of[path]]) for w in wrong.values()))
+             for path in cards]
+    assert order[0][0] and not order[-1][0]  # the synthetic run has both kinds
+    assert order == sorted(order, reverse=True)  # final MLP's mistakes first, then by number of wrong models
+
+
+def test_small_gallery_rebuild_and_missing_images(report, run_dir, tmp_path, capsys):
+    import make_report
+
+    copy = shutil.copytree(run_dir, tmp_path / "run")  # with the 12-image report of the `report` fixture
+    split_file = copy / "split.json"  # the images moved away: the gallery shows placeholders, the rest is intact
+    split_file.write_text(split_file.read_text().replace(json.loads(split_file.read_text())["data_root"],
+                                                         str(tmp_path / "moved")))
+    make_report.main(["--output-dir", str(copy), "--gallery-size", "2"])
+    index = Path(capsys.readouterr().out.strip())
+    assert index == copy / "report" / "index.html"
+    page = parse(index)
+    assert len(page.cards) == 2 and "grey placeholder" in index.read_text()
+    # 2 images x (original, three CNN overlays, combined); the earlier build's 12 are gone
+    assert len(list((copy / "report" / "gallery").glob("*.png"))) == 2 * 5
+
+
+def test_missing_results_json_names_the_script(run_dir, tmp_path):
+    copy = shutil.copytree(run_dir, tmp_path / "run")
+    (copy / "results.json").unlink()
+    with pytest.raises(PipelineError, match=r"results\.json is missing: run cancer_class_further\.py"):
+        build_report(copy)
