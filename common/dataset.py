@@ -175,9 +175,13 @@ class CachedBatches:
         pin = self.device.type == "cuda"
         for start in range(0, len(order := self._order(epoch)), self.batch_size):
             positions = order[start:start + self.batch_size]
+            if self.train:  # order within a training batch is immaterial: take it sorted, skip the reorder copy
+                positions = positions[np.argsort(self.indices[positions], kind="stable")]
             rows = self.indices[positions]
-            pixels = torch.from_numpy(np.ascontiguousarray(self.cache[np.sort(rows)]))  # sorted: sequential reads
-            pixels = pixels[torch.from_numpy(np.argsort(np.argsort(rows)))]  # back to the shuffled order
+            pixels = self.cache[np.sort(rows)]  # (B, S, S, 3) uint8, sorted: sequential reads from a memmap
+            if not self.train:  # back to the caller's order (numpy: a memcpy per row; torch's uint8 indexing is slow)
+                pixels = pixels[np.argsort(np.argsort(rows))]
+            pixels = torch.from_numpy(np.ascontiguousarray(pixels))
             if pin:
                 pixels = pixels.pin_memory()
             pixels = pixels.to(self.device, non_blocking=True)

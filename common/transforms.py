@@ -60,15 +60,30 @@ def normalize_batch(images_uint8: torch.Tensor) -> torch.Tensor:
     return _normalize_unit(images_uint8.permute(0, 3, 1, 2).float().div_(255.0))
 
 
+def affine_sampling_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`F.affine_grid(theta, (B, C, height, width), align_corners=False)` for theta (B, 2, 3), by broadcasting.
+
+    Same grid (to float rounding), but an outer sum instead of affine_grid's batched matmul over every pixel:
+    on a CPU core that matmul cost more than the bilinear sampling itself (16 ms vs 13 ms for 32 images at 224 px).
+    """
+    xs = (torch.arange(width, dtype=theta.dtype, device=theta.device) * 2 + 1) / width - 1  # pixel centres
+    ys = (torch.arange(height, dtype=theta.dtype, device=theta.device) * 2 + 1) / height - 1
+    grid = torch.empty(theta.shape[0], height, width, 2, dtype=theta.dtype, device=theta.device)
+    for axis in (0, 1):  # (B, 1, W) + (B, H, 1) + (B, 1, 1) -> (B, H, W)
+        coefficients = theta[:, axis, :, None, None]  # (B, 3, 1, 1)
+        torch.add(coefficients[:, 0] * xs + coefficients[:, 2], coefficients[:, 1] * ys[:, None], out=grid[..., axis])
+    return grid
+
+
 def augment_batch(images_uint8: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random flips and rotation, drawn per image, then normalisation: (B, H, W, 3) uint8 -> (B, 3, H, W) float.
 
-    One affine_grid/grid_sample call applies each image's own flip-and-rotate matrix; outside the rotated
-    image the fill is black, as in the PIL path (fill=0 before normalisation).
+    One grid_sample call applies each image's own flip-and-rotate matrix; outside the rotated image the fill is
+    black, as in the PIL path (fill=0 before normalisation).
     """
-    batch = images_uint8.shape[0]
+    batch, height, width, _ = images_uint8.shape
     device = images_uint8.device
-    images = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
+    images = images_uint8.permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 255]; 1/255 is folded in below
     draws = torch.rand(batch, 3, generator=generator, device=generator.device if generator else "cpu").to(device)
     flip_x = torch.where(draws[:, 0] < 0.5, -1.0, 1.0)
     flip_y = torch.where(draws[:, 1] < 0.5, -1.0, 1.0)
@@ -79,6 +94,9 @@ def augment_batch(images_uint8: torch.Tensor, generator: torch.Generator | None 
     theta = torch.zeros(batch, 2, 3, device=device)
     theta[:, 0, 0], theta[:, 0, 1] = cos * flip_x, -sin * flip_y
     theta[:, 1, 0], theta[:, 1, 1] = sin * flip_x, cos * flip_y
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    grid = affine_sampling_grid(theta, height, width)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return _normalize_unit(images)
+    # (x / 255 - mean) / std in one pass: x * (1 / (255 std)) - mean / std. The black fill stays x = 0.
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return torch.addcmul(-mean / std, images, 1.0 / (255.0 * std), out=images)

@@ -1,0 +1,300 @@
+"""The decoded-image cache and the batched augmentation: cache hit and invalidation, per-image random draws,
+eval tensors equal on both paths, a corrupt image named, and the training order of `CachedBatches`.
+CPU only, synthetic data (the `demo_dir` fixture: 48 PNGs of 48x32 px), seconds in all.
+"""
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common.dataset as dataset_module
+import common.transforms as transforms_module
+from common.data import filter_magnification, index_dataset
+from common.dataset import CachedBatches, build_cache, cache_key, load_rgb, make_batches
+from common.errors import PipelineError
+from common.transforms import IMAGENET_MEAN, IMAGENET_STD, augment_batch, resize_image
+
+CPU = torch.device("cpu")
+SIZE = 32
+
+
+def copy_demo(demo_dir: Path, tmp_path: Path):
+    """A private copy of the demo tree (tests below modify files) and its records."""
+    shutil.copytree(demo_dir, tmp_path / "data")
+    indexed = index_dataset(tmp_path / "data")
+    return indexed.root, indexed.records
+
+
+def npy_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.npy"))
+
+
+def collect(batches, epoch: int = 0) -> dict[int, tuple[torch.Tensor, int]]:
+    """index -> (image, label) over one pass."""
+    found = {}
+    for images, labels, indices in batches.batches(epoch):
+        for image, label, index in zip(images, labels, indices.tolist()):
+            found[index] = (image, int(label))
+    return found
+
+
+def unnormalize(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) normalised -> [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return images * std + mean
+
+
+# ------------------------------------------------------------------------------------------- disk cache
+
+
+def test_disk_cache_hit_reuses_the_file_without_decoding(demo_dir, tmp_path, monkeypatch):
+    indexed = index_dataset(demo_dir)
+    options = dict(image_size=SIZE, mode="disk", cache_dir=tmp_path / "cache", workers=0)
+    first = build_cache(indexed.root, indexed.records, **options)
+    first_path = Path(first.filename)
+    modified = first_path.stat().st_mtime_ns
+
+    def no_decoding(*_args, **_kwargs):
+        raise AssertionError("the cache was rebuilt although nothing changed")
+
+    monkeypatch.setattr(dataset_module, "_decode_into", no_decoding)
+    second = build_cache(indexed.root, indexed.records, **options)
+    assert Path(second.filename) == first_path
+    assert first_path.stat().st_mtime_ns == modified
+    assert npy_files(tmp_path / "cache") == [first_path]
+    assert second.shape == (len(indexed.records), SIZE, SIZE, 3) and second.dtype == np.uint8
+    np.testing.assert_array_equal(second, first)
+
+
+def test_disk_cache_rows_are_the_decoded_resized_images_in_record_order(demo_dir, tmp_path):
+    indexed = index_dataset(demo_dir)
+    on_disk = build_cache(indexed.root, indexed.records, image_size=SIZE, mode="disk", cache_dir=tmp_path, workers=0)
+    in_memory = build_cache(indexed.root, indexed.records, image_size=SIZE, mode="memory", cache_dir=None, workers=0)
+    np.testing.assert_array_equal(on_disk, in_memory)
+    for row in (0, len(indexed.records) - 1):
+        expected = np.asarray(resize_image(load_rgb(indexed.root / indexed.records[row].path), SIZE))
+        np.testing.assert_array_equal(in_memory[row], expected)
+
+
+def _touch_one_file(root, records, tmp_path):
+    path = root / records[5].path
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))  # same bytes, newer mtime
+    return root, records, SIZE
+
+
+def _rewrite_one_file(root, records, tmp_path):
+    path = root / records[5].path
+    Image.new("RGB", (48, 32), (10, 200, 30)).save(path)  # other pixels, other size
+    return root, records, SIZE
+
+
+def _other_image_size(root, records, tmp_path):
+    return root, records, SIZE + 8
+
+
+def _one_record_fewer(root, records, tmp_path):  # a split over other images (e.g. another magnification)
+    return root, records[:-1], SIZE
+
+
+def _one_magnification(root, records, tmp_path):  # --magnification 100: the split covers fewer images
+    return root, filter_magnification(records, "100"), SIZE
+
+
+def _records_reordered(root, records, tmp_path):  # cache rows follow the record order
+    return root, records[::-1], SIZE
+
+
+def _another_dataset_root(root, records, tmp_path):
+    shutil.copytree(root, tmp_path / "moved")
+    return tmp_path / "moved", records, SIZE
+
+
+@pytest.mark.parametrize("change", [_touch_one_file, _rewrite_one_file, _other_image_size, _one_record_fewer,
+                                    _one_magnification, _records_reordered, _another_dataset_root])
+def test_disk_cache_is_rebuilt_when_a_file_the_size_or_the_records_change(demo_dir, tmp_path, change):
+    """The key covers every file (path, size, mtime), the image size and the record list the split covers.
+    Which split (train/val/test) each image is in is not part of it: the decoded pixels are the same, so the
+    three scripts and reruns share one file."""
+    root, records = copy_demo(demo_dir, tmp_path)
+    cache_dir = tmp_path / "cache"
+    old_key = cache_key(root, records, SIZE)
+    old = build_cache(root, records, image_size=SIZE, mode="disk", cache_dir=cache_dir, workers=0)
+    new_root, new_records, new_size = change(root, records, tmp_path)
+    assert cache_key(new_root, new_records, new_size) != old_key
+    new = build_cache(new_root, new_records, image_size=new_size, mode="disk", cache_dir=cache_dir, workers=0)
+    assert Path(new.filename) != Path(old.filename)
+    assert len(npy_files(cache_dir)) == 2
+    assert new.shape == (len(new_records), new_size, new_size, 3)
+    for row in (0, 5, len(new_records) - 1):  # the new file holds what the files hold now
+        expected = np.asarray(resize_image(load_rgb(new_root / new_records[row].path), new_size))
+        np.testing.assert_array_equal(new[row], expected)
+
+
+# --------------------------------------------------------------------------------------- corrupt images
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_corrupt_png_is_named_when_the_cache_is_built(demo_dir, tmp_path, damage, mode):
+    root, records = copy_demo(demo_dir, tmp_path)
+    bad = root / records[7].path
+    content = bad.read_bytes()
+    bad.write_bytes(b"this is not a PNG" if damage == "garbage" else content[: len(content) // 2])
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(PipelineError, match=bad.name):
+        build_cache(root, records, image_size=SIZE, mode=mode, cache_dir=cache_dir, workers=0)
+    if cache_dir.exists():
+        assert os.listdir(cache_dir) == []  # no half-built cache (or temporary file) left behind
+
+
+def test_corrupt_png_is_named_from_a_worker_process(demo_dir, tmp_path):
+    root, records = copy_demo(demo_dir, tmp_path)
+    bad = root / records[3].path
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(PipelineError, match=bad.name):
+        build_cache(root, records, image_size=SIZE, mode="memory", cache_dir=None, workers=1)
+
+
+# ------------------------------------------------------------------------------------ batch augmentation
+
+
+def asymmetric_batch(batch: int, size: int) -> torch.Tensor:
+    """`batch` copies of one image whose flips and rotations all differ: bright, with a ramp and a spot."""
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    red = 120 + (100 * x / (size - 1))
+    green = 120 + (100 * y / (size - 1))
+    blue = torch.full((size, size), 160.0)
+    blue[: size // 4, : size // 3] = 250.0
+    image = torch.stack([red, green, blue], dim=-1).round().to(torch.uint8)  # (S, S, 3), all values >= 120
+    return image.expand(batch, size, size, 3).contiguous()
+
+
+def test_augment_batch_draws_each_image_on_its_own(tmp_path):
+    images = asymmetric_batch(16, 48)
+    out = augment_batch(images, torch.Generator().manual_seed(0))
+    assert out.shape == (16, 3, 48, 48) and out.dtype == torch.float32
+    flat = out.flatten(1)
+    distances = torch.cdist(flat, flat)
+    off_diagonal = distances[~torch.eye(16, dtype=torch.bool)]
+    assert off_diagonal.min() > 1e-3  # no two images got the same flips and angle
+    again = augment_batch(images, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again, out)  # the draws come from the generator only
+
+
+def test_augment_batch_flips_are_per_image(monkeypatch):
+    """With rotation off, each output is exactly one of the four flips of the input, and the batch mixes them."""
+    monkeypatch.setattr(transforms_module, "ROTATION_DEGREES", 0.0)
+    images = asymmetric_batch(32, 40)
+    out = unnormalize(augment_batch(images, torch.Generator().manual_seed(1)))
+    source = images[0].permute(2, 0, 1).float() / 255  # (3, S, S)
+    flips = {(fx, fy): torch.flip(source, dims=[d for d, on in ((2, fx), (1, fy)) if on])
+             for fx in (False, True) for fy in (False, True)}
+    seen = []
+    for image in out:
+        matches = [key for key, flipped in flips.items() if torch.allclose(image, flipped, atol=1e-4)]
+        assert len(matches) == 1
+        seen.append(matches[0])
+    assert len(set(seen)) == 4  # horizontal and vertical flips drawn independently, per image
+
+
+def test_augment_batch_rotation_leaves_only_small_black_corners():
+    size = 64
+    images = asymmetric_batch(32, size)
+    out = unnormalize(augment_batch(images, torch.Generator().manual_seed(2)))  # (B, 3, S, S) in [0, 1]
+    black = (out < 0.3).all(dim=1)  # the input has no value below 120/255: only the fill is this dark
+    fractions = black.flatten(1).float().mean(dim=1)
+    # A square rotated by up to 20 degrees leaves 4 corner triangles uncovered: at most 12.4% of the image.
+    theta = math.radians(transforms_module.ROTATION_DEGREES)
+    corner = 0.5 * (1 - math.tan(theta / 2)) * (1 - (1 - math.sin(theta)) / math.cos(theta))
+    assert fractions.max() <= corner + 0.02
+    assert fractions.max() > 0.02  # some images are rotated by a visible angle ...
+    assert len(set(fractions.tolist())) > 10  # ... and each by its own angle
+    y, x = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    inscribed = (x - size / 2) ** 2 + (y - size / 2) ** 2 < (size / 2 - 1) ** 2
+    assert not black[:, inscribed].any()  # black only in the corners, never inside the inscribed circle
+
+
+# ------------------------------------------------------------------------------- both paths, same tensors
+
+
+def test_eval_tensors_equal_between_cached_and_plain_paths(demo_dir):
+    indexed = index_dataset(demo_dir)
+    records, root = indexed.records, indexed.root
+    indices = list(range(1, len(records), 2))  # a split: every other record
+    cache = build_cache(root, records, image_size=SIZE, mode="memory", cache_dir=None, workers=0)
+    options = dict(train=False, image_size=SIZE, batch_size=7, workers=0, device=CPU, seed=0)
+    cached = collect(make_batches(root, records, indices, cache=cache, **options))
+    plain = collect(make_batches(root, records, indices, cache=None, **options))
+    assert sorted(cached) == sorted(plain) == indices
+    for index in indices:
+        assert cached[index][1] == plain[index][1] == records[index].label
+        assert cached[index][0].shape == (3, SIZE, SIZE)
+        torch.testing.assert_close(cached[index][0], plain[index][0], atol=1e-5, rtol=0)
+
+
+def test_eval_order_is_the_given_order_on_both_paths(demo_dir):
+    indexed = index_dataset(demo_dir)
+    indices = [9, 3, 30, 0, 17]
+    cache = build_cache(indexed.root, indexed.records, image_size=SIZE, mode="memory", cache_dir=None, workers=0)
+    for source in (cache, None):
+        batches = make_batches(indexed.root, indexed.records, indices, train=False, image_size=SIZE, batch_size=2,
+                               workers=0, device=CPU, seed=0, cache=source)
+        assert [i for _, _, chunk in batches.batches() for i in chunk.tolist()] == indices
+    coded = CachedBatches(row_coded_cache(len(indexed.records)), indexed.records, indices, train=False, batch_size=3,
+                          device=CPU, seed=0)
+    for images, labels, rows in coded.batches():
+        assert rows_seen_in_pixels(images) == rows.tolist()
+        assert labels.tolist() == [indexed.records[row].label for row in rows.tolist()]
+
+
+# ------------------------------------------------------------------------------------ CachedBatches order
+
+
+def row_coded_cache(count: int) -> np.ndarray:
+    """(count, 8, 8, 3) uint8 whose row i is the constant 5 * i, so an image tells which row it came from."""
+    return np.broadcast_to((5 * np.arange(count, dtype=np.uint8))[:, None, None, None], (count, 8, 8, 3)).copy()
+
+
+def rows_seen_in_pixels(images: torch.Tensor) -> list[int]:
+    """The row each image came from, read from its centre pixel (rotation fills only corners)."""
+    return (unnormalize(images)[:, 0, 4, 4] * 255 / 5).round().int().tolist()
+
+
+def test_cached_batches_train_order_covers_every_index_and_changes_each_epoch(demo_dir):
+    records = index_dataset(demo_dir).records
+    cache = row_coded_cache(len(records))
+    indices = list(range(0, len(records), 2))  # 24 rows of the cache
+    batches = CachedBatches(cache, records, indices, train=True, batch_size=5, device=CPU, seed=3)
+    assert len(batches) == math.ceil(len(indices) / 5)
+    orders = []
+    for epoch in range(3):
+        rows, labels = [], []
+        for images, batch_labels, batch_rows in batches.batches(epoch):
+            assert images.shape[1:] == (3, 8, 8)
+            assert rows_seen_in_pixels(images) == batch_rows.tolist()  # image, label and index stay aligned
+            rows += batch_rows.tolist()
+            labels += batch_labels.tolist()
+        assert sorted(rows) == indices  # every index exactly once
+        assert labels == [records[row].label for row in rows]
+        orders.append(rows)
+    assert orders[0] != orders[1] != orders[2]
+    assert [row for _, _, chunk in batches.batches(1) for row in chunk.tolist()] == orders[1]  # reproducible
+
+
+def test_cached_batches_shards_cover_every_index_with_equal_steps(demo_dir):
+    records = index_dataset(demo_dir).records
+    cache = np.zeros((len(records), 8, 8, 3), np.uint8)
+    indices = list(range(len(records) - 1))  # 47 rows: not divisible by 2 ranks
+    shards = [CachedBatches(cache, records, indices, train=True, batch_size=4, device=CPU, seed=0, rank=rank,
+                            world_size=2) for rank in (0, 1)]
+    rows = [[row for _, _, chunk in shard.batches(0) for row in chunk.tolist()] for shard in shards]
+    assert len(shards[0]) == len(shards[1]) and len(rows[0]) == len(rows[1])
+    assert set(rows[0]) | set(rows[1]) == set(indices)
