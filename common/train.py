@@ -9,6 +9,7 @@ ranks, and the saved state_dict is the unwrapped model's.
 
 import argparse
 import json
+import math
 import os
 import random
 import time
@@ -218,7 +219,10 @@ def load_checkpoint(path: Path, arch: str | None = None, *, made_by: str = "its 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file raises one of many types
-        raise PipelineError(f"checkpoint {path} is unreadable ({type(error).__name__}: {error})") from None
+        # torch's messages can span lines (and suggest weights_only=False): keep the first sentence, one line.
+        reason = (str(error).strip().splitlines() or [""])[0].split(". ")[0]
+        raise PipelineError(f"checkpoint {path} is unreadable ({type(error).__name__}: {reason}); "
+                            "it is truncated, corrupt or not a PyTorch file") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise PipelineError(f"checkpoint {path} is not a checkpoint of this pipeline")
     if arch is not None and checkpoint.get("arch") != arch:
@@ -269,6 +273,11 @@ def fit(model: nn.Module, args: argparse.Namespace, split: Split, runtime: Runti
     if args.resume:
         state = restore_training_state(state_path(output_dir, args.arch), model, optimizer, scheduler, scaler)
         start_epoch, best_score = state["epoch"], tuple(state["best_score"]) if state["best_score"] else None
+        if scheduler.T_max != args.epochs:  # --epochs changed: go on along the new cosine (the old one ends at lr 0)
+            scheduler.T_max = args.epochs
+            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = scheduler.eta_min + (base_lr - scheduler.eta_min) * (
+                    1 + math.cos(math.pi * start_epoch / args.epochs)) / 2
         if runtime.is_main:
             print(f"resuming {args.arch} after epoch {start_epoch} of {args.epochs}")
     trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \

@@ -1,0 +1,202 @@
+"""Grad-CAM (common.cam) against a plain full-autograd reference, and the CAM identity for GAP + linear heads.
+
+The reference is the way common libraries compute Grad-CAM: a forward hook on the target module keeps the
+activation, the whole model runs forward with autograd, `loss.backward()` over everything, and the retained
+activation gradient gives alpha_k = mean_ij dy_c/dA_k[i, j]; map = ReLU(sum_k alpha_k A_k).
+Random-init models, random inputs, CPU only, no downloads.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.cam import grad_cam, scale_for_display
+from common.data import CLASS_NAMES
+from common.models import body, build_model, cam_shape
+
+ARCH_NAMES = ("resnet50", "densenet121", "vgg16")
+MALIGNANT = CLASS_NAMES.index("malignant")
+SIDE_AT_64 = {"resnet50": 2, "densenet121": 2, "vgg16": 4}  # input / 32 (VGG-16: / 16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small, shared CPU, oversubscribed threads made these tests ~5x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def models(one_thread):
+    """One random-init model per architecture, in eval mode (built once: VGG-16 alone has 134M parameters)."""
+    built = {}
+    # Seeds chosen so that every (arch, rule) pair has a non-zero map (a random VGG-16 head often has none).
+    for arch, seed in (("resnet50", 0), ("densenet121", 1), ("vgg16", 3)):
+        torch.manual_seed(seed)
+        built[arch] = build_model(arch, "none").eval()
+    return built
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def target_module(model, arch):
+    """The module whose forward output is (or, for DenseNet, becomes in place) the pinned Grad-CAM activation."""
+    if arch == "resnet50":
+        return model.layer4
+    if arch == "densenet121":
+        # DenseNet.forward applies F.relu(features, inplace=True) to this output; the retained gradient then
+        # belongs to the relu'd tensor (PyTorch moves retains_grad to the new version after an in-place op).
+        return model.features
+    if arch == "vgg16":
+        return model.features[29]  # ReLU(inplace=True) after the last conv; features[30] is the max-pool
+    raise ValueError(arch)
+
+
+def reference_grad_cam(model, arch, images, target):
+    """Hooks + full backward over the whole model. Returns (maps (B, h, w), logits (B, 2), activation A)."""
+    kept = {}
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        kept["activation"] = output
+
+    handle = target_module(model, arch).register_forward_hook(keep)
+    try:
+        images = images.clone().requires_grad_(True)  # so autograd runs through the whole network
+        logits = model(images)
+        classes = logits.argmax(1) if target == "predicted" else torch.full((len(images),), MALIGNANT)
+        model.zero_grad(set_to_none=True)
+        logits.gather(1, classes[:, None]).sum().backward()
+    finally:
+        handle.remove()
+    activation = kept["activation"]  # for DenseNet: the relu'd values (modified in place by the forward)
+    alpha = activation.grad.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+    maps = torch.relu((alpha * activation).sum(dim=1))  # (B, h, w)
+    model.zero_grad(set_to_none=True)
+    return maps.detach(), logits.detach(), activation.detach()
+
+
+def close(ours, reference, rtol=1e-4):
+    """Equal within `rtol` relative to the map's scale (elementwise relative error is meaningless near 0)."""
+    scale = reference.abs().max().item()
+    torch.testing.assert_close(ours, reference, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("target", ["predicted", "malignant"])
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_grad_cam_equals_full_autograd_reference(models, images, arch, target):
+    model = models[arch]
+    reference_maps, reference_logits, _ = reference_grad_cam(model, arch, images, target)
+    maps, logits = grad_cam(model, arch, images, target=target)
+    assert maps.dtype == torch.float32 and maps.shape == reference_maps.shape
+    assert maps.shape == (2, SIDE_AT_64[arch], SIDE_AT_64[arch])
+    assert reference_maps.max() > 0, "a trivial all-zero map would prove nothing"
+    assert (maps >= 0).all()
+    close(maps, reference_maps)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(images), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, reference_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["predicted", "malignant"])
+@pytest.mark.parametrize("arch", ["resnet50", "densenet121"])
+def test_grad_cam_equals_cam_from_head_weights(models, images, arch, target):
+    """GAP + linear head: dy_c/dA_k[i, j] = w_ck / (h*w), so Grad-CAM = ReLU(sum_k w_ck A_k) / (h*w)."""
+    model = models[arch]
+    maps, logits = grad_cam(model, arch, images, target=target)
+    with torch.no_grad():
+        activation = body(model, arch, images)  # (B, C, h, w)
+    classes = logits.argmax(1) if target == "predicted" else torch.full((len(images),), MALIGNANT)
+    head_weight = (model.fc if arch == "resnet50" else model.classifier).weight.detach()  # (2, C)
+    height, width = activation.shape[2:]
+    cam = torch.relu(torch.einsum("bc,bchw->bhw", head_weight[classes], activation)) / (height * width)
+    assert cam.max() > 0
+    close(maps, cam)
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_body_is_the_hooked_activation(models, images, arch):
+    """common.models.body computes exactly the activation the network's own forward passes on."""
+    model = models[arch]
+    _, _, hooked = reference_grad_cam(model, arch, images, "predicted")
+    with torch.no_grad():
+        torch.testing.assert_close(body(model, arch, images), hooked, rtol=1e-5, atol=1e-6)
+    assert (hooked >= 0).all()  # after the ReLU
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_grad_cam_leaves_the_model_as_it_found_it(models, images, arch):
+    model = models[arch]
+    requires_grad = [parameter.requires_grad for parameter in model.parameters()]
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    model.zero_grad(set_to_none=True)
+    model.train()
+    try:
+        maps_from_train_mode, _ = grad_cam(model, arch, images, target="predicted")
+        assert model.training and all(module.training for module in model.modules()), "train mode not restored"
+    finally:
+        model.eval()
+    maps_from_eval_mode, _ = grad_cam(model, arch, images, target="predicted")
+    assert not model.training and not any(module.training for module in model.modules())
+    # The call itself ran in eval mode (dropout off, BatchNorm running stats used and left untouched).
+    torch.testing.assert_close(maps_from_train_mode, maps_from_eval_mode)
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, buffers[name]), f"buffer {name} changed"
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, "forward hook left behind"
+        assert not module._backward_hooks and not getattr(module, "_backward_pre_hooks", {}), "backward hook left"
+    assert all(parameter.grad is None for parameter in model.parameters()), "a parameter got a .grad"
+    assert [parameter.requires_grad for parameter in model.parameters()] == requires_grad
+    assert torch.is_grad_enabled()
+
+
+def test_predicted_and_fixed_target_rules(models, images):
+    """'predicted' explains the argmax class, 'malignant'/'benign' a fixed one; never the true label."""
+    model = models["resnet50"]
+    predicted, logits = grad_cam(model, "resnet50", images, target="predicted")
+    per_class = {name: grad_cam(model, "resnet50", images, target=name)[0] for name in CLASS_NAMES}
+    for row, winner in enumerate(logits.argmax(1).tolist()):
+        torch.testing.assert_close(predicted[row], per_class[CLASS_NAMES[winner]][row])
+    assert not torch.allclose(per_class["benign"], per_class["malignant"])
+    with pytest.raises(ValueError, match="target-class rule"):
+        grad_cam(model, "resnet50", images, target="label")
+
+
+@pytest.mark.parametrize("arch, side", [("resnet50", 7), ("densenet121", 7), ("vgg16", 14)])
+def test_body_shapes_at_224(models, arch, side):
+    with torch.no_grad():
+        activation = body(models[arch], arch, torch.randn(1, 3, 224, 224))
+    channels = {"resnet50": 2048, "densenet121": 1024, "vgg16": 512}[arch]
+    assert activation.shape == (1, channels, side, side)
+    assert cam_shape(models[arch], arch, 224) == (side, side)
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_grad_cam_shapes_at_64(models, images, arch):
+    side = SIDE_AT_64[arch]
+    maps, logits = grad_cam(models[arch], arch, images)
+    assert cam_shape(models[arch], arch, 64) == (side, side)
+    assert maps.shape == (2, side, side) and logits.shape == (2, 2)
+    assert maps.dtype == torch.float32 and logits.dtype == torch.float32
+
+
+def test_scale_for_display():
+    rng = np.random.default_rng(0)
+    cams = rng.random((3, 4, 5)).astype(np.float32) * np.array([1.0, 50.0, 1e-3], np.float32)[:, None, None]
+    cams[2] = 0.25  # a constant map
+    scaled = scale_for_display(cams)
+    assert scaled.dtype == np.float32 and scaled.shape == cams.shape
+    for row in (0, 1):
+        assert scaled[row].min() == pytest.approx(0.0) and scaled[row].max() == pytest.approx(1.0)
+        expected = (cams[row] - cams[row].min()) / (cams[row].max() - cams[row].min())
+        np.testing.assert_allclose(scaled[row], expected, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(scaled[2], np.zeros((4, 5), np.float32))
+    single = scale_for_display(np.array([[0.0, 2.0], [1.0, 4.0]]))  # one (h, w) map works too
+    np.testing.assert_allclose(single, [[0.0, 0.5], [0.25, 1.0]])
+    assert np.array_equal(scale_for_display(np.zeros((1, 2, 2))), np.zeros((1, 2, 2), np.float32))
