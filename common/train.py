@@ -241,7 +241,11 @@ def model_from_checkpoint(checkpoint: dict) -> nn.Module:
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_class(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    device_type = next(model.parameters()).device.type
+    # The fused kernel updates all parameters in one call: ~5x less optimizer time per step than the
+    # per-tensor loop on a CPU (bench/README.md), and fewer kernel launches on a GPU.
+    fused = device_type in ("cuda", "cpu")
+    return optimizer_class(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused or None)
 
 
 def restore_training_state(path: Path, model, optimizer, scheduler, scaler) -> dict:
