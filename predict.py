@@ -95,6 +95,19 @@ def overlay_strip(image: Image.Image, cams: dict[str, np.ndarray], *, grid_size:
     return Image.fromarray(np.concatenate(panels, axis=1).astype(np.uint8))
 
 
+def overlay_names(image_paths: list[Path]) -> list[str]:
+    """<stem>_gradcam.png per image; images sharing a name (e.g. in two subfolders) get <stem>_2_gradcam.png, ..."""
+    names, taken = [], set()
+    for path in image_paths:
+        name, copy = f"{path.stem}_gradcam.png", 1
+        while name in taken:
+            copy += 1
+            name = f"{path.stem}_{copy}_gradcam.png"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files or folders")
@@ -113,8 +126,8 @@ def main(argv=None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [["image"] + [f"p_malignant_{name}" for name in columns] + ["prediction", "overlay"]]
     print(f"{'image':<40} " + " ".join(f"{name:>12}" for name in columns) + "  prediction (final MLP)")
-    for row, path in enumerate(image_paths):
-        overlay = out_dir / f"{path.stem}_gradcam.png"
+    for row, (path, overlay_name) in enumerate(zip(image_paths, overlay_names(image_paths))):
+        overlay = out_dir / overlay_name
         row_cams = {arch: results["cams"][arch][row] for arch in MODEL_ORDER}
         overlay_strip(results["images"][row], row_cams, grid_size=results["grid_size"]).save(overlay)
         verdict = "malignant" if probabilities["final_mlp"][row] >= 0.5 else "benign"

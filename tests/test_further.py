@@ -1,0 +1,462 @@
+"""cancer_class_further.py and common/fusion.py: alignment of the three heatmap files and its errors, the MLP
+(learns a separable heatmap pattern, not shuffled labels, never sees test labels), feature statistics fitted on
+the fit rows only, fit/selection rows, map stacking; end to end on a real run of the four scripts on the demo
+tree: the saved classifier reproduces its test predictions and the table's numbers are the saved logits'.
+
+The run dir (three model scripts + further, --weights none, 32 px, 1 epoch) is built once per test session and
+shared with tests/test_predict.py; on 2 CPU cores it takes about two minutes, mostly VGG-16.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cancer_class_further
+from common.data import load_split
+from common.errors import PipelineError
+from common.fileio import save_npz, sha256_of_file
+from common.fusion import (MODEL_ORDER, SCRIPT_OF, Standardizer, build_features, build_mlp, load_aligned_heatmaps,
+                           mlp_logits, stack_maps, train_mlp)
+from common.heatmaps import HEATMAP_FORMAT_VERSION, HEATMAP_KEYS, heatmap_path, load_heatmaps
+from common.metrics import binary_metrics, metrics_table, softmax
+from common.train import checkpoint_path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_SCRIPTS = {"densenet121": "cancer_class_densenet_121.py", "resnet50": "cancer_class_resnet_50.py",
+                 "vgg16": "cancer_class_vgg_16.py"}
+MODEL_ARGS = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+              "--overlays", "1", "--val-fraction", "0.25", "--test-fraction", "0.25"]
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------- the run dir
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def build_run_dir(tmp_path_factory, demo_dir: Path) -> Path:
+    """The four scripts on the demo tree, once per session (test_predict.py builds the same dir the same way)."""
+    run_dir = tmp_path_factory.getbasetemp() / "pipeline_run"
+    done = run_dir / ".complete"
+    if done.is_file():
+        return run_dir
+    commands = [[MODEL_SCRIPTS[arch], "--data-dir", str(demo_dir), "--output-dir", str(run_dir), *MODEL_ARGS]
+                for arch in MODEL_ORDER]
+    commands.append(["cancer_class_further.py", "--output-dir", str(run_dir), "--epochs", "5", "--device", "cpu"])
+    for command in commands:
+        finished = run_script(*command)
+        assert finished.returncode == 0, f"{command[0]} failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}"
+    for state in run_dir.glob("training_state_*.pth"):  # --resume state, ~2 GB with VGG-16's optimiser; unused here
+        state.unlink()
+    done.write_text("ok\n")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, demo_dir) -> Path:
+    return build_run_dir(tmp_path_factory, demo_dir)
+
+
+# --------------------------------------------------------------------------------- synthetic heatmap files
+
+
+def synthetic_rows(n: int = 12) -> dict[str, np.ndarray]:
+    patients = np.array([f"14-{1000 + row // 2}" for row in range(n)])  # two images per patient
+    return {"labels": (np.arange(n) // 2 % 2).astype(np.int64),
+            "paths": np.array([f"img_{row:03d}.png" for row in range(n)]), "patients": patients,
+            "magnifications": np.array(["100", "400"] * (n // 2)),
+            "splits": np.array((["train"] * 2 + ["val"] * 2 + ["test"] * 2) * (n // 6))}
+
+
+def write_heatmap_file(path: Path, arch: str, rows: dict[str, np.ndarray], *, drop: tuple[str, ...] = (),
+                       **overrides) -> None:
+    """A heatmap file with every key of HEATMAP_KEYS (minus `drop`), rows as given, values overridable."""
+    side = 14 if arch == "vgg16" else 7
+    rng = np.random.default_rng(len(arch))
+    n = len(rows["paths"])
+    arrays = {"cams": np.maximum(rng.normal(size=(n, side, side)), 0).astype(np.float32),
+              "logits": rng.normal(size=(n, 2)).astype(np.float32), **rows,
+              "arch": np.array(arch), "target_layer": np.array("layer"), "target_class_rule": np.array("predicted"),
+              "split_digest": np.array("digest-of-the-split"), "image_size": np.array(224),
+              "format_version": np.array(HEATMAP_FORMAT_VERSION)}
+    arrays.update(overrides)
+    assert set(HEATMAP_KEYS) <= set(arrays)
+    save_npz(path, **{key: value for key, value in arrays.items() if key not in drop})
+
+
+@pytest.fixture
+def heatmap_dir(tmp_path) -> Path:
+    for arch in MODEL_ORDER:
+        write_heatmap_file(heatmap_path(tmp_path, arch), arch, synthetic_rows())
+    return tmp_path
+
+
+def test_aligned_files_load(heatmap_dir):
+    loaded = load_aligned_heatmaps(heatmap_dir)
+    assert list(loaded) == list(MODEL_ORDER)
+    assert loaded["vgg16"]["cams"].shape == (12, 14, 14) and loaded["resnet50"]["cams"].shape == (12, 7, 7)
+
+
+def permuted(rows: dict, order: np.ndarray) -> dict:
+    return {key: value[order] for key, value in rows.items()}
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "vgg16"])
+@pytest.mark.parametrize("case, key", [("reordered", "paths"), ("relabelled", "labels"),
+                                       ("other split", "splits"), ("other patient", "patients")])
+def test_alignment_names_the_differing_key_and_file(heatmap_dir, arch, case, key):
+    rows = synthetic_rows()
+    if case == "reordered":  # whole rows swapped: every array stays consistent, only the order differs
+        rows = permuted(rows, np.r_[1, 0, np.arange(2, 12)])
+    elif case == "relabelled":
+        rows["labels"][5] = 1 - rows["labels"][5]
+    elif case == "other split":
+        rows["splits"][0] = "val"
+    else:
+        rows["patients"][3] = "14-9999"
+    write_heatmap_file(heatmap_path(heatmap_dir, arch), arch, rows)
+    with pytest.raises(PipelineError) as error:
+        load_aligned_heatmaps(heatmap_dir)
+    message = str(error.value)
+    assert f"'{key}'" in message and f"heatmaps_{arch}.npz" in message
+
+
+def test_alignment_catches_a_different_split_digest(heatmap_dir):
+    write_heatmap_file(heatmap_path(heatmap_dir, "vgg16"), "vgg16", synthetic_rows(),
+                       split_digest=np.array("digest-of-another-split"))
+    with pytest.raises(PipelineError, match=r"heatmaps_vgg16\.npz.*'split_digest'"):
+        load_aligned_heatmaps(heatmap_dir)
+
+
+def test_alignment_catches_a_missing_row(heatmap_dir):
+    write_heatmap_file(heatmap_path(heatmap_dir, "resnet50"), "resnet50", permuted(synthetic_rows(), np.arange(11)))
+    with pytest.raises(PipelineError, match=r"heatmaps_resnet50\.npz has 11 rows.*heatmaps_densenet121\.npz has 12"):
+        load_aligned_heatmaps(heatmap_dir)
+
+
+def test_alignment_catches_a_file_of_another_model(heatmap_dir):
+    write_heatmap_file(heatmap_path(heatmap_dir, "resnet50"), "vgg16", synthetic_rows())
+    with pytest.raises(PipelineError, match=r"heatmaps_resnet50\.npz holds heatmaps of vgg16"):
+        load_aligned_heatmaps(heatmap_dir)
+
+
+@pytest.mark.parametrize("arch", MODEL_ORDER)
+def test_missing_heatmap_file_names_it_and_its_script(heatmap_dir, arch):
+    heatmap_path(heatmap_dir, arch).unlink()
+    with pytest.raises(PipelineError) as error:
+        load_aligned_heatmaps(heatmap_dir)
+    assert str(heatmap_path(heatmap_dir, arch)) in str(error.value)
+    assert SCRIPT_OF[arch] in str(error.value) and SCRIPT_OF[arch] == MODEL_SCRIPTS[arch]
+
+
+@pytest.mark.parametrize("change", [{"drop": ("target_class_rule",)}, {"drop": ("format_version",)},
+                                    {"format_version": np.array(0)}])
+def test_heatmap_file_of_an_older_format_is_refused(heatmap_dir, change):
+    write_heatmap_file(heatmap_path(heatmap_dir, "resnet50"), "resnet50", synthetic_rows(), **change)
+    with pytest.raises(PipelineError, match=r"heatmaps_resnet50\.npz is from an older format"):
+        load_aligned_heatmaps(heatmap_dir)
+    with pytest.raises(PipelineError, match="older format"):
+        load_heatmaps(heatmap_path(heatmap_dir, "resnet50"))
+
+
+def test_unreadable_heatmap_file_is_named(heatmap_dir):
+    heatmap_path(heatmap_dir, "vgg16").write_bytes(b"not a zip file")
+    with pytest.raises(PipelineError, match=r"heatmaps_vgg16\.npz is unreadable"):
+        load_aligned_heatmaps(heatmap_dir)
+
+
+def test_output_dir_without_split_file(heatmap_dir):
+    with pytest.raises(PipelineError, match=r"split\.json is missing"):
+        cancer_class_further.main(["--output-dir", str(heatmap_dir), "--device", "cpu"])
+
+
+def test_script_reports_a_missing_split_file_in_one_line(tmp_path):
+    finished = run_script("cancer_class_further.py", "--output-dir", str(tmp_path), "--device", "cpu")
+    assert finished.returncode == 2
+    assert finished.stderr.strip().startswith("error:") and "split.json" in finished.stderr
+    assert "Traceback" not in finished.stderr and len(finished.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------- features and statistics
+
+
+def test_stack_maps_resizes_to_one_grid():
+    rng = np.random.default_rng(0)
+    cams = {"densenet121": rng.uniform(size=(5, 7, 7)).astype(np.float32),
+            "resnet50": np.full((5, 7, 7), 2.5, np.float32),  # a constant map stays constant
+            "vgg16": rng.uniform(size=(5, 14, 14)).astype(np.float32)}
+    for grid_size in (14, 10, 3):
+        maps = stack_maps(cams, grid_size)
+        assert maps.shape == (5, 3, grid_size, grid_size) and maps.dtype == np.float32
+        np.testing.assert_allclose(maps[:, 1], 2.5, rtol=0, atol=1e-6)
+    maps = stack_maps(cams, 14)
+    np.testing.assert_allclose(maps[:, 2], cams["vgg16"], atol=1e-6)  # same size: unchanged
+    np.testing.assert_allclose(stack_maps(cams, 7)[:, 0], cams["densenet121"], atol=1e-6)
+    assert maps[:, 0].min() >= cams["densenet121"].min() - 1e-6  # bilinear: no overshoot
+    assert maps[:, 0].max() <= cams["densenet121"].max() + 1e-6
+
+
+def test_build_features_shapes():
+    maps = np.zeros((4, 3, 5, 5), np.float32)
+    logits = {arch: np.full((4, 2), index, np.float32) for index, arch in enumerate(MODEL_ORDER)}
+    assert build_features(maps, None).shape == (4, 75)
+    with_logits = build_features(maps, logits)
+    assert with_logits.shape == (4, 81) and with_logits.dtype == np.float32
+    np.testing.assert_array_equal(with_logits[0, 75:], [0, 0, 1, 1, 2, 2])
+
+
+def test_standardizer_uses_the_fit_rows_only():
+    rng = np.random.default_rng(1)
+    features = rng.normal(3.0, 2.0, size=(50, 6)).astype(np.float32)
+    features[:, 5] = 7.0  # constant column: std floored, no division by zero
+    fit_rows = np.arange(0, 30)
+    standardizer = Standardizer.fit(features, fit_rows)
+    np.testing.assert_allclose(standardizer.mean, features[fit_rows].mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(standardizer.std[:5], features[fit_rows, :5].std(axis=0), rtol=1e-6)
+    assert standardizer.std[5] > 0 and np.isfinite(standardizer(features)).all()
+    changed = features.copy()
+    changed[30:] = rng.normal(100.0, 50.0, size=(20, 6))  # the held-out and test rows
+    again = Standardizer.fit(changed, fit_rows)
+    np.testing.assert_array_equal(again.mean, standardizer.mean)
+    np.testing.assert_array_equal(again.std, standardizer.std)
+    scaled = standardizer(features)[fit_rows]
+    np.testing.assert_allclose(scaled[:, :5].mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(scaled[:, :5].std(axis=0), 1, atol=1e-4)
+
+
+def patient_table(n_patients_per_split: dict[str, int], images: int = 3):
+    """Rows of patients, each patient in one split and of one class, alternating classes."""
+    splits, labels, patients = [], [], []
+    for name, count in n_patients_per_split.items():
+        for patient in range(count):
+            splits += [name] * images
+            labels += [patient % 2] * images
+            patients += [f"{name}-{patient}"] * images
+    return np.array(splits), np.array(labels), np.array(patients)
+
+
+@pytest.mark.parametrize("fit_split", ["train", "val"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fit_and_selection_rows_never_touch_test(fit_split, seed):
+    splits, labels, patients = patient_table({"train": 10, "val": 8, "test": 6})
+    fit_rows, select_rows = cancer_class_further.fit_and_selection_rows(splits, labels, patients, fit_split, seed)
+    assert len(fit_rows) and len(select_rows)
+    assert not set(fit_rows) & set(select_rows)
+    assert (splits[fit_rows] != "test").all() and (splits[select_rows] != "test").all()
+    assert (splits[fit_rows] == fit_split).all()
+    if fit_split == "train":
+        assert set(select_rows) == set(np.flatnonzero(splits == "val"))
+        assert set(fit_rows) == set(np.flatnonzero(splits == "train"))
+    else:
+        assert (splits[select_rows] == "val").all()
+        assert set(fit_rows) | set(select_rows) == set(np.flatnonzero(splits == "val"))
+        assert not set(patients[fit_rows]) & set(patients[select_rows])  # patient-disjoint
+        assert set(labels[select_rows]) == {0, 1}  # both classes to pick the epoch on
+
+
+def test_fit_split_val_needs_enough_val_patients():
+    splits, labels, patients = patient_table({"train": 10, "val": 2, "test": 4})
+    with pytest.raises(PipelineError, match="--fit-split val needs"):
+        cancer_class_further.fit_and_selection_rows(splits, labels, patients, "val", 0)
+
+
+# ------------------------------------------------------------------------------------------------ the MLP
+
+
+def hot_spot_maps(labels: np.ndarray, rng: np.random.Generator, side: int = 8) -> np.ndarray:
+    """(N, 3, side, side): malignant maps hot in the centre, benign in the top-left corner, plus noise."""
+    maps = rng.uniform(0, 1.0, size=(len(labels), 3, side, side)).astype(np.float32)
+    centre = slice(side // 2 - 1, side // 2 + 1)
+    for row, label in enumerate(labels):
+        if label:
+            maps[row, :, centre, centre] += 1.0
+        else:
+            maps[row, :, :2, :2] += 1.0
+    return maps
+
+
+@pytest.fixture
+def one_thread():
+    """These MLPs are tiny: with other processes on the 2 cores, a second OpenMP thread makes them ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+MLP_OPTIONS = dict(hidden_sizes=[64, 16], dropout=0.2, epochs=25, batch_size=32, lr=3e-3, weight_decay=1e-4,
+                   optimizer="adamw", seed=0, device=CPU, desc="test MLP")
+
+
+def heldout_accuracy(labels: np.ndarray, features: np.ndarray, fit_rows, select_rows, test_rows) -> float:
+    patients = np.array([f"p{row // 4}" for row in range(len(labels))])
+    features = Standardizer.fit(features, fit_rows)(features)
+    model, history = train_mlp(features, labels, patients, fit_rows, select_rows, **MLP_OPTIONS)
+    assert len(history) == MLP_OPTIONS["epochs"] and any(row.get("best_so_far") for row in history)
+    predictions = mlp_logits(model, features[test_rows], CPU).argmax(axis=1)
+    return float((predictions == labels[test_rows]).mean())
+
+
+def test_mlp_learns_a_separable_heatmap_pattern(one_thread):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 240)
+    features = build_features(hot_spot_maps(labels, rng), None)
+    rows = np.arange(240)
+    assert heldout_accuracy(labels, features, rows[:140], rows[140:180], rows[180:]) >= 0.9
+
+
+def test_mlp_does_not_beat_chance_on_shuffled_labels(one_thread):
+    """Labels independent of the maps: held-out accuracy stays in the chance band (no path to held-out labels)."""
+    rng = np.random.default_rng(1)
+    true_labels = rng.integers(0, 2, 600)
+    features = build_features(hot_spot_maps(true_labels, rng), None)
+    shuffled = rng.permutation(true_labels)
+    rows = np.arange(600)
+    accuracy = heldout_accuracy(shuffled, features, rows[:300], rows[300:400], rows[400:])
+    assert 0.3 <= accuracy <= 0.62  # 200 test rows: chance is 0.5 +- 0.035
+
+
+def test_mlp_training_never_reads_other_rows_labels(one_thread):
+    """Flipping the labels of rows outside fit and selection rows leaves the trained weights bit-identical."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 90)
+    raw = build_features(hot_spot_maps(labels, rng, side=4), None)
+    features = Standardizer.fit(raw, np.arange(50))(raw)
+    patients = np.array([f"p{row // 3}" for row in range(90)])
+    options = {**MLP_OPTIONS, "epochs": 4}
+    fit_rows, select_rows = np.arange(50), np.arange(50, 70)
+    flipped = labels.copy()
+    flipped[70:] = 1 - flipped[70:]
+    first, _ = train_mlp(features, labels, patients, fit_rows, select_rows, **options)
+    second, _ = train_mlp(features, flipped, patients, fit_rows, select_rows, **options)
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+DOCUMENTED_FILES = ["split.json", "final_classifier.pth", "final_classifier_heatmaps_logits.pth", "results.json",
+                    "results.md", "test_predictions.npz"] + [
+    name.format(arch) for arch in MODEL_ORDER for name in ("fine_tuned_{}.pth", "heatmaps_{}.npz",
+                                                           "metrics_{}.json", "train_log_{}.jsonl")]
+
+
+def test_every_documented_output_file_exists(run_dir):
+    missing = [name for name in DOCUMENTED_FILES if not (run_dir / name).is_file()]
+    assert not missing
+    for arch in MODEL_ORDER:
+        assert list((run_dir / "overlays" / arch).glob("*.png")), arch  # --overlays 1
+
+
+@pytest.fixture(scope="module")
+def aligned(run_dir) -> dict:
+    heatmaps = load_aligned_heatmaps(run_dir)
+    reference = heatmaps[MODEL_ORDER[0]]
+    return {"heatmaps": heatmaps, "labels": reference["labels"], "patients": reference["patients"],
+            "magnifications": reference["magnifications"], "splits": reference["splits"],
+            "paths": reference["paths"], "test_rows": np.flatnonzero(reference["splits"] == "test")}
+
+
+@pytest.mark.parametrize("name, features, prediction_key", [
+    ("final_classifier.pth", "heatmaps", "prob_mlp_heatmaps"),
+    ("final_classifier_heatmaps_logits.pth", "heatmaps+logits", "prob_mlp_heatmaps_logits")])
+def test_final_classifier_reproduces_its_test_predictions(run_dir, aligned, name, features, prediction_key):
+    classifier = torch.load(run_dir / name, map_location="cpu", weights_only=True)
+    assert classifier["features"] == features and classifier["fit_split"] == "train"
+    grid_size = classifier["grid_size"]
+    assert classifier["input_shape"] == [3, grid_size, grid_size] and classifier["model_order"] == list(MODEL_ORDER)
+    for arch in MODEL_ORDER:  # sources name the files it was made from, with their hashes
+        source = classifier["sources"][arch]
+        assert source["heatmaps_sha256"] == sha256_of_file(heatmap_path(run_dir, arch))
+        assert source["checkpoint_sha256"] == sha256_of_file(checkpoint_path(run_dir, arch))
+
+    heatmaps = aligned["heatmaps"]
+    maps = stack_maps({arch: heatmaps[arch]["cams"] for arch in MODEL_ORDER}, grid_size)
+    logits = {arch: heatmaps[arch]["logits"] for arch in MODEL_ORDER} if features == "heatmaps+logits" else None
+    raw = build_features(maps, logits)
+    assert raw.shape[1] == classifier["in_features"]
+    # Normalisation statistics are those of the fit split's rows alone.
+    fit_rows = np.flatnonzero(aligned["splits"] == "train")
+    expected = Standardizer.fit(raw, fit_rows)
+    np.testing.assert_allclose(classifier["feature_mean"].numpy(), expected.mean, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(classifier["feature_std"].numpy(), expected.std, rtol=1e-5, atol=1e-7)
+
+    mlp = build_mlp(classifier["in_features"], classifier["hidden_sizes"], classifier["dropout"])
+    mlp.load_state_dict(classifier["model"])
+    mlp.eval()
+    standardized = (raw - classifier["feature_mean"].numpy()) / classifier["feature_std"].numpy()
+    with torch.no_grad():
+        probabilities = softmax(mlp(torch.from_numpy(standardized.astype(np.float32))).numpy())[:, 1]
+    saved = np.load(run_dir / "test_predictions.npz", allow_pickle=False)
+    test_rows = aligned["test_rows"]
+    np.testing.assert_array_equal(saved["paths"], aligned["paths"][test_rows])
+    np.testing.assert_array_equal(saved["labels"], aligned["labels"][test_rows])
+    np.testing.assert_allclose(saved[prediction_key], probabilities[test_rows], rtol=0, atol=1e-5)
+
+
+def assert_same_numbers(saved, expected, where: str = "") -> None:
+    """JSON-read metrics vs freshly computed ones: same keys, numbers equal to float precision."""
+    if isinstance(expected, dict):
+        assert set(saved) == set(map(str, expected)), where
+        for key, value in expected.items():
+            assert_same_numbers(saved[str(key)], value, f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(saved) == len(expected), where
+        for index, (ours, theirs) in enumerate(zip(saved, expected)):
+            assert_same_numbers(ours, theirs, f"{where}[{index}]")
+    elif expected is None:
+        assert saved is None, where
+    else:
+        assert saved == pytest.approx(expected, rel=1e-9, abs=1e-12), where
+
+
+def test_results_table_equals_metrics_of_the_saved_logits(run_dir, aligned):
+    results = json.loads((run_dir / "results.json").read_text())
+    test_rows = aligned["test_rows"]
+    probabilities = {arch: softmax(aligned["heatmaps"][arch]["logits"][test_rows])[:, 1] for arch in MODEL_ORDER}
+    probabilities["soft_vote"] = np.mean([probabilities[arch] for arch in MODEL_ORDER], axis=0)
+    saved = np.load(run_dir / "test_predictions.npz", allow_pickle=False)
+    probabilities["mlp_heatmaps"] = saved["prob_mlp_heatmaps"]  # reproduced from the classifier above
+    probabilities["mlp_heatmaps+logits"] = saved["prob_mlp_heatmaps_logits"]
+    for key in ("densenet121", "resnet50", "vgg16", "soft_vote"):  # the saved file agrees with the logits too
+        np.testing.assert_allclose(saved[f"prob_{key}"], probabilities[key], atol=1e-6)
+    assert set(results["rows"]) == set(probabilities)
+    labels, patients = aligned["labels"][test_rows], aligned["patients"][test_rows]
+    for key, probability in probabilities.items():
+        expected = binary_metrics(labels, probability, patients, aligned["magnifications"][test_rows])
+        assert_same_numbers(results["rows"][key], expected, key)
+    assert results["test_images"] == len(test_rows)
+    assert results["test_patients"] == sorted(set(patients))
+    assert not set(patients) & set(aligned["patients"][aligned["splits"] != "test"])  # patient-level split
+
+    table = metrics_table({results["display_names"][key]: row for key, row in results["rows"].items()})
+    assert table in (run_dir / "results.md").read_text()
+    for name in results["display_names"].values():
+        assert f"| {name} |" in table
+
+
+def test_model_scripts_metrics_match_their_heatmap_files(run_dir, aligned):
+    for arch in MODEL_ORDER:
+        metrics = json.loads((run_dir / f"metrics_{arch}.json").read_text())
+        rows = aligned["test_rows"]
+        expected = binary_metrics(aligned["labels"][rows], softmax(aligned["heatmaps"][arch]["logits"][rows])[:, 1],
+                                  aligned["patients"][rows], aligned["magnifications"][rows])
+        assert_same_numbers(metrics["test"], expected, arch)
+
+
+def test_heatmap_files_follow_the_split_file(run_dir, aligned):
+    split = load_split(run_dir / "split.json")
+    assert list(aligned["paths"]) == [record.path for record in split.records]
+    assert list(aligned["splits"]) == split.splits
+    for arch in MODEL_ORDER:
+        cams = aligned["heatmaps"][arch]["cams"]
+        assert cams.dtype == np.float32 and cams.ndim == 3 and (cams >= 0).all()  # raw, after ReLU
+        assert str(aligned["heatmaps"][arch]["split_digest"]) == split.digest

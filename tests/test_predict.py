@@ -1,0 +1,281 @@
+"""predict.py on a finished run: each CNN's P(malignant) equals a direct forward pass of its saved model, the soft
+vote is their mean, the final MLP agrees with the run's own test predictions; any image size and mode works;
+predictions.csv and one overlay per image; bad inputs stop with a one-line error. Also run_pipeline.py's
+argument check.
+
+The run dir is the one tests/test_further.py builds (the four scripts on the demo tree), made once per session.
+"""
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import predict
+from common.data import load_split
+from common.errors import run_main
+from common.fusion import MODEL_ORDER
+from common.heatmaps import heatmap_path, load_heatmaps
+from common.metrics import softmax
+from common.train import checkpoint_path, load_checkpoint, model_from_checkpoint
+from common.transforms import build_transforms
+from test_further import build_run_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+COLUMNS = list(MODEL_ORDER) + ["soft_vote", "final_mlp"]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def assert_one_line_error(returncode: int, stderr: str, *fragments: str) -> None:
+    assert returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def predict_in_process(argv: list[str], capsys) -> tuple[int, str]:
+    """predict.py's entry point as its __main__ runs it (run_main), without a new interpreter: (status, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: predict.main(argv))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, demo_dir) -> Path:
+    return build_run_dir(tmp_path_factory, demo_dir)
+
+
+@pytest.fixture(scope="module")
+def split(run_dir):
+    return load_split(run_dir / "split.json")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, split) -> dict[str, Path]:
+    """Two test-split demo images, one train image, and new images of other sizes and colour modes."""
+    folder = tmp_path_factory.mktemp("new_images")
+    rng = np.random.default_rng(0)
+    test_rows, train_rows = split.indices("test"), split.indices("train")
+    chosen = {"test_a": split.root / split.records[test_rows[0]].path,
+              "test_b": split.root / split.records[test_rows[-1]].path,
+              "train": split.root / split.records[train_rows[0]].path}
+    Image.fromarray(rng.integers(0, 256, (77, 123, 3), dtype=np.uint8)).save(folder / "odd_size.png")
+    Image.fromarray(rng.integers(0, 256, (90, 60, 4), dtype=np.uint8), "RGBA").save(folder / "rgba.png")
+    Image.fromarray(rng.integers(0, 256, (50, 50), dtype=np.uint8), "L").save(folder / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (40, 300, 3), dtype=np.uint8)).save(folder / "wide.jpg")
+    chosen.update({name: folder / f"{name}.png" for name in ("odd_size", "rgba", "grey")})
+    chosen["wide"] = folder / "wide.jpg"
+    for name in ("rgba", "grey"):  # the same pictures converted to RGB by PIL
+        open_rgb(chosen[name]).save(folder / f"{name}_as_rgb.png")
+        chosen[f"{name}_as_rgb"] = folder / f"{name}_as_rgb.png"
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def predicted(run_dir, images) -> dict:
+    return predict.predict_images(list(images.values()), run_dir, CPU)
+
+
+def open_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def direct_probabilities(run_dir: Path, arch: str, paths: list[Path]) -> np.ndarray:
+    """The trusted reference: the saved model, eval mode, eval transforms, a plain forward, softmax."""
+    checkpoint = load_checkpoint(checkpoint_path(run_dir, arch), arch)
+    model = model_from_checkpoint(checkpoint).eval()
+    transform = build_transforms(train=False, image_size=checkpoint["image_size"])
+    batch = torch.stack([transform(open_rgb(path)) for path in paths])
+    with torch.no_grad():
+        return softmax(model(batch).numpy())[:, 1]
+
+
+def test_probabilities_are_in_unit_interval(predicted, images):
+    probabilities = predicted["probabilities"]
+    assert set(probabilities) == set(COLUMNS)
+    for name in COLUMNS:
+        values = probabilities[name]
+        assert values.shape == (len(images),) and np.isfinite(values).all(), name
+        assert ((values >= 0) & (values <= 1)).all(), name
+
+
+def test_each_cnn_equals_a_direct_forward_pass(run_dir, predicted, images):
+    for arch in MODEL_ORDER:
+        expected = direct_probabilities(run_dir, arch, list(images.values()))
+        np.testing.assert_allclose(predicted["probabilities"][arch], expected, rtol=0, atol=1e-5, err_msg=arch)
+
+
+def test_soft_vote_is_the_mean_of_the_three(predicted):
+    probabilities = predicted["probabilities"]
+    np.testing.assert_allclose(probabilities["soft_vote"], np.mean([probabilities[a] for a in MODEL_ORDER], axis=0),
+                               rtol=0, atol=1e-7)
+
+
+def test_demo_images_match_the_runs_heatmaps_and_test_predictions(run_dir, predicted, images, split):
+    """Predicting an image of the run gives the logits and maps its model scripts exported, and for a test image
+    the final MLP's probability in test_predictions.npz."""
+    names = list(images)
+    row_of = {str(split.root / record.path): row for row, record in enumerate(split.records)}
+    for arch in MODEL_ORDER:
+        exported = load_heatmaps(heatmap_path(run_dir, arch))
+        for name in ("test_a", "test_b", "train"):
+            row, index = row_of[str(images[name])], names.index(name)
+            np.testing.assert_allclose(predicted["logits"][arch][index], exported["logits"][row], atol=1e-4)
+            np.testing.assert_allclose(predicted["cams"][arch][index], exported["cams"][row], rtol=1e-3, atol=1e-5)
+    saved = np.load(run_dir / "test_predictions.npz", allow_pickle=False)
+    saved_paths = list(saved["paths"])
+    for name in ("test_a", "test_b"):
+        saved_row = saved_paths.index(split.records[row_of[str(images[name])]].path)
+        assert predicted["probabilities"]["final_mlp"][names.index(name)] == pytest.approx(
+            float(saved["prob_mlp_heatmaps"][saved_row]), abs=1e-4)
+
+
+def test_image_modes_are_converted_to_rgb(predicted, images):
+    """RGBA and greyscale files predict like their RGB conversion."""
+    names = list(images)
+    for name in ("rgba", "grey"):
+        for column in COLUMNS:
+            values = predicted["probabilities"][column]
+            assert values[names.index(name)] == pytest.approx(values[names.index(f"{name}_as_rgb")], abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def cli_run(run_dir, images, tmp_path_factory) -> dict:
+    """predict.py on one file and one folder (two images at its top, two in a subfolder, one of them with a
+    top-level image's file name, and a text file that is skipped)."""
+    work = tmp_path_factory.mktemp("predict_cli")
+    folder = work / "folder"
+    (folder / "nested").mkdir(parents=True)
+    shutil.copy(images["test_a"], folder / "b_first.png")
+    shutil.copy(images["grey"], folder / "a_grey.png")
+    shutil.copy(images["wide"], folder / "nested" / "wide.jpg")
+    shutil.copy(images["odd_size"], folder / "nested" / "b_first.png")  # same file name as a top-level image
+    (folder / "README.txt").write_text("not an image, and not an image extension: skipped\n")
+    out = work / "out"
+    finished = run_script("predict.py", "--output-dir", str(run_dir), "--out", str(out), "--device", "cpu",
+                          str(images["odd_size"]), str(folder))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    expected_inputs = [images["odd_size"], folder / "a_grey.png", folder / "b_first.png",
+                       folder / "nested" / "b_first.png", folder / "nested" / "wide.jpg"]
+    with open(out / "predictions.csv", newline="", encoding="utf-8") as handle:
+        table = list(csv.reader(handle))
+    return {"finished": finished, "out": out, "table": table, "inputs": expected_inputs}
+
+
+def test_cli_writes_one_csv_row_per_image_with_the_printed_columns(cli_run):
+    header, *rows = cli_run["table"]
+    printed = cli_run["finished"].stdout.splitlines()
+    printed_header = next(line for line in printed if line.startswith("image "))
+    printed_columns = printed_header.split()[1:1 + len(COLUMNS)]
+    assert printed_columns == COLUMNS
+    assert header == ["image"] + [f"p_malignant_{name}" for name in printed_columns] + ["prediction", "overlay"]
+    assert [row[0] for row in rows] == [str(path) for path in cli_run["inputs"]]  # the folder expanded, sorted
+    body = printed[printed.index(printed_header) + 1:][:len(rows)]
+    for row, line in zip(rows, body):
+        values = [float(value) for value in row[1:1 + len(COLUMNS)]]
+        assert all(0 <= value <= 1 for value in values)
+        assert row[1 + len(COLUMNS)] == ("malignant" if values[-1] >= 0.5 else "benign")
+        printed_values = [float(value) for value in line[40:].split()[:len(COLUMNS)]]
+        np.testing.assert_allclose(printed_values, values, atol=5e-4 + 1e-9)
+        assert line.split()[-1] == row[1 + len(COLUMNS)]
+
+
+def test_cli_agrees_with_predict_images(cli_run, predicted, images):
+    """The CSV's numbers are predict_images' for the same pictures (the folder holds copies of `images`)."""
+    _, *rows = cli_run["table"]
+    names = list(images)
+    sources = ["odd_size", "grey", "test_a", "odd_size", "wide"]  # cli_run's inputs, in order
+    for column_index, column in enumerate(COLUMNS):
+        expected = predicted["probabilities"][column][[names.index(source) for source in sources]]
+        np.testing.assert_allclose([float(row[1 + column_index]) for row in rows], expected, rtol=0, atol=2e-6)
+
+
+def test_cli_writes_one_overlay_per_image(cli_run):
+    """Also for two images of the same file name in different folders (they must not overwrite each other)."""
+    _, *rows = cli_run["table"]
+    overlays = [Path(row[-1]) for row in rows]
+    assert len(set(overlays)) == len(rows)
+    assert overlays[2].name == "b_first_gradcam.png" and overlays[3].name == "b_first_2_gradcam.png"
+    assert sorted(cli_run["out"].glob("*.png")) == sorted(overlays)
+    for overlay in overlays:
+        with Image.open(overlay) as image:
+            assert image.mode == "RGB" and image.size == (224 * (len(MODEL_ORDER) + 2), 224)
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+
+
+def test_non_image_file_is_a_one_line_error_naming_it(run_dir, images, tmp_path):
+    """The real command line: exit status 2, `error: ...` naming the file, no traceback, nothing written."""
+    bad = tmp_path / "notes.txt"
+    bad.write_text("plain text\n")
+    finished = run_script("predict.py", "--output-dir", str(run_dir), "--out", str(tmp_path / "out"),
+                          "--device", "cpu", str(images["odd_size"]), str(bad))
+    assert_one_line_error(finished.returncode, finished.stderr, str(bad))
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+def test_image_with_an_image_extension_but_other_content(run_dir, images, tmp_path, capsys):
+    bad = tmp_path / "folder" / "fake.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not really a PNG")
+    status, stderr = predict_in_process(["--output-dir", str(run_dir), "--out", str(tmp_path / "out"),
+                                         "--device", "cpu", str(images["odd_size"]), str(bad.parent)], capsys)
+    assert_one_line_error(status, stderr, str(bad))
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_dir_without_final_classifier(images, tmp_path, capsys):
+    status, stderr = predict_in_process(["--output-dir", str(tmp_path), "--device", "cpu", str(images["odd_size"])],
+                                        capsys)
+    assert_one_line_error(status, stderr, str(tmp_path / "final_classifier.pth"), "cancer_class_further.py")
+
+
+def test_run_dir_without_a_cnn_checkpoint(run_dir, images, tmp_path, capsys):
+    shutil.copy(run_dir / "final_classifier.pth", tmp_path / "final_classifier.pth")
+    status, stderr = predict_in_process(["--output-dir", str(tmp_path), "--device", "cpu", str(images["odd_size"])],
+                                        capsys)
+    assert_one_line_error(status, stderr, str(checkpoint_path(tmp_path, MODEL_ORDER[0])))
+
+
+def test_missing_input_path(run_dir, tmp_path, capsys):
+    missing = tmp_path / "no_such_image.png"
+    status, stderr = predict_in_process(["--output-dir", str(run_dir), "--device", "cpu", str(missing)], capsys)
+    assert_one_line_error(status, stderr, str(missing))
+
+
+def test_folder_without_images(run_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here\n")
+    status, stderr = predict_in_process(["--output-dir", str(run_dir), "--device", "cpu", str(tmp_path / "empty")],
+                                        capsys)
+    assert_one_line_error(status, stderr, "no image files", str(tmp_path / "empty"))
+
+
+# ------------------------------------------------------------------------------------------- run_pipeline.py
+
+
+@pytest.mark.parametrize("arguments", [[], ["--demo", "--data-dir", "somewhere"]])
+def test_run_pipeline_needs_exactly_one_of_demo_and_data_dir(arguments, tmp_path):
+    finished = run_script("run_pipeline.py", *arguments, "--output-dir", str(tmp_path / "run"))
+    assert finished.returncode == 2
+    assert "--demo" in finished.stderr and "--data-dir" in finished.stderr
+    assert "Traceback" not in finished.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
