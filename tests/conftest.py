@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic BreaKHis tree made once per test session (no real data, no downloads)."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,3 +26,20 @@ def demo_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+# Small settings: random init, 32 px, one epoch; val and test a quarter of the patients each (2 per class).
+PIPELINE_ARGS = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                 "--overlays", "1", "--val-fraction", "0.25", "--test-fraction", "0.25"]
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, demo_dir) -> Path:
+    """run_pipeline.py on the demo tree (three model scripts, cancer_class_further.py, the report), once."""
+    run_dir = tmp_path_factory.getbasetemp() / "pipeline_run"
+    finished = subprocess.run([sys.executable, "run_pipeline.py", "--data-dir", str(demo_dir), "--output-dir",
+                               str(run_dir), *PIPELINE_ARGS], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, f"run_pipeline.py failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}"
+    for state in run_dir.glob("training_state_*.pth"):  # --resume state, ~2 GB with VGG-16's optimiser; unused
+        state.unlink()
+    return run_dir

@@ -3,8 +3,9 @@
 the fit rows only, fit/selection rows, map stacking; end to end on a real run of the four scripts on the demo
 tree: the saved classifier reproduces its test predictions and the table's numbers are the saved logits'.
 
-The run dir (three model scripts + further, --weights none, 32 px, 1 epoch) is built once per test session and
-shared with tests/test_predict.py; on 2 CPU cores it takes about two minutes, mostly VGG-16.
+The run dir (run_pipeline.py: three model scripts, further and the report; --weights none, 32 px, 1 epoch) is
+the session fixture `pipeline_run` of conftest.py, shared with tests/test_predict.py; on 2 CPU cores it takes
+about two minutes, mostly VGG-16.
 """
 
 import json
@@ -29,8 +30,6 @@ from common.train import checkpoint_path
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_SCRIPTS = {"densenet121": "cancer_class_densenet_121.py", "resnet50": "cancer_class_resnet_50.py",
                  "vgg16": "cancer_class_vgg_16.py"}
-MODEL_ARGS = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0",
-              "--overlays", "1", "--val-fraction", "0.25", "--test-fraction", "0.25"]
 CPU = torch.device("cpu")
 
 
@@ -41,27 +40,9 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def build_run_dir(tmp_path_factory, demo_dir: Path) -> Path:
-    """The four scripts on the demo tree, once per session (test_predict.py builds the same dir the same way)."""
-    run_dir = tmp_path_factory.getbasetemp() / "pipeline_run"
-    done = run_dir / ".complete"
-    if done.is_file():
-        return run_dir
-    commands = [[MODEL_SCRIPTS[arch], "--data-dir", str(demo_dir), "--output-dir", str(run_dir), *MODEL_ARGS]
-                for arch in MODEL_ORDER]
-    commands.append(["cancer_class_further.py", "--output-dir", str(run_dir), "--epochs", "5", "--device", "cpu"])
-    for command in commands:
-        finished = run_script(*command)
-        assert finished.returncode == 0, f"{command[0]} failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}"
-    for state in run_dir.glob("training_state_*.pth"):  # --resume state, ~2 GB with VGG-16's optimiser; unused here
-        state.unlink()
-    done.write_text("ok\n")
-    return run_dir
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, demo_dir) -> Path:
-    return build_run_dir(tmp_path_factory, demo_dir)
+def run_dir(pipeline_run) -> Path:
+    return pipeline_run
 
 
 # --------------------------------------------------------------------------------- synthetic heatmap files
@@ -344,7 +325,7 @@ def test_mlp_training_never_reads_other_rows_labels(one_thread):
 
 
 DOCUMENTED_FILES = ["split.json", "final_classifier.pth", "final_classifier_heatmaps_logits.pth", "results.json",
-                    "results.md", "test_predictions.npz"] + [
+                    "results.md", "test_predictions.npz", "report/index.html"] + [
     name.format(arch) for arch in MODEL_ORDER for name in ("fine_tuned_{}.pth", "heatmaps_{}.npz",
                                                            "metrics_{}.json", "train_log_{}.jsonl")]
 

@@ -25,7 +25,6 @@ from common.heatmaps import heatmap_path, load_heatmaps
 from common.metrics import softmax
 from common.train import checkpoint_path, load_checkpoint, model_from_checkpoint
 from common.transforms import build_transforms
-from test_further import build_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -54,8 +53,8 @@ def predict_in_process(argv: list[str], capsys) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, demo_dir) -> Path:
-    return build_run_dir(tmp_path_factory, demo_dir)
+def run_dir(pipeline_run) -> Path:
+    return pipeline_run
 
 
 @pytest.fixture(scope="module")

@@ -156,6 +156,10 @@ def parse(index: Path) -> PageParser:
 
 
 def test_html_parses_and_every_link_exists(report):
+    check_html_and_links(report)
+
+
+def check_html_and_links(report: Path) -> None:
     page = parse(report)
     assert page.errors == [] and page.stack == [], (page.errors, page.stack)
     assert any(link.endswith(".png") for link in page.links)
@@ -168,6 +172,10 @@ def test_html_parses_and_every_link_exists(report):
 
 
 def test_comparison_table_equals_results_json(report, run_dir):
+    check_comparison_table(report, run_dir)
+
+
+def check_comparison_table(report: Path, run_dir: Path) -> None:
     results = json.loads((run_dir / "results.json").read_text())
     table = parse(report).tables["comparison"]
     header, rows = table[0], table[1:]
@@ -225,3 +233,11 @@ def test_missing_results_json_names_the_script(run_dir, tmp_path):
     (copy / "results.json").unlink()
     with pytest.raises(PipelineError, match=r"results\.json is missing: run cancer_class_further\.py"):
         build_report(copy)
+
+
+def test_report_of_a_real_pipeline_run(pipeline_run):
+    """The report run_pipeline.py built from a real run (conftest.py): it parses, every link exists, and its
+    comparison table is results.json's."""
+    index = pipeline_run / "report" / "index.html"
+    check_html_and_links(index)
+    check_comparison_table(index, pipeline_run)
