@@ -23,7 +23,7 @@ MODEL_SCRIPTS = ("cancer_class_densenet_121.py", "cancer_class_resnet_50.py", "c
 # signal (128 px source images keep the per-image nucleus counts from being mere noise; lr 1e-3 and several
 # epochs give batch norm enough steps). 8 patients per class so that val holds 2 per class (--fit-split val).
 DEMO_DATA = dict(patients_per_class=8, images_per_patient=4, magnifications=("100", "400"), width=128, height=128)
-DEMO_MODEL_ARGS = ["--weights", "none", "--image-size", "32", "--epochs", "5", "--batch-size", "8",
+DEMO_MODEL_ARGS = ["--weights", "none", "--image-size", "64", "--epochs", "5", "--batch-size", "8",
                    "--lr", "1e-3", "--val-fraction", "0.25", "--test-fraction", "0.25", "--workers", "0",
                    "--overlays", "4"]
 
