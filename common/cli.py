@@ -69,9 +69,14 @@ def parse_args(*, arch: str, description: str, argv: list[str] | None = None, **
     args = parser.parse_args(argv)
     if not 0 < args.val_fraction < 1 or not 0 < args.test_fraction < 1 or args.val_fraction + args.test_fraction >= 1:
         parser.error("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
-    for option in ("epochs", "batch_size", "image_size"):
-        if getattr(args, option) < 1:
+    for option in ("epochs", "batch_size", "image_size", "max_images"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
+    for option in ("workers", "overlays", "weight_decay"):
+        if getattr(args, option) < 0:
+            parser.error(f"--{option.replace('_', '-')} must not be negative")
+    if args.lr <= 0:
+        parser.error("--lr must be positive")
     if args.image_size < 32:
         parser.error("--image-size must be at least 32 (the networks downsample by 32)")
     if args.fold_file and args.split == "image":

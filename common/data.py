@@ -133,30 +133,33 @@ def _parse_label(value: str, where: str) -> int:
 
 def _index_manifest(manifest: Path) -> IndexedDataset:
     root = manifest.parent
-    with open(manifest, newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheets write a BOM
-        reader = csv.DictReader(handle)
-        missing = {"path", "label"} - set(reader.fieldnames or [])
-        if missing:
-            raise PipelineError(f"manifest {manifest} lacks the column(s) {', '.join(sorted(missing))}")
-        records = []
-        for line_number, row in enumerate(reader, start=2):
-            where = f"manifest {manifest} line {line_number}"
-            if not row.get("path") or row.get("label") is None:
-                raise PipelineError(f"{where}: the row lacks a path or a label")
-            image_path = Path(row["path"])
-            if not image_path.is_absolute():
-                image_path = root / image_path
-            if not image_path.is_file():
-                raise PipelineError(f"{where}: image {image_path} does not exist")
-            relative = os.path.relpath(image_path, root).replace(os.sep, "/")
-            magnification = (row.get("magnification") or "").strip().upper().removesuffix("X")
-            records.append(Record(
-                path=relative,
-                label=_parse_label(row["label"], where),
-                subtype=(row.get("subtype") or "").strip(),
-                patient=(row.get("patient") or "").strip() or f"image:{relative}",
-                magnification=magnification,
-            ))
+    try:  # -sig: spreadsheets write a byte-order mark
+        lines = manifest.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise PipelineError(f"manifest {manifest} is not UTF-8 text ({error.reason})") from None
+    reader = csv.DictReader(lines)
+    missing = {"path", "label"} - set(reader.fieldnames or [])
+    if missing:
+        raise PipelineError(f"manifest {manifest} lacks the column(s) {', '.join(sorted(missing))}")
+    records = []
+    for line_number, row in enumerate(reader, start=2):
+        where = f"manifest {manifest} line {line_number}"
+        if not row.get("path") or row.get("label") is None:
+            raise PipelineError(f"{where}: the row lacks a path or a label")
+        image_path = Path(row["path"])
+        if not image_path.is_absolute():
+            image_path = root / image_path
+        if not image_path.is_file():
+            raise PipelineError(f"{where}: image {image_path} does not exist")
+        relative = os.path.relpath(image_path, root).replace(os.sep, "/")
+        magnification = (row.get("magnification") or "").strip().upper().removesuffix("X")
+        records.append(Record(
+            path=relative,
+            label=_parse_label(row["label"], where),
+            subtype=(row.get("subtype") or "").strip(),
+            patient=(row.get("patient") or "").strip() or f"image:{relative}",
+            magnification=magnification,
+        ))
     return IndexedDataset(root, "manifest", sorted(records, key=lambda r: r.path), [])
 
 
@@ -266,7 +269,11 @@ def read_fold_file(fold_file: str | os.PathLike) -> dict[str, str]:
     if not fold_file.is_file():
         raise PipelineError(f"--fold-file {fold_file} does not exist")
     assignment = {}
-    for line_number, line in enumerate(fold_file.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = fold_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise PipelineError(f"--fold-file {fold_file} is not UTF-8 text ({error.reason})") from None
+    for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         fields = line.strip().split("|")
@@ -319,6 +326,8 @@ def describe_protocol(protocol: dict) -> str:
     """One line naming the split protocol, printed with every reported number."""
     mag = protocol["magnification"]
     where = "all magnifications" if mag == "all" else f"{mag}X"
+    if protocol.get("max_images"):
+        where += f", subsampled to at most {protocol['max_images']} images (--max-images)"
     if protocol["method"] == "fold":
         return f"official fold {Path(protocol['fold_file']).name} (val patients from its train side), {where}"
     kind = "patient-level" if protocol["method"] == "patient" else "IMAGE-level (patients leak across splits)"
@@ -421,4 +430,4 @@ def subsample_split(split: Split, max_images: int, seed: int) -> Split:
                 keep.extend(rng.choice(members, size=min(count, len(members)), replace=False).tolist())
     keep.sort()  # the split file's order
     records, splits = [split.records[i] for i in keep], [split.splits[i] for i in keep]
-    return Split(split.root, records, splits, split.protocol, split.digest)
+    return Split(split.root, records, splits, {**split.protocol, "max_images": max_images}, split.digest)

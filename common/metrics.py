@@ -95,6 +95,12 @@ def binary_metrics(labels, prob_malignant, patients, magnifications=None, thresh
     return metrics
 
 
+def selection_score(metrics: dict) -> tuple[float, float]:
+    """Model selection on held-out rows: balanced accuracy (accuracy when one class is absent), then lower loss."""
+    balanced = metrics["balanced_accuracy"]
+    return (metrics["accuracy"] if balanced is None else balanced, -metrics["loss"])
+
+
 def _cell(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 

@@ -89,16 +89,22 @@ def _replace_head(model: nn.Module, spec: ArchSpec) -> None:
 _DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
-def _read_weights_file(path: Path, spec: ArchSpec) -> dict[str, torch.Tensor]:
+def _read_weights_file(path: Path, spec: ArchSpec, split_digest: str | None) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise PipelineError(f"--weights {path}: no such file (choose imagenet, none, or a local state_dict file)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a bad file; all mean the same to the user
         raise PipelineError(f"--weights {path}: not a readable PyTorch state_dict ({type(error).__name__})") from None
-    if isinstance(state, dict) and "model" in state and "arch" in state:  # one of our own checkpoints
+    if not isinstance(state, dict):
+        raise PipelineError(f"--weights {path} holds a {type(state).__name__}, not a state_dict")
+    if "model" in state and "arch" in state:  # one of our own checkpoints
         if state["arch"] != spec.name:
             raise PipelineError(f"--weights {path} is a {state['arch']} checkpoint, not {spec.name}")
+        if split_digest is not None and state.get("split_digest") != split_digest:
+            # Its training images may include this split's test patients.
+            raise PipelineError(f"--weights {path} was fine-tuned on another split than this run's; its training "
+                                "patients may be this split's test patients. Use ImageNet weights")
         state = state["model"]
     if spec.name == "densenet121":
         state = {_DENSENET_OLD_KEY.sub(r"\1\2", key): value for key, value in state.items()}
@@ -116,11 +122,12 @@ def _load_into(model: nn.Module, state: dict, path: Path, spec: ArchSpec) -> Non
             "(is it the state_dict of another architecture?)") from None
 
 
-def build_model(arch: str, weights: str) -> nn.Module:
+def build_model(arch: str, weights: str, *, split_digest: str | None = None) -> nn.Module:
     """The stock torchvision model with a 2-class head; weights 'imagenet' (download), 'none' or a local file.
 
     A local file may hold an ImageNet state_dict (1000-class head: loaded before the head is replaced, e.g. the
-    file torchvision downloads to ~/.cache/torch/hub/checkpoints) or one of our fine_tuned_<arch>.pth.
+    file torchvision downloads to ~/.cache/torch/hub/checkpoints) or one of our fine_tuned_<arch>.pth, which is
+    accepted only when it was trained on the split with `split_digest` (else it may have seen test patients).
     """
     spec = ARCHS[arch]
     if weights == "none":
@@ -138,7 +145,7 @@ def build_model(arch: str, weights: str) -> nn.Module:
         _replace_head(model, spec)
         return model
     path = Path(weights).expanduser()
-    state = _read_weights_file(path, spec)
+    state = _read_weights_file(path, spec, split_digest)
     model = spec.build(weights=None)
     head_weight = state.get(f"{spec.head_attr}.weight")
     if head_weight is not None and head_weight.shape[0] != NUM_CLASSES:  # an ImageNet file: load, then replace

@@ -29,7 +29,7 @@ from common.dataset import build_cache, make_batches
 from common.errors import PipelineError
 from common.fileio import save_torch, write_json
 from common.heatmaps import export_heatmaps, heatmap_path, load_heatmaps, save_overlays
-from common.metrics import binary_metrics, metrics_table, softmax
+from common.metrics import binary_metrics, metrics_table, selection_score, softmax
 from common.models import ARCHS, build_model
 from common.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -98,7 +98,7 @@ def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     """bf16 on GPUs that have it (no loss scaling needed), else fp16 with a GradScaler; none off CUDA."""
     if not enabled or device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def class_weights(split: Split, mode: str, device: torch.device) -> torch.Tensor | None:
@@ -174,11 +174,6 @@ def evaluate(model, batches, split: Split, *, runtime: Runtime, amp_dtype, chann
     return {"loss": loss, **metrics}
 
 
-def selection_score(val_metrics: dict) -> tuple[float, float]:
-    balanced = val_metrics["balanced_accuracy"]
-    return (val_metrics["accuracy"] if balanced is None else balanced, -val_metrics["loss"])
-
-
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -217,7 +212,7 @@ def load_checkpoint(path: Path, arch: str | None = None, *, made_by: str = "its 
     if not Path(path).is_file():
         raise PipelineError(f"checkpoint {path} does not exist; run {made_by} first")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: read lazily
     except Exception as error:  # a truncated or foreign file raises one of many types
         # torch's messages can span lines (and suggest weights_only=False): keep the first sentence, one line.
         reason = (str(error).strip().splitlines() or [""])[0].split(". ")[0]
@@ -239,24 +234,44 @@ def model_from_checkpoint(checkpoint: dict) -> nn.Module:
 # ------------------------------------------------------------------------------------------------- fit
 
 
-def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    device_type = next(model.parameters()).device.type
+def make_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam or AdamW over every parameter (the model must already be on its device)."""
+    optimizer_class = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
     # The fused kernel updates all parameters in one call: ~5x less optimizer time per step than the
     # per-tensor loop on a CPU (bench/README.md), and fewer kernel launches on a GPU.
-    fused = device_type in ("cuda", "cpu")
-    return optimizer_class(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused or None)
+    fused = next(model.parameters()).device.type in ("cuda", "cpu")
+    return optimizer_class(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def restore_training_state(path: Path, model, optimizer, scheduler, scaler) -> dict:
+def resume_training(path: Path, model, optimizer, scheduler, scaler, *, args: argparse.Namespace,
+                    split: Split) -> tuple[int, tuple | None]:
+    """Restore the last completed epoch; returns (epochs done, best selection score so far)."""
     if not path.is_file():
         raise PipelineError(f"--resume: no training state {path} to resume from (start without --resume)")
     state = load_checkpoint(path)
+    # A state trained on another split may have learned from this split's test patients.
+    if state.get("split_digest") != split.digest or state.get("image_size") != args.image_size:
+        raise PipelineError(f"--resume: {path} was trained on another split or image size than this run's "
+                            "(split.json, --image-size, --max-images); start without --resume")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    return state
+    if state["scaler"]:  # empty when the run that saved it did not use fp16 loss scaling
+        scaler.load_state_dict(state["scaler"])
+    start_epoch = state["epoch"]
+    if scheduler.T_max != args.epochs:  # --epochs changed: go on along the new cosine (the old one ends at lr 0)
+        scheduler.T_max = args.epochs
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = scheduler.eta_min + (base_lr - scheduler.eta_min) * (
+                1 + math.cos(math.pi * start_epoch / args.epochs)) / 2
+    return start_epoch, tuple(state["best_score"]) if state["best_score"] else None
+
+
+def sync_buffers(model: nn.Module, runtime: Runtime) -> None:
+    """Give every rank rank 0's batch-norm statistics, so val metrics describe the model rank 0 saves."""
+    if runtime.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def log_epoch(log_path: Path, row: dict) -> None:
@@ -270,45 +285,43 @@ def fit(model: nn.Module, args: argparse.Namespace, split: Split, runtime: Runti
     channels_last = device.type == "cuda"
     amp_dtype = autocast_dtype(device, args.amp)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    optimizer = make_optimizer(model, args)
+    optimizer = make_optimizer(model, name=args.optimizer, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch, best_score = 0, None
     if args.resume:
-        state = restore_training_state(state_path(output_dir, args.arch), model, optimizer, scheduler, scaler)
-        start_epoch, best_score = state["epoch"], tuple(state["best_score"]) if state["best_score"] else None
-        if scheduler.T_max != args.epochs:  # --epochs changed: go on along the new cosine (the old one ends at lr 0)
-            scheduler.T_max = args.epochs
-            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-                group["lr"] = scheduler.eta_min + (base_lr - scheduler.eta_min) * (
-                    1 + math.cos(math.pi * start_epoch / args.epochs)) / 2
+        start_epoch, best_score = resume_training(state_path(output_dir, args.arch), model, optimizer, scheduler,
+                                                  scaler, args=args, split=split)
         if runtime.is_main:
             print(f"resuming {args.arch} after epoch {start_epoch} of {args.epochs}")
     trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if runtime.distributed else model
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(split, args.class_weights, device))
-    common = dict(image_size=args.image_size, batch_size=args.batch_size, workers=args.workers, device=device,
-                  seed=args.seed, cache=cache, rank=runtime.rank, world_size=runtime.world_size)
-    train_batches = make_batches(split.root, split.records, split.indices("train"), train=True, **common)
-    val_batches = make_batches(split.root, split.records, split.indices("val"), train=False, **common)
+    batch_options = dict(image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,
+                         device=device, seed=args.seed, cache=cache, rank=runtime.rank, world_size=runtime.world_size)
+    train_batches = make_batches(split.root, split.records, split.indices("train"), train=True, **batch_options)
+    val_batches = make_batches(split.root, split.records, split.indices("val"), train=False, **batch_options)
     for epoch in range(start_epoch, args.epochs):
         started = time.perf_counter()
         train_metrics = train_one_epoch(trained, train_batches, optimizer, loss_fn, epoch=epoch, runtime=runtime,
                                         amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last)
         train_seconds = time.perf_counter() - started
+        sync_buffers(model, runtime)
         val_metrics = evaluate(model, val_batches, split, runtime=runtime, amp_dtype=amp_dtype,
                                channels_last=channels_last)
         scheduler.step()
         score = selection_score(val_metrics)
         improved = best_score is None or score > best_score
-        best_score = max(score, best_score) if best_score else score
+        if improved:
+            best_score = score
         if runtime.is_main:
             report_epoch(args, epoch, train_metrics, val_metrics, train_seconds, len(split.indices("train")), improved)
             if improved:
                 save_best_checkpoint(model, args, split, epoch=epoch + 1, val_metrics=val_metrics)
             save_torch({"model": model.state_dict(), "arch": args.arch, "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                        "best_score": list(best_score)}, state_path(output_dir, args.arch))
+                        "best_score": list(best_score), "split_digest": split.digest,
+                        "image_size": args.image_size}, state_path(output_dir, args.arch))
         runtime.barrier()
 
 
@@ -376,18 +389,18 @@ def run_model_script(*, arch: str, description: str, argv: list[str] | None = No
         seed_everything(args.seed)
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        if runtime.is_main:  # the first script to run writes the split; the others (and other ranks) read it
-            split = prepare_split(args.data_dir, output_dir, split_protocol(args))
-        runtime.barrier()
-        if not runtime.is_main:
-            split = prepare_split(args.data_dir, output_dir, split_protocol(args))
+        # The first script to run writes the split; the others (and the other ranks) read it.
+        split = main_rank_first(runtime, lambda: prepare_split(args.data_dir, output_dir, split_protocol(args)))
         if args.max_images:
             split = subsample_split(split, args.max_images, args.seed)
         if runtime.is_main:
             print(f"split protocol: {describe_protocol(split.protocol)}\n{summarize_split(split)}")
+        if args.heatmaps_only:  # the maps must be made at the size the checkpoint was trained at
+            args.image_size = load_checkpoint(checkpoint_path(output_dir, arch), arch)["image_size"]
         cache = prepare_cache(args, split, runtime)
         if not args.heatmaps_only:
-            model = build_model(arch, args.weights)
+            # Rank 0 first: an ImageNet download happens once, the other ranks read torchvision's cached file.
+            model = main_rank_first(runtime, lambda: build_model(arch, args.weights, split_digest=split.digest))
             fit(model, args, split, runtime, cache)
         if runtime.is_main:
             print_results(export_and_report(args, split, runtime, cache))
@@ -397,16 +410,20 @@ def run_model_script(*, arch: str, description: str, argv: list[str] | None = No
             dist.destroy_process_group()
 
 
+def main_rank_first(runtime: Runtime, make):
+    """`make()` on rank 0, then on the other ranks: files rank 0 writes (split, cache, downloads) are reused."""
+    if runtime.is_main:
+        result = make()
+    runtime.barrier()
+    if not runtime.is_main:
+        result = make()
+    return result
+
+
 def prepare_cache(args: argparse.Namespace, split: Split, runtime: Runtime):
-    """The decoded-image cache, or None for the plain path; rank 0 builds a disk cache, the others reuse it."""
+    """The decoded-image cache, or None for the plain path."""
     if args.cache == "none":
         return None
-    options = dict(image_size=args.image_size, mode=args.cache, cache_dir=Path(args.output_dir) / "cache",
-                   workers=args.workers)
-    if args.cache == "disk" and runtime.distributed and not runtime.is_main:
-        runtime.barrier()
-        return build_cache(split.root, split.records, **options)
-    cache = build_cache(split.root, split.records, **options)
-    if args.cache == "disk":
-        runtime.barrier()
-    return cache
+    return main_rank_first(runtime, lambda: build_cache(
+        split.root, split.records, image_size=args.image_size, mode=args.cache,
+        cache_dir=Path(args.output_dir) / "cache", workers=args.workers))

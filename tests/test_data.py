@@ -19,6 +19,7 @@ from PIL import Image
 
 from common.cli import parse_args, split_protocol
 from common.data import (
+    describe_protocol,
     Record,
     filter_magnification,
     index_dataset,
@@ -565,3 +566,13 @@ def test_train_transform_shape(demo_dir):
     torch.manual_seed(0)
     tensor = build_transforms(train=True, image_size=32)(image)
     assert tensor.shape == (3, 32, 32) and torch.isfinite(tensor).all()
+
+
+def test_protocol_line_names_a_subsample_and_options_are_checked():
+    protocol = {"method": "patient", "fold_file": None, "val_fraction": 0.1, "test_fraction": 0.2, "seed": 0,
+                "magnification": "all"}
+    assert "max-images" not in describe_protocol(protocol)
+    assert "subsampled to at most 200 images (--max-images)" in describe_protocol({**protocol, "max_images": 200})
+    for bad in (["--max-images", "0"], ["--workers", "-1"], ["--lr", "0"], ["--overlays", "-2"]):
+        with pytest.raises(SystemExit):
+            parse_args(arch="resnet50", description="x", argv=["--data-dir", "d", *bad])

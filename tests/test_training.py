@@ -189,6 +189,10 @@ def test_heatmaps_only_rewrites_heatmaps_without_training(shared_run, demo_dir):
     np.testing.assert_allclose(after["logits"], before["logits"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(after["cams"], before["cams"], rtol=1e-5, atol=1e-6)
     assert (out / "metrics_resnet50.json").is_file()
+    # Another --image-size: the maps are still made at the size the checkpoint was trained at.
+    run_script("resnet50", demo_dir, out, "--heatmaps-only", "--image-size", "64", "--overlays", "0")
+    resized = load_npz(out / "heatmaps_resnet50.npz")
+    assert int(resized["image_size"]) == 32 and resized["cams"].shape == before["cams"].shape
 
 
 # ------------------------------------------------------------------------------- resume and bad inputs
@@ -208,6 +212,13 @@ def test_resume_continues_at_the_next_epoch(demo_dir, tmp_path):
     key = "features.conv0.weight"
     assert not torch.equal(after_one["model"][key], after_two["model"][key])
     assert load_checkpoint(tmp_path / "fine_tuned_densenet121.pth")["epoch"] in (1, 2)
+    # A training state from another split may have learned this split's test patients: refused.
+    after_two["split_digest"] = "0" * 64
+    torch.save(after_two, tmp_path / "training_state_densenet121.pth")
+    result = run_script("densenet121", demo_dir, tmp_path, "--overlays", "0", "--epochs", "3", "--resume",
+                        expect_ok=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "another split" in result.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("corruption", ["garbage", "truncated"])
@@ -255,6 +266,13 @@ def test_weights_of_another_architecture_are_a_clear_error(demo_dir, tmp_path, s
     result = run_script("resnet50", demo_dir, tmp_path / "out2", "--weights", str(ours), expect_ok=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "densenet121 checkpoint, not resnet50" in result.stderr.strip().splitlines()[-1]
+    # Our own resnet50 checkpoint, fine-tuned on another split (seed 3 puts other patients in test): refused.
+    ours = shared_run["out"] / "fine_tuned_resnet50.pth"
+    result = run_script("resnet50", demo_dir, tmp_path / "out3", "--weights", str(ours), "--seed", "3",
+                        expect_ok=False)
+    assert json.loads((tmp_path / "out3" / "split.json").read_text())["digest"] != load_checkpoint(ours)["split_digest"]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "another split" in result.stderr.strip().splitlines()[-1]
 
 
 # ------------------------------------------------------------------------------------------- torchrun
