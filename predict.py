@@ -17,18 +17,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.cam import grad_cam, scale_for_display
+from common.cam import grad_cam
 from common.data import IMAGE_EXTENSIONS
 from common.dataset import load_rgb
 from common.errors import PipelineError, run_main
-from common.fileio import write_text
-from common.fusion import MODEL_ORDER, build_features, build_mlp, stack_maps
-from common.heatmaps import colorize
+from common.fileio import atomic_path, sha256_of_file, write_text
+from common.fusion import (MODEL_ORDER, Standardizer, build_features, build_mlp, malignant_probabilities,
+                           mlp_logits, stack_maps)
+from common.heatmaps import blend, colorize, combined_map, jet
 from common.metrics import softmax
 from common.train import checkpoint_path, load_checkpoint, model_from_checkpoint, pick_device
 from common.transforms import build_transforms, resize_image
 
 BATCH_SIZE = 16
+OVERLAY_SIZE = 224  # pixels per panel of the overlay strip
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -53,46 +55,53 @@ def load_classifier(output_dir: Path) -> tuple[torch.nn.Module, dict]:
     return mlp.eval(), classifier
 
 
-def predict_images(image_paths: list[Path], output_dir: Path, device: torch.device) -> dict[str, np.ndarray]:
-    """Per image: each CNN's logits and raw maps, and P(malignant) of each CNN, the soft vote and the MLP."""
+def load_cnns(output_dir: Path, classifier: dict, device: torch.device) -> dict[str, tuple[torch.nn.Module, int]]:
+    """Each CNN (with its input size), checked to be the very checkpoint the final MLP was trained on."""
+    models = {}
+    for arch in MODEL_ORDER:
+        path = checkpoint_path(output_dir, arch)
+        checkpoint = load_checkpoint(path, arch)
+        expected = classifier["sources"][arch]["checkpoint_sha256"]
+        if expected is not None and sha256_of_file(path) != expected:
+            raise PipelineError(f"{path} changed after final_classifier.pth was trained on its heatmaps; rerun "
+                                f"cancer_class_further.py --output-dir {output_dir}")
+        models[arch] = (model_from_checkpoint(checkpoint).to(device), checkpoint["image_size"])
+    return models
+
+
+def predict_images(image_paths: list[Path], output_dir: Path, device: torch.device) -> dict:
+    """Per image: each CNN's logits and raw maps, P(malignant) of each CNN, the soft vote and the final MLP,
+    and a 224 px copy of the image for its overlay. Images are decoded a batch at a time (flat memory)."""
     mlp, classifier = load_classifier(output_dir)
-    rule = classifier["target_class_rule"]
-    images = [load_rgb(path) for path in image_paths]  # every file is checked before any model runs
-    results = {"logits": {}, "cams": {}}
-    for arch in MODEL_ORDER:
-        checkpoint = load_checkpoint(checkpoint_path(output_dir, arch), arch)
-        model = model_from_checkpoint(checkpoint).to(device)
-        transform = build_transforms(train=False, image_size=checkpoint["image_size"])
-        logits, cams = [], []
-        for start in range(0, len(images), BATCH_SIZE):
-            batch = torch.stack([transform(image) for image in images[start:start + BATCH_SIZE]]).to(device)
-            batch_cams, batch_logits = grad_cam(model, arch, batch, target=rule)
-            cams.append(batch_cams.cpu().numpy())
-            logits.append(batch_logits.cpu().numpy())
-        results["logits"][arch], results["cams"][arch] = np.concatenate(logits), np.concatenate(cams)
-    probabilities = {arch: softmax(results["logits"][arch])[:, 1] for arch in MODEL_ORDER}
-    probabilities["soft_vote"] = np.mean([probabilities[arch] for arch in MODEL_ORDER], axis=0)
-    maps = stack_maps(results["cams"], classifier["grid_size"])
-    features = build_features(maps, results["logits"] if classifier["features"] == "heatmaps+logits" else None)
-    features = (features - classifier["feature_mean"].numpy()) / classifier["feature_std"].numpy()
-    with torch.no_grad():
-        mlp_logits = mlp.to(device)(torch.from_numpy(features.astype(np.float32)).to(device)).cpu().numpy()
-    probabilities["final_mlp"] = softmax(mlp_logits)[:, 1]
-    results["probabilities"] = probabilities
-    results["images"], results["grid_size"] = images, classifier["grid_size"]
-    return results
+    models = load_cnns(output_dir, classifier, device)
+    standardize = Standardizer(classifier["feature_mean"].numpy(), classifier["feature_std"].numpy())
+    logits = {arch: [] for arch in MODEL_ORDER}
+    cams = {arch: [] for arch in MODEL_ORDER}
+    thumbnails = []
+    for start in range(0, len(image_paths), BATCH_SIZE):
+        images = [load_rgb(path) for path in image_paths[start:start + BATCH_SIZE]]
+        thumbnails += [resize_image(image, OVERLAY_SIZE) for image in images]
+        for arch, (model, image_size) in models.items():
+            transform = build_transforms(train=False, image_size=image_size)
+            batch = torch.stack([transform(image) for image in images]).to(device)
+            batch_cams, batch_logits = grad_cam(model, arch, batch, target=classifier["target_class_rule"])
+            cams[arch].append(batch_cams.cpu().numpy())
+            logits[arch].append(batch_logits.cpu().numpy())
+    logits = {arch: np.concatenate(parts) for arch, parts in logits.items()}
+    cams = {arch: np.concatenate(parts) for arch, parts in cams.items()}
+    maps = stack_maps(cams, classifier["grid_size"])
+    features = standardize(build_features(maps, logits if classifier["features"] == "heatmaps+logits" else None))
+    probabilities = malignant_probabilities(logits)
+    probabilities["final_mlp"] = softmax(mlp_logits(mlp.to(device), features, device))[:, 1]
+    return {"logits": logits, "cams": cams, "probabilities": probabilities, "images": thumbnails}
 
 
-def overlay_strip(image: Image.Image, cams: dict[str, np.ndarray], *, grid_size: int, size: int = 224) -> Image.Image:
-    """Image | each model's Grad-CAM blended over it | the combined (mean display-scaled) map."""
-    base = np.asarray(resize_image(image, size), dtype=np.float32)
-    panels = [base]
-    for arch in MODEL_ORDER:
-        panels.append(0.55 * base + 0.45 * colorize(cams[arch], (size, size)))
-    maps = stack_maps({arch: cams[arch][None] for arch in MODEL_ORDER}, grid_size)[0]  # (3, S, S)
-    combined = scale_for_display(maps).mean(axis=0)
-    panels.append(0.55 * base + 0.45 * colorize(combined, (size, size)))
-    return Image.fromarray(np.concatenate(panels, axis=1).astype(np.uint8))
+def overlay_strip(image: Image.Image, cams: dict[str, np.ndarray]) -> Image.Image:
+    """Image | each model's Grad-CAM blended over it | the combined map (mean of the display-scaled maps)."""
+    size = image.size
+    panels = [image] + [blend(image, colorize(cams[arch], size)) for arch in MODEL_ORDER]
+    panels.append(blend(image, jet(combined_map([cams[arch] for arch in MODEL_ORDER], size))))
+    return Image.fromarray(np.concatenate([np.asarray(panel) for panel in panels], axis=1))
 
 
 def overlay_names(image_paths: list[Path]) -> list[str]:
@@ -129,7 +138,8 @@ def main(argv=None) -> None:
     for row, (path, overlay_name) in enumerate(zip(image_paths, overlay_names(image_paths))):
         overlay = out_dir / overlay_name
         row_cams = {arch: results["cams"][arch][row] for arch in MODEL_ORDER}
-        overlay_strip(results["images"][row], row_cams, grid_size=results["grid_size"]).save(overlay)
+        with atomic_path(overlay, suffix=".png") as temp_path:
+            overlay_strip(results["images"][row], row_cams).save(temp_path, format="PNG")
         verdict = "malignant" if probabilities["final_mlp"][row] >= 0.5 else "benign"
         values = [probabilities[name][row] for name in columns]
         print(f"{path.name[-40:]:<40} " + " ".join(f"{value:>12.3f}" for value in values) + f"  {verdict}")

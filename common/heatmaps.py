@@ -23,11 +23,12 @@ from common.cam import grad_cam, scale_for_display
 from common.data import Split
 from common.dataset import load_rgb, make_batches
 from common.errors import PipelineError
-from common.fileio import save_npz
+from common.fileio import atomic_path, save_npz
 from common.models import ARCHS, cam_shape
 from common.transforms import resize_image
 
 HEATMAP_FORMAT_VERSION = 1
+OVERLAY_ALPHA = 0.45  # weight of the colour map in an overlay
 HEATMAP_KEYS = ("cams", "logits", "labels", "paths", "patients", "magnifications", "splits", "arch",
                 "target_layer", "target_class_rule", "split_digest", "image_size", "format_version")
 
@@ -79,8 +80,9 @@ def load_heatmaps(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as content:
             arrays = {key: content[key] for key in content.files}
-    except (OSError, ValueError) as error:
-        raise PipelineError(f"heatmap file {path} is unreadable ({error})") from None
+    except Exception as error:  # a truncated zip, a bad header, a pickled array: all mean "regenerate it"
+        raise PipelineError(f"heatmap file {path} is unreadable ({type(error).__name__}: {error}); "
+                            "regenerate it with --heatmaps-only") from None
     missing = [key for key in HEATMAP_KEYS if key not in arrays]
     if missing or int(arrays["format_version"]) != HEATMAP_FORMAT_VERSION:
         raise PipelineError(f"heatmap file {path} is from an older format (missing {missing or 'nothing'}, version "
@@ -88,18 +90,38 @@ def load_heatmaps(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def colorize(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Display-scaled map, upsampled bilinearly to `size` (width, height), as a (H, W, 3) uint8 jet image."""
+def display_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) in [0, 1]: the map min-max scaled (display only) and upsampled bilinearly to size (width, height)."""
     scaled = Image.fromarray(scale_for_display(cam)).resize(size, Image.Resampling.BILINEAR)
-    return (colormaps["jet"](np.asarray(scaled).clip(0, 1))[..., :3] * 255).astype(np.uint8)
+    return np.asarray(scaled).clip(0, 1)
 
 
-def overlay_panel(image: Image.Image, cam: np.ndarray, *, alpha: float = 0.45) -> Image.Image:
-    """Image | heatmap | blend, side by side."""
+def combined_map(cams: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    """(H, W) in [0, 1]: the mean of the models' display maps, each scaled on its own (raw magnitudes differ)."""
+    return np.mean([display_map(cam, size) for cam in cams], axis=0)
+
+
+def jet(unit_map: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1] -> (H, W, 3) uint8 in the jet colour map (red = high)."""
+    return (colormaps["jet"](unit_map)[..., :3] * 255).astype(np.uint8)
+
+
+def colorize(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One raw map as a (H, W, 3) uint8 jet image of `size` (width, height)."""
+    return jet(display_map(cam, size))
+
+
+def blend(image: Image.Image, heat: np.ndarray, alpha: float = OVERLAY_ALPHA) -> Image.Image:
+    """The coloured map laid over the image with weight `alpha`."""
     pixels = np.asarray(image, dtype=np.float32)
+    return Image.fromarray(((1 - alpha) * pixels + alpha * heat).astype(np.uint8))
+
+
+def overlay_panel(image: Image.Image, cam: np.ndarray) -> Image.Image:
+    """Image | heatmap | blend, side by side."""
     heat = colorize(cam, image.size)
-    blend = ((1 - alpha) * pixels + alpha * heat).astype(np.uint8)
-    return Image.fromarray(np.concatenate([pixels.astype(np.uint8), heat, blend], axis=1))
+    panels = [np.asarray(image), heat, np.asarray(blend(image, heat))]
+    return Image.fromarray(np.concatenate(panels, axis=1))
 
 
 def save_overlays(split: Split, arrays: dict, cams: np.ndarray, out_dir: Path, *, count: int,
@@ -113,6 +135,7 @@ def save_overlays(split: Split, arrays: dict, cams: np.ndarray, out_dir: Path, *
     for row in chosen:
         image = resize_image(load_rgb(split.root / split.records[row].path), image_size)
         target = out_dir / f"{Path(split.records[row].path).stem}.png"
-        overlay_panel(image, cams[row]).save(target)
+        with atomic_path(target, suffix=".png") as temp_path:
+            overlay_panel(image, cams[row]).save(temp_path, format="PNG")
         written.append(target)
     return written

@@ -26,26 +26,23 @@ from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
-from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sklearn.metrics import roc_curve
 
-from common.cam import scale_for_display
 from common.data import CLASS_NAMES, SPLIT_FILE_NAME, load_split
 from common.dataset import load_rgb
 from common.errors import PipelineError
 from common.fileio import atomic_path, write_text
 from common.fusion import MODEL_ORDER, SCRIPT_OF
-from common.heatmaps import colorize, heatmap_path, load_heatmaps
+from common.heatmaps import blend, colorize, combined_map, heatmap_path, jet, load_heatmaps
 from common.metrics import METRIC_COLUMNS
 from common.transforms import resize_image
 
 FURTHER_SCRIPT = "cancer_class_further.py"
 THRESHOLD = 0.5  # binary_metrics' rule: malignant when P(malignant) >= 0.5
 THUMBNAIL = 128  # gallery image side, pixels
-OVERLAY_ALPHA = 0.45  # heat map weight in an overlay, as in common.heatmaps.overlay_panel
 METRIC_NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "precision": "Precision",
                 "sensitivity": "Sensitivity (recall)", "specificity": "Specificity", "f1": "F1 score",
                 "roc_auc": "Area under the ROC curve", "patient_recognition_rate": "Patient recognition rate"}
@@ -110,8 +107,12 @@ def load_run(output_dir: Path) -> Run:
         results = json.loads(results_file.read_text(encoding="utf-8"))
     except ValueError as error:
         raise PipelineError(f"{results_file} is unreadable ({error}); rerun {FURTHER_SCRIPT}") from None
-    with np.load(_require(output_dir / "test_predictions.npz", FURTHER_SCRIPT), allow_pickle=False) as content:
-        predictions = {key: content[key] for key in content.files}
+    predictions_file = _require(output_dir / "test_predictions.npz", FURTHER_SCRIPT)
+    try:
+        with np.load(predictions_file, allow_pickle=False) as content:
+            predictions = {key: content[key] for key in content.files}
+    except Exception as error:  # truncated or foreign file
+        raise PipelineError(f"{predictions_file} is unreadable ({type(error).__name__}); rerun {FURTHER_SCRIPT}") from None
     heatmaps = {arch: load_heatmaps(_require(heatmap_path(output_dir, arch), SCRIPT_OF[arch])) for arch in MODEL_ORDER}
     # The report mixes the three files; a model script rerun after cancer_class_further.py would make them disagree.
     stale = len(predictions["labels"]) != results["test_images"] or \
@@ -251,16 +252,6 @@ def gallery_order(run: Run) -> list[int]:
     return sorted(range(len(wrong_count)), key=lambda row: (not final_wrong[row], -wrong_count[row], row))
 
 
-def _scaled_map(cam: np.ndarray, size: int) -> np.ndarray:
-    """(size, size) float in [0, 1]: the display-scaled map upsampled as common.heatmaps.colorize does it."""
-    return np.asarray(Image.fromarray(scale_for_display(cam)).resize((size, size), Image.Resampling.BILINEAR))
-
-
-def _blend(image: Image.Image, heat: np.ndarray) -> Image.Image:
-    pixels = np.asarray(image, dtype=np.float32)
-    return Image.fromarray(((1 - OVERLAY_ALPHA) * pixels + OVERLAY_ALPHA * heat).astype(np.uint8))
-
-
 def _original(run: Run, relative_path: str) -> tuple[Image.Image, bool]:
     """The test image squashed to the square the models saw, or a grey square when it is no longer on disk."""
     path = run.data_root / relative_path
@@ -279,10 +270,9 @@ def gallery_panels(run: Run, test_row: int, folder: Path, rank: int) -> dict:
         arrays = run.heatmaps[arch]
         heatmap_row = int(np.flatnonzero(arrays["paths"] == relative_path)[0])
         maps[arch] = arrays["cams"][heatmap_row]  # (h, w) raw Grad-CAM
-    combined = np.mean([_scaled_map(cam, THUMBNAIL) for cam in maps.values()], axis=0)  # (S, S) in [0, 1]
     panels = {"original": image}
-    panels.update({arch: _blend(image, colorize(cam, image.size)) for arch, cam in maps.items()})
-    panels["combined"] = _blend(image, colormaps["jet"](combined)[..., :3] * 255)
+    panels.update({arch: blend(image, colorize(cam, image.size)) for arch, cam in maps.items()})
+    panels["combined"] = blend(image, jet(combined_map(list(maps.values()), image.size)))
     files = {}
     for name, panel in panels.items():
         target = folder / f"{rank:03d}_{stem}_{name}.png"

@@ -254,6 +254,14 @@ def test_run_dir_without_a_cnn_checkpoint(run_dir, images, tmp_path, capsys):
     assert_one_line_error(status, stderr, str(checkpoint_path(tmp_path, MODEL_ORDER[0])))
 
 
+def test_cnn_checkpoint_changed_after_the_mlp_was_trained(run_dir, images, capsys, monkeypatch):
+    """A CNN retrained after cancer_class_further.py no longer matches the MLP's heatmap features."""
+    monkeypatch.setattr(predict, "sha256_of_file", lambda path: "0" * 64)
+    status, stderr = predict_in_process(["--output-dir", str(run_dir), "--device", "cpu", str(images["odd_size"])],
+                                        capsys)
+    assert_one_line_error(status, stderr, str(checkpoint_path(run_dir, MODEL_ORDER[0])), "cancer_class_further.py")
+
+
 def test_missing_input_path(run_dir, tmp_path, capsys):
     missing = tmp_path / "no_such_image.png"
     status, stderr = predict_in_process(["--output-dir", str(run_dir), "--device", "cpu", str(missing)], capsys)
