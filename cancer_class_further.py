@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.data import SPLIT_FILE_NAME, assign_groups, describe_protocol, load_split
+from common.data import CLASS_NAMES, SPLIT_FILE_NAME, assign_groups, describe_protocol, load_split
 from common.errors import PipelineError, run_main
 from common.fileio import save_npz, save_torch, sha256_of_file, write_json, write_text
 from common.fusion import (CLASSIFIER_FORMAT_VERSION, FEATURE_SETS, MODEL_ORDER, Standardizer, build_features,
-                           check_against_split, load_aligned_heatmaps, mlp_logits, stack_maps, train_mlp)
+                           check_against_split, load_aligned_heatmaps, malignant_probabilities, mlp_logits,
+                           stack_maps, train_mlp)
 from common.heatmaps import heatmap_path
 from common.metrics import binary_metrics, metrics_table, per_patient_rates, softmax
 from common.train import checkpoint_path, pick_device
@@ -60,8 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.hidden_sizes = [int(size) for size in args.hidden_sizes.split(",") if size.strip()]
     except ValueError:
         parser.error(f"--hidden-sizes {args.hidden_sizes!r}: expected comma-separated integers, e.g. 256,64")
-    if args.grid_size < 1 or args.epochs < 1 or not 0 <= args.dropout < 1:
-        parser.error("--grid-size and --epochs must be positive and --dropout in [0, 1)")
+    if min(args.grid_size, args.epochs, args.batch_size, *args.hidden_sizes) < 1 or args.lr <= 0 \
+            or args.weight_decay < 0 or not 0 <= args.dropout < 1:
+        parser.error("--grid-size, --epochs, --batch-size, --hidden-sizes and --lr must be positive, "
+                     "--weight-decay not negative, --dropout in [0, 1)")
     return args
 
 
@@ -93,13 +96,8 @@ def sources(output_dir: Path, heatmap_files: dict[str, Path]) -> dict:
     return result
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-
-    # Data: the split file and three aligned heatmap files.
+def load_inputs(args: argparse.Namespace, output_dir: Path) -> tuple[dict, dict[str, Path], str]:
+    """The three aligned heatmap files (checked against split.json), their paths, and the protocol line."""
     split_file = output_dir / SPLIT_FILE_NAME
     if not split_file.is_file():
         raise PipelineError(f"{split_file} is missing: --output-dir must be where the model scripts ran")
@@ -107,31 +105,29 @@ def main(argv=None) -> None:
     heatmap_files = dict(zip(MODEL_ORDER, map(Path, args.heatmaps))) if args.heatmaps else \
         {arch: heatmap_path(output_dir, arch) for arch in MODEL_ORDER}
     heatmaps = load_aligned_heatmaps(output_dir, heatmap_files)
+    check_against_split(heatmaps[MODEL_ORDER[0]], split)
+    rows = len(heatmaps[MODEL_ORDER[0]]["paths"])
+    subsampled = {"max_images": rows} if rows < len(split.records) else {}  # the model scripts ran --max-images
+    return heatmaps, heatmap_files, describe_protocol({**split.protocol, **subsampled})
+
+
+def train_and_save_mlps(args, output_dir: Path, heatmaps: dict, heatmap_files: dict[str, Path], rows: dict,
+                        device: torch.device) -> tuple[dict[str, np.ndarray], dict]:
+    """One MLP per feature set (the chosen one is final_classifier.pth); P(malignant) of every row, histories."""
     reference = heatmaps[MODEL_ORDER[0]]
-    check_against_split(reference, split)
-    labels, splits, patients = reference["labels"], reference["splits"], reference["patients"]
+    labels, patients = reference["labels"], reference["patients"]
     logits = {arch: heatmaps[arch]["logits"] for arch in MODEL_ORDER}
-
-    # Features: maps on one grid, (N, 3, S, S); optionally the three models' logits after them.
-    maps = stack_maps({arch: heatmaps[arch]["cams"] for arch in MODEL_ORDER}, args.grid_size)
-    fit_rows, select_rows = fit_and_selection_rows(splits, labels, patients, args.fit_split, args.seed)
-    test_rows = np.flatnonzero(splits == "test")
-    print(f"split protocol: {describe_protocol(split.protocol)}")
-    print(f"MLP fits on {len(fit_rows)} {args.fit_split} images, selects its epoch on {len(select_rows)}, "
-          f"is tested on {len(test_rows)} test images")
-
-    # Train one MLP per feature set; the chosen one is final_classifier.pth.
-    probabilities = {arch: softmax(logits[arch])[:, 1] for arch in MODEL_ORDER}
-    probabilities["soft_vote"] = np.mean([probabilities[arch] for arch in MODEL_ORDER], axis=0)
-    histories = {}
+    maps = stack_maps({arch: heatmaps[arch]["cams"] for arch in MODEL_ORDER}, args.grid_size)  # (N, 3, S, S)
+    probabilities, histories = {}, {}
     for feature_set in FEATURE_SETS:
         features = build_features(maps, logits if feature_set == "heatmaps+logits" else None)
-        standardizer = Standardizer.fit(features, fit_rows)
+        standardizer = Standardizer.fit(features, rows["fit"])
         features = standardizer(features)
         mlp, histories[feature_set] = train_mlp(
-            features, labels, patients, fit_rows, select_rows, hidden_sizes=args.hidden_sizes, dropout=args.dropout,
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-            optimizer=args.optimizer, seed=args.seed, device=device, desc=f"MLP on {feature_set}")
+            features, labels, patients, rows["fit"], rows["select"], hidden_sizes=args.hidden_sizes,
+            dropout=args.dropout, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            weight_decay=args.weight_decay, optimizer=args.optimizer, seed=args.seed, device=device,
+            desc=f"MLP on {feature_set}")
         probabilities[f"mlp_{feature_set}"] = softmax(mlp_logits(mlp, features, device))[:, 1]
         name = "final_classifier.pth" if feature_set == args.features else \
             f"final_classifier_{feature_set.replace('+', '_')}.pth"
@@ -143,30 +139,56 @@ def main(argv=None) -> None:
             "dropout": args.dropout, "feature_mean": torch.from_numpy(standardizer.mean),
             "feature_std": torch.from_numpy(standardizer.std), "fit_split": args.fit_split,
             "best_epoch": max(row["epoch"] for row in histories[feature_set] if row.get("best_so_far")),
-            "target_class_rule": str(reference["target_class_rule"]), "class_names": ["benign", "malignant"],
-            "split_digest": split.digest, "sources": sources(output_dir, heatmap_files),
-            "config": {key: value for key, value in vars(args).items()},
+            "target_class_rule": str(reference["target_class_rule"]), "class_names": list(CLASS_NAMES),
+            "split_digest": str(reference["split_digest"]), "sources": sources(output_dir, heatmap_files),
+            "config": dict(vars(args)),
         }, output_dir / name)
+    return probabilities, histories
 
-    # The one use of the test split: every model on the same test images.
+
+def write_comparison(args, output_dir: Path, reference: dict, probabilities: dict, histories: dict,
+                     protocol: str) -> str:
+    """The one use of the test split: every model on the same test images. Returns the Markdown table."""
+    labels, patients = reference["labels"], reference["patients"]
+    test_rows = np.flatnonzero(reference["splits"] == "test")
+    test_patients = sorted(set(patients[test_rows]))
     rows = {key: binary_metrics(labels[test_rows], probabilities[key][test_rows], patients[test_rows],
                                 reference["magnifications"][test_rows]) for key in DISPLAY_NAMES}
     per_patient = {key: per_patient_rates(labels[test_rows], (probabilities[key][test_rows] >= 0.5).astype(int),
                                           patients[test_rows]) for key in DISPLAY_NAMES}
     table = metrics_table({DISPLAY_NAMES[key]: metrics for key, metrics in rows.items()})
-    protocol = describe_protocol(split.protocol)
     write_json(output_dir / "results.json", {
         "split_protocol": protocol, "fit_split": args.fit_split, "final_features": args.features,
-        "test_images": len(test_rows), "test_patients": sorted(set(patients[test_rows])),
-        "display_names": DISPLAY_NAMES, "rows": rows, "per_patient": per_patient, "mlp_training": histories})
-    write_text(output_dir / "results.md", f"Test split, {len(test_rows)} images of "
-               f"{len(set(patients[test_rows]))} patients. Split: {protocol}. MLP fit on: {args.fit_split}.\n\n"
-               f"{table}\n")
+        "test_images": len(test_rows), "test_patients": test_patients, "display_names": DISPLAY_NAMES,
+        "rows": rows, "per_patient": per_patient, "mlp_training": histories})
+    write_text(output_dir / "results.md", f"Test split, {len(test_rows)} images of {len(test_patients)} patients. "
+               f"Split: {protocol}. MLP fit on: {args.fit_split}.\n\n{table}\n")
     save_npz(output_dir / "test_predictions.npz", paths=reference["paths"][test_rows], labels=labels[test_rows],
              patients=patients[test_rows], magnifications=reference["magnifications"][test_rows],
              **{f"prob_{key.replace('+', '_')}": probabilities[key][test_rows].astype(np.float32)
                 for key in DISPLAY_NAMES})
-    print(f"\ntest split ({len(test_rows)} images, {len(set(patients[test_rows]))} patients; {protocol}):\n{table}")
+    return f"test split ({len(test_rows)} images, {len(test_patients)} patients; {protocol}):\n{table}"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+
+    heatmaps, heatmap_files, protocol = load_inputs(args, output_dir)
+    reference = heatmaps[MODEL_ORDER[0]]
+    fit_rows, select_rows = fit_and_selection_rows(reference["splits"], reference["labels"], reference["patients"],
+                                                   args.fit_split, args.seed)
+    print(f"split protocol: {protocol}")
+    print(f"MLP fits on {len(fit_rows)} {args.fit_split} images, selects its epoch on {len(select_rows)}, "
+          f"is tested on {int((reference['splits'] == 'test').sum())} test images")
+
+    probabilities = malignant_probabilities({arch: heatmaps[arch]["logits"] for arch in MODEL_ORDER})
+    mlp_probabilities, histories = train_and_save_mlps(args, output_dir, heatmaps, heatmap_files,
+                                                       {"fit": fit_rows, "select": select_rows}, device)
+    table = write_comparison(args, output_dir, reference, {**probabilities, **mlp_probabilities}, histories, protocol)
+    print(f"\n{table}")
 
 
 if __name__ == "__main__":

@@ -16,13 +16,15 @@ from tqdm import tqdm
 
 from common.errors import PipelineError
 from common.heatmaps import heatmap_path, load_heatmaps
-from common.metrics import binary_metrics, softmax
+from common.metrics import binary_metrics, selection_score, softmax
+from common.train import make_optimizer
 
 MODEL_ORDER = ("densenet121", "resnet50", "vgg16")  # channel order of the stacked maps
 SCRIPT_OF = {"densenet121": "cancer_class_densenet_121.py", "resnet50": "cancer_class_resnet_50.py",
              "vgg16": "cancer_class_vgg_16.py"}
 FEATURE_SETS = ("heatmaps", "heatmaps+logits")
-ALIGNED_KEYS = ("paths", "labels", "splits", "patients", "magnifications")
+# Same images, order, labels and splits, and maps made by the same target-class rule.
+ALIGNED_KEYS = ("paths", "labels", "splits", "patients", "magnifications", "target_class_rule")
 CLASSIFIER_FORMAT_VERSION = 1
 
 
@@ -64,6 +66,13 @@ def check_against_split(heatmaps: dict, split) -> None:
     if any(split.records[row].label != label or split.splits[row] != name
            for row, label, name in zip(rows, heatmaps["labels"], heatmaps["splits"])):
         raise PipelineError("the heatmap files disagree with split.json on labels or splits; rerun the model scripts")
+
+
+def malignant_probabilities(logits_by_arch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """P(malignant) of each CNN, and their soft vote: the mean of the three probabilities."""
+    probabilities = {arch: softmax(logits_by_arch[arch])[:, 1] for arch in MODEL_ORDER}
+    probabilities["soft_vote"] = np.mean([probabilities[arch] for arch in MODEL_ORDER], axis=0)
+    return probabilities
 
 
 def stack_maps(cams_by_arch: dict[str, np.ndarray], grid_size: int) -> np.ndarray:
@@ -123,8 +132,7 @@ def train_mlp(features: np.ndarray, labels: np.ndarray, patients: np.ndarray, fi
     """Train on fit rows; keep the epoch with the best balanced accuracy on the selection rows."""
     torch.manual_seed(seed)
     model = build_mlp(features.shape[1], hidden_sizes, dropout).to(device)
-    optimizer_class = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = make_optimizer(model, name=optimizer, lr=lr, weight_decay=weight_decay)
     inputs = torch.from_numpy(features[fit_rows]).to(device)
     targets = torch.from_numpy(labels[fit_rows]).long().to(device)
     generator = torch.Generator().manual_seed(seed)
@@ -145,7 +153,7 @@ def train_mlp(features: np.ndarray, labels: np.ndarray, patients: np.ndarray, fi
         select_logits = mlp_logits(model, features[select_rows], device)
         select_loss = float(F.cross_entropy(torch.from_numpy(select_logits), torch.from_numpy(labels[select_rows])))
         metrics = binary_metrics(labels[select_rows], softmax(select_logits)[:, 1], patients[select_rows])
-        score = (metrics["balanced_accuracy"] or metrics["accuracy"], -select_loss)
+        score = selection_score({**metrics, "loss": select_loss})
         history.append({"epoch": epoch + 1, "fit_loss": loss_sum / max(len(order), 1), "select_loss": select_loss,
                         "select_balanced_accuracy": metrics["balanced_accuracy"], "select_accuracy": metrics["accuracy"]})
         if best_score is None or score > best_score:

@@ -116,6 +116,13 @@ def test_alignment_catches_a_different_split_digest(heatmap_dir):
         load_aligned_heatmaps(heatmap_dir)
 
 
+def test_alignment_catches_maps_made_by_another_target_class_rule(heatmap_dir):
+    write_heatmap_file(heatmap_path(heatmap_dir, "resnet50"), "resnet50", synthetic_rows(),
+                       target_class_rule=np.array("malignant"))
+    with pytest.raises(PipelineError, match=r"heatmaps_resnet50\.npz.*'target_class_rule'"):
+        load_aligned_heatmaps(heatmap_dir)
+
+
 def test_alignment_catches_a_missing_row(heatmap_dir):
     write_heatmap_file(heatmap_path(heatmap_dir, "resnet50"), "resnet50", permuted(synthetic_rows(), np.arange(11)))
     with pytest.raises(PipelineError, match=r"heatmaps_resnet50\.npz has 11 rows.*heatmaps_densenet121\.npz has 12"):
