@@ -11,4 +11,8 @@ Sections, one module each:
     common.metrics     image- and patient-level metrics
     common.train       the shared fine-tuning loop (single process or torchrun) and checkpoints
     common.cli         the model scripts' one argument parser
+    common.fusion      the final stage: heatmap alignment, features, the MLP
+    common.report      the static HTML report of a run
+    common.fileio      atomic writes of every result file
+    common.errors      the one-line error that scripts print instead of a traceback
 """

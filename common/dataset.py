@@ -11,7 +11,6 @@ indices point into the record list, so callers can write results row by row.
 """
 
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common.data import Record
 from common.errors import PipelineError
-from common.fileio import atomic_path
+from common.fileio import atomic_path, write_json
 from common.transforms import augment_batch, build_transforms, normalize_batch, resize_image
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -143,8 +142,8 @@ def build_cache(root: Path, records: list[Record], *, image_size: int, mode: str
         _decode_into(array, root, records, image_size, workers)
         array.flush()
         del array
-    (Path(cache_dir) / f"images_{image_size}px_{key}.json").write_text(
-        json.dumps({"root": str(root), "images": len(records), "image_size": image_size}) + "\n")
+    write_json(Path(cache_dir) / f"images_{image_size}px_{key}.json",
+               {"root": str(root), "images": len(records), "image_size": image_size})
     return np.load(cache_path, mmap_mode="r", allow_pickle=False)
 
 
