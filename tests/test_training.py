@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from PIL import Image
 from common.cam import grad_cam
 from common.data import CLASS_NAMES
 from common.demo import make_demo_dataset
+from common.errors import PipelineError
 from common.metrics import binary_metrics, softmax
 from common.models import build_model
 from common.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
@@ -322,3 +324,16 @@ def test_a_model_learns_the_synthetic_signal(tmp_path):
     # less so (seen 0.71-1.00 balanced accuracy across seeds and optimizer implementations).
     assert test["roc_auc"] >= 0.9, test
     assert test["balanced_accuracy"] >= 0.65, test
+
+
+def test_imagenet_weights_that_cannot_be_fetched_give_a_clear_error(monkeypatch):
+    """Offline: the download fails inside torchvision; the user gets one sentence naming the offline options."""
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.models.ResNet50_Weights, "get_state_dict", offline)
+    with pytest.raises(PipelineError) as error:
+        build_model("resnet50", "imagenet")
+    message = str(error.value)
+    assert "resnet50-11ad3fa6.pth" in message and "--weights PATH" in message and "--weights none" in message
+    assert "\n" not in message
