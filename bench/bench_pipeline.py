@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--skip-profile", action="store_true")
     parser.add_argument("--profile-only", action="store_true", help="skip the wall-time runs")
     args = parser.parse_args()
-    patients, images = (2, 3) if args.quick else (4, 6)
+    patients, images = (3, 3) if args.quick else (4, 6)  # 3 patients per class: one for each split
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as scratch:
         started = time.perf_counter()
         data_dir = make_demo_dataset(Path(scratch) / "demo_data", patients_per_class=patients,
