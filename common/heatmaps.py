@@ -38,8 +38,10 @@ def heatmap_path(output_dir: Path, arch: str) -> Path:
 
 
 def export_heatmaps(model, arch: str, split: Split, out_path: Path, *, image_size: int, batch_size: int,
-                    workers: int, device: torch.device, cache, target_rule: str, amp_dtype=None) -> dict:
-    """Write heatmaps_<arch>.npz for every record of `split`; return its small arrays (logits, labels, ...)."""
+                    workers: int, device: torch.device, cache, target_rule: str, amp_dtype=None,
+                    overlay_dir: Path | None = None, overlay_count: int = 0) -> dict:
+    """Write heatmaps_<arch>.npz for every record of `split` (and `overlay_count` overlay PNGs of test images
+    into `overlay_dir`, from the maps still on disk); return the file's small arrays (logits, labels, ...)."""
     model.to(device)
     batches = make_batches(split.root, split.records, list(range(len(split.records))), train=False,
                            image_size=image_size, batch_size=batch_size, workers=workers, device=device,
@@ -69,6 +71,8 @@ def export_heatmaps(model, arch: str, split: Split, out_path: Path, *, image_siz
             "image_size": np.array(image_size), "format_version": np.array(HEATMAP_FORMAT_VERSION),
         }
         save_npz(out_path, cams=cams, **arrays)  # numpy streams the memmap into the zip in chunks
+        if overlay_dir is not None:
+            save_overlays(split, cams, overlay_dir, count=overlay_count, image_size=image_size)
         del cams
     return arrays
 
@@ -124,10 +128,9 @@ def overlay_panel(image: Image.Image, cam: np.ndarray) -> Image.Image:
     return Image.fromarray(np.concatenate(panels, axis=1))
 
 
-def save_overlays(split: Split, arrays: dict, cams: np.ndarray, out_dir: Path, *, count: int,
-                  image_size: int) -> list[Path]:
-    """Overlay PNGs for `count` test images, spread evenly over the test split."""
-    test_rows = np.flatnonzero(arrays["splits"] == "test")
+def save_overlays(split: Split, cams: np.ndarray, out_dir: Path, *, count: int, image_size: int) -> list[Path]:
+    """Overlay PNGs for `count` test images, spread evenly over the test split; cams (N, h, w) in record order."""
+    test_rows = np.flatnonzero(np.asarray(split.splits) == "test")
     chosen = test_rows[np.linspace(0, len(test_rows) - 1, num=min(count, len(test_rows))).astype(int)] \
         if len(test_rows) and count > 0 else []
     out_dir.mkdir(parents=True, exist_ok=True)

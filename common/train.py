@@ -28,7 +28,7 @@ from common.data import CLASS_NAMES, Split, describe_protocol, prepare_split, su
 from common.dataset import build_cache, make_batches
 from common.errors import PipelineError
 from common.fileio import save_torch, write_json
-from common.heatmaps import export_heatmaps, heatmap_path, load_heatmaps, save_overlays
+from common.heatmaps import export_heatmaps, heatmap_path
 from common.metrics import binary_metrics, metrics_table, selection_score, softmax
 from common.models import ARCHS, build_model
 from common.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -354,10 +354,8 @@ def export_and_report(args: argparse.Namespace, split: Split, runtime: Runtime, 
     arrays = export_heatmaps(model, args.arch, split, heatmap_path(output_dir, args.arch),
                              image_size=checkpoint["image_size"], batch_size=args.batch_size, workers=args.workers,
                              device=runtime.device, cache=cache, target_rule=args.cam_target,
-                             amp_dtype=autocast_dtype(runtime.device, args.amp))
-    cams = load_heatmaps(heatmap_path(output_dir, args.arch))["cams"]
-    save_overlays(split, arrays, cams, output_dir / "overlays" / args.arch, count=args.overlays,
-                  image_size=checkpoint["image_size"])
+                             amp_dtype=autocast_dtype(runtime.device, args.amp),
+                             overlay_dir=output_dir / "overlays" / args.arch, overlay_count=args.overlays)
     probabilities = softmax(arrays["logits"])[:, 1]
     results = {"arch": args.arch, "split_protocol": describe_protocol(split.protocol),
                "checkpoint_epoch": checkpoint["epoch"], "selection_metric": SELECTION_METRIC}
