@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.data import CLASS_NAMES, SPLIT_FILE_NAME, assign_groups, describe_protocol, load_split
+from common.data import (CLASS_NAMES, SPLIT_FILE_NAME, assign_groups, describe_protocol, load_split,
+                         majority_labels)
 from common.errors import PipelineError, run_main
 from common.fileio import save_npz, save_torch, sha256_of_file, write_json, write_text
 from common.fusion import (CLASSIFIER_FORMAT_VERSION, FEATURE_SETS, MODEL_ORDER, Standardizer, build_features,
@@ -74,10 +75,9 @@ def fit_and_selection_rows(splits: np.ndarray, labels: np.ndarray, patients: np.
     if fit_split == "train":
         return np.flatnonzero(splits == "train"), np.flatnonzero(splits == "val")
     val_rows = np.flatnonzero(splits == "val")
-    groups = {patient: int(labels[val_rows][patients[val_rows] == patient].mean() >= 0.5)
-              for patient in set(patients[val_rows])}
     try:
-        part_of = assign_groups(groups, {"fit": 0.75, "select": 0.25}, seed)
+        part_of = assign_groups(majority_labels(patients[val_rows], labels[val_rows]),
+                                {"fit": 0.75, "select": 0.25}, seed)
     except PipelineError:
         raise PipelineError("--fit-split val needs at least 2 val patients per class (3 of 4 to fit on, 1 of 4 to "
                             "select the epoch); use --fit-split train or a larger --val-fraction") from None

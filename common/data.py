@@ -207,12 +207,16 @@ def filter_magnification(records: list[Record], magnification: str) -> list[Reco
 # ----------------------------------------------------------------------------------------------- splits
 
 
-def patient_labels(records: list[Record]) -> dict[str, int]:
-    """One class per patient for stratification: the majority label, malignant on a tie."""
+def majority_labels(groups, labels) -> dict[str, int]:
+    """One class per group (patient) for stratification: the majority label, malignant on a tie."""
     votes: dict[str, Counter] = defaultdict(Counter)
-    for record in records:
-        votes[record.patient][record.label] += 1
-    return {patient: int(count[1] >= count[0]) for patient, count in votes.items()}
+    for group, label in zip(groups, labels):
+        votes[str(group)][int(label)] += 1
+    return {group: int(count[1] >= count[0]) for group, count in votes.items()}
+
+
+def patient_labels(records: list[Record]) -> dict[str, int]:
+    return majority_labels([record.patient for record in records], [record.label for record in records])
 
 
 def _group_counts(n_groups: int, fractions: dict[str, float]) -> dict[str, int]:
