@@ -18,7 +18,8 @@ import common.transforms as transforms_module
 from common.data import filter_magnification, index_dataset
 from common.dataset import CachedBatches, build_cache, cache_key, load_rgb, make_batches
 from common.errors import PipelineError
-from common.transforms import IMAGENET_MEAN, IMAGENET_STD, augment_batch, resize_image
+from common.transforms import (IMAGENET_MEAN, IMAGENET_STD, affine_sampling_grid, augment_batch, random_flip_rotate,
+                               resize_image)
 
 CPU = torch.device("cpu")
 SIZE = 32
@@ -220,6 +221,28 @@ def test_augment_batch_rotation_leaves_only_small_black_corners():
     y, x = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
     inscribed = (x - size / 2) ** 2 + (y - size / 2) ** 2 < (size / 2 - 1) ** 2
     assert not black[:, inscribed].any()  # black only in the corners, never inside the inscribed circle
+
+
+def test_sampling_grid_equals_affine_grid():
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(3))
+    reference = torch.nn.functional.affine_grid(theta, (5, 3, 12, 12), align_corners=False)
+    torch.testing.assert_close(affine_sampling_grid(theta, 12, 12), reference, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("images_per_chunk", [1, 3, 100])
+def test_augment_batch_equals_whole_batch_reference(monkeypatch, images_per_chunk):
+    """Chunked resampling (the CPU path) equals one affine_grid + grid_sample over the whole batch, normalised."""
+    size, batch = 24, 8
+    monkeypatch.setattr(transforms_module, "CPU_CHUNK_BYTES", images_per_chunk * 3 * size * size * 4)
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    theta = random_flip_rotate(batch, torch.Generator().manual_seed(6), CPU)
+    grid = torch.nn.functional.affine_grid(theta, (batch, 3, size, size), align_corners=False)
+    reference = torch.nn.functional.grid_sample(images.permute(0, 3, 1, 2).float() / 255, grid, mode="bilinear",
+                                                padding_mode="zeros", align_corners=False)
+    reference = (reference - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    got = augment_batch(images, torch.Generator().manual_seed(6))  # the same draws as theta above
+    # Grids equal to float rounding, on noise images with steep edges: far below one uint8 step (0.017 here).
+    torch.testing.assert_close(got, reference, atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------------------- both paths, same tensors
