@@ -5,8 +5,9 @@
     python run_pipeline.py --data-dir /data/BreaKHis_v1 --magnification 400 --epochs 20   # extra options go to
                                                                                          # the model scripts
 
-Each stage is the same script a user runs by hand, started as a subprocess in order; the run stops at the
-first stage that fails, with that stage's exit status.
+Each stage is the same script a user runs by hand, started as a subprocess in order, in the caller's working
+folder (relative paths mean what they mean to the caller); the run stops at the first stage that fails, with that
+stage's exit status.
 """
 
 import argparse
@@ -31,7 +32,7 @@ DEMO_MODEL_ARGS = ["--weights", "none", "--image-size", "64", "--epochs", "5", "
 def run_stage(command: list[str]) -> None:
     print(f"\n$ {' '.join(command)}", flush=True)
     started = time.perf_counter()
-    status = subprocess.call(command, cwd=HERE)
+    status = subprocess.call(command)
     if status != 0:
         print(f"stage failed with exit status {status}: {' '.join(command)}", file=sys.stderr)
         sys.exit(status)
@@ -58,9 +59,9 @@ def main() -> None:
         data_dir = Path(args.data_dir)
     python = sys.executable
     for script in MODEL_SCRIPTS:
-        run_stage([python, script, "--data-dir", str(data_dir), "--output-dir", str(output_dir), *model_args])
-    run_stage([python, "cancer_class_further.py", "--output-dir", str(output_dir)])
-    run_stage([python, "make_report.py", "--output-dir", str(output_dir)])
+        run_stage([python, str(HERE / script), "--data-dir", str(data_dir), "--output-dir", str(output_dir), *model_args])
+    run_stage([python, str(HERE / "cancer_class_further.py"), "--output-dir", str(output_dir)])
+    run_stage([python, str(HERE / "make_report.py"), "--output-dir", str(output_dir)])
     print(f"\npipeline finished in {time.perf_counter() - started:.0f} s; open {output_dir / 'report' / 'index.html'}")
 
 

@@ -36,9 +36,12 @@ PIPELINE_ARGS = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory, demo_dir) -> Path:
     """run_pipeline.py on the demo tree (three model scripts, cancer_class_further.py, the report), once."""
-    run_dir = tmp_path_factory.getbasetemp() / "pipeline_run"
-    finished = subprocess.run([sys.executable, "run_pipeline.py", "--data-dir", str(demo_dir), "--output-dir",
-                               str(run_dir), *PIPELINE_ARGS], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    base = tmp_path_factory.getbasetemp()
+    run_dir = base / "pipeline_run"
+    # Started from another folder than the repository, with relative paths: they must mean the caller's folder.
+    finished = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "--data-dir",
+                               os.path.relpath(demo_dir, base), "--output-dir", "pipeline_run", *PIPELINE_ARGS],
+                              cwd=base, capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, f"run_pipeline.py failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}"
     for state in run_dir.glob("training_state_*.pth"):  # --resume state, ~2 GB with VGG-16's optimiser; unused
         state.unlink()
