@@ -34,7 +34,8 @@ def load_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+        # DecompressionBombError: over twice PIL's MAX_IMAGE_PIXELS (~179 MP), far above any microscopy tile.
         raise PipelineError(f"cannot read image {path}: {error}") from None
 
 

@@ -8,12 +8,22 @@ class PipelineError(Exception):
     """Bad input or an unusable file: the message names the file or option and says what to do."""
 
 
+def message_of(error: PipelineError) -> str:
+    """The error's own message, also when a DataLoader worker raised it: torch re-raises a worker's exception
+    with the worker's whole traceback as its message, whose last line is `<module>.PipelineError: <message>`."""
+    message = str(error).strip()
+    if "Original Traceback" in message:
+        last_line = message.splitlines()[-1]
+        message = last_line.removeprefix(f"{PipelineError.__module__}.{PipelineError.__qualname__}: ")
+    return message
+
+
 def run_main(main: Callable[[], object]) -> None:
-    """Run a script's main(); a PipelineError becomes `error: ...` on stderr and exit status 2."""
+    """Run a script's main(); a PipelineError becomes `error: ...` (one line) on stderr and exit status 2."""
     try:
         main()
     except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {message_of(error)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: the last completed checkpoint is kept; rerun with --resume", file=sys.stderr)

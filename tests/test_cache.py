@@ -17,7 +17,7 @@ import common.dataset as dataset_module
 import common.transforms as transforms_module
 from common.data import filter_magnification, index_dataset
 from common.dataset import CachedBatches, build_cache, cache_key, load_rgb, make_batches
-from common.errors import PipelineError
+from common.errors import PipelineError, run_main
 from common.transforms import (IMAGENET_MEAN, IMAGENET_STD, affine_sampling_grid, augment_batch, random_flip_rotate,
                                resize_image)
 
@@ -156,12 +156,35 @@ def test_corrupt_png_is_named_when_the_cache_is_built(demo_dir, tmp_path, damage
         assert os.listdir(cache_dir) == []  # no half-built cache (or temporary file) left behind
 
 
-def test_corrupt_png_is_named_from_a_worker_process(demo_dir, tmp_path):
+def test_oversized_image_is_named_not_a_traceback(demo_dir, tmp_path, monkeypatch):
+    root, records = copy_demo(demo_dir, tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the demo's 48x32 images now count as decompression bombs
+    with pytest.raises(PipelineError, match=f"cannot read image .*{records[0].path.split('/')[-1]}.*exceeds limit"):
+        load_rgb(root / records[0].path)
+
+
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_corrupt_png_read_in_a_worker_process_gives_one_line(demo_dir, tmp_path, capsys, cache):
+    """torch re-raises a worker's error with the worker's traceback as its message; the user sees one line."""
     root, records = copy_demo(demo_dir, tmp_path)
     bad = root / records[3].path
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    with pytest.raises(PipelineError, match=bad.name):
-        build_cache(root, records, image_size=SIZE, mode="memory", cache_dir=None, workers=1)
+
+    def read_everything():
+        if cache == "memory":
+            build_cache(root, records, image_size=SIZE, mode="memory", cache_dir=None, workers=1)
+        else:
+            batches = make_batches(root, records, list(range(len(records))), train=True, image_size=SIZE,
+                                   batch_size=8, workers=1, device=CPU, seed=0, cache=None)
+            for _ in batches.batches():
+                pass
+
+    with pytest.raises(SystemExit) as stopped:
+        run_main(read_everything)
+    assert stopped.value.code == 2
+    printed = capsys.readouterr().err
+    assert printed == f"error: cannot read image {bad}: " + printed.split(f"{bad}: ", 1)[1]
+    assert printed.count("\n") == 1 and "Traceback" not in printed and "worker" not in printed
 
 
 # ------------------------------------------------------------------------------------ batch augmentation
