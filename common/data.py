@@ -26,6 +26,8 @@ from common.fileio import write_json
 CLASS_NAMES = ("benign", "malignant")
 MAGNIFICATIONS = ("40", "100", "200", "400")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# The group of an image whose patient is unknown (a plain folder pair, a manifest row without a patient): itself.
+NO_PATIENT_PREFIX = "image:"
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_FILE_NAME = "split.json"
 SPLIT_FORMAT_VERSION = 1
@@ -118,7 +120,7 @@ def _index_folders(data_dir: Path) -> IndexedDataset:
                     continue
                 # No patient information: each image is its own group, which is only honest when images are
                 # independent. A manifest with a patient column gives real groups.
-                records.append(Record(relative, label, "", f"image:{relative}", ""))
+                records.append(Record(relative, label, "", f"{NO_PATIENT_PREFIX}{relative}", ""))
     return IndexedDataset(data_dir, "folders", sorted(records, key=lambda r: r.path), [])
 
 
@@ -157,7 +159,7 @@ def _index_manifest(manifest: Path) -> IndexedDataset:
             path=relative,
             label=_parse_label(row["label"], where),
             subtype=(row.get("subtype") or "").strip(),
-            patient=(row.get("patient") or "").strip() or f"image:{relative}",
+            patient=(row.get("patient") or "").strip() or f"{NO_PATIENT_PREFIX}{relative}",
             magnification=magnification,
         ))
     return IndexedDataset(root, "manifest", sorted(records, key=lambda r: r.path), [])
@@ -294,6 +296,14 @@ def split_by_fold_file(records: list[Record], fold_file: str, *, val_fraction: f
     train_records = [record for record, split in zip(records, fold_splits) if split == "train"]
     if not train_records or "test" not in fold_splits:
         raise PipelineError(f"--fold-file {fold_file} names no train or no test image of this dataset")
+    sides_of_patient = defaultdict(set)
+    for record, split in zip(records, fold_splits):
+        if split:
+            sides_of_patient[record.patient].add(split)
+    on_both_sides = sorted(patient for patient, sides in sides_of_patient.items() if len(sides) == 2)
+    if on_both_sides:
+        raise PipelineError(f"--fold-file {fold_file} puts patient(s) {', '.join(on_both_sides[:5])} on both its train "
+                            "and test sides; a patient-level evaluation needs each patient on one side")
     train_fraction = 1.0 - val_fraction
     val_of = assign_groups(patient_labels(train_records), {"train": train_fraction, "val": val_fraction}, seed)
     return [val_of[record.patient] if split == "train" else split for record, split in zip(records, fold_splits)]
@@ -335,6 +345,10 @@ def describe_protocol(protocol: dict) -> str:
     if protocol["method"] == "fold":
         return f"official fold {Path(protocol['fold_file']).name} (val patients from its train side), {where}"
     kind = "patient-level" if protocol["method"] == "patient" else "IMAGE-level (patients leak across splits)"
+    if protocol["method"] == "patient" and protocol.get("groups") == "image":
+        kind = "image-level (no patient IDs in the data: each image its own group)"
+    elif protocol["method"] == "patient" and protocol.get("groups") == "partly image":
+        kind = "patient-level (images without a patient ID each their own group)"
     return (f"{kind} split train/val/test {1 - protocol['val_fraction'] - protocol['test_fraction']:.2f}/"
             f"{protocol['val_fraction']:.2f}/{protocol['test_fraction']:.2f}, seed {protocol['seed']}, {where}")
 
@@ -373,7 +387,14 @@ def make_split(records: list[Record], root: Path, protocol: dict) -> Split:
         splits = split_by_image(records, test_fraction=protocol["test_fraction"], **options)
     else:
         splits = split_by_patient(records, test_fraction=protocol["test_fraction"], **options)
-    return Split(root, records, splits, protocol, split_digest(records, splits))
+    # Recorded with the split so that every table says when "patient-level" could not be what it seems.
+    without_patient = sum(record.patient.startswith(NO_PATIENT_PREFIX) for record in records)
+    groups = "patient" if not without_patient else "image" if without_patient == len(records) else "partly image"
+    if without_patient and method == "patient":
+        print(f"WARNING: {without_patient} of {len(records)} images have no patient ID (a plain folder pair, or a "
+              "manifest without a patient column): each is its own group, so images of one patient may land on "
+              "both sides of the split. Give a manifest with a patient column for a patient-level split.")
+    return Split(root, records, splits, {**protocol, "groups": groups}, split_digest(records, splits))
 
 
 def prepare_split(data_dir: str, output_dir: str | os.PathLike, protocol: dict) -> Split:

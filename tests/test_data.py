@@ -372,6 +372,16 @@ def test_make_split_with_fold_drops_unlisted_images(demo_dir, tmp_path):
         name for name, side in read_fold_file(fold).items() if side == "test"}
 
 
+def test_fold_file_with_a_patient_on_both_sides_is_refused(demo_dir, tmp_path):
+    records = index_dataset(demo_dir).records
+    fold = write_fold_file(tmp_path / "dsfold1.txt", records)
+    moved = next(r for r in records if r.magnification == "100" and r.patient in FOLD_TEST_PATIENTS)
+    text = fold.read_text().replace(f"{Path(moved.path).name}|100|1|test", f"{Path(moved.path).name}|100|1|train")
+    fold.write_text(text)
+    with pytest.raises(PipelineError, match=f"dsfold1.txt puts patient.*{moved.patient} on both its train and test"):
+        split_by_fold_file(records, str(fold), val_fraction=0.1, seed=0)
+
+
 def test_fold_file_naming_no_image_of_the_dataset(demo_dir, tmp_path):
     fold = tmp_path / "dsfold2.txt"
     fold.write_text("SOB_B_A-14-22549AB-100-001.png|100|2|train\nSOB_M_DC-14-2523-100-001.png|100|2|test\n")
@@ -566,6 +576,20 @@ def test_train_transform_shape(demo_dir):
     torch.manual_seed(0)
     tensor = build_transforms(train=True, image_size=32)(image)
     assert tensor.shape == (3, 32, 32) and torch.isfinite(tensor).all()
+
+
+def test_protocol_line_says_when_the_data_has_no_patient_ids(demo_dir, tmp_path, capsys):
+    breakhis = make_split(index_dataset(demo_dir).records, demo_dir, protocol())
+    assert breakhis.protocol["groups"] == "patient"
+    assert describe_protocol(breakhis.protocol).startswith("patient-level split")
+    folders = index_dataset(_folder_pair(demo_dir, tmp_path, benign=6, malignant=6))
+    capsys.readouterr()
+    no_ids = make_split(folders.records, folders.root, protocol(val_fraction=0.2, test_fraction=0.2))
+    assert "WARNING: 12 of 12 images have no patient ID" in capsys.readouterr().out
+    assert no_ids.protocol["groups"] == "image"
+    assert describe_protocol(no_ids.protocol).startswith("image-level (no patient IDs in the data")
+    mixed = make_split(breakhis.records + folders.records, demo_dir, protocol())
+    assert describe_protocol(mixed.protocol).startswith("patient-level (images without a patient ID each their own")
 
 
 def test_protocol_line_names_a_subsample_and_options_are_checked():
