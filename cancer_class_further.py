@@ -111,7 +111,7 @@ def load_inputs(args: argparse.Namespace, output_dir: Path) -> tuple[dict, dict[
     return heatmaps, heatmap_files, describe_protocol({**split.protocol, **subsampled})
 
 
-def train_and_save_mlps(args, output_dir: Path, heatmaps: dict, heatmap_files: dict[str, Path], rows: dict,
+def train_and_save_mlps(args, output_dir: Path, heatmaps: dict, inputs: dict, rows: dict,
                         device: torch.device) -> tuple[dict[str, np.ndarray], dict]:
     """One MLP per feature set (the chosen one is final_classifier.pth); P(malignant) of every row, histories."""
     reference = heatmaps[MODEL_ORDER[0]]
@@ -140,14 +140,14 @@ def train_and_save_mlps(args, output_dir: Path, heatmaps: dict, heatmap_files: d
             "feature_std": torch.from_numpy(standardizer.std), "fit_split": args.fit_split,
             "best_epoch": max(row["epoch"] for row in histories[feature_set] if row.get("best_so_far")),
             "target_class_rule": str(reference["target_class_rule"]), "class_names": list(CLASS_NAMES),
-            "split_digest": str(reference["split_digest"]), "sources": sources(output_dir, heatmap_files),
+            "split_digest": str(reference["split_digest"]), "sources": inputs,
             "config": dict(vars(args)),
         }, output_dir / name)
     return probabilities, histories
 
 
 def write_comparison(args, output_dir: Path, reference: dict, probabilities: dict, histories: dict,
-                     protocol: str) -> str:
+                     protocol: str, inputs: dict) -> str:
     """The one use of the test split: every model on the same test images. Returns the Markdown table."""
     labels, patients = reference["labels"], reference["patients"]
     test_rows = np.flatnonzero(reference["splits"] == "test")
@@ -160,7 +160,8 @@ def write_comparison(args, output_dir: Path, reference: dict, probabilities: dic
     write_json(output_dir / "results.json", {
         "split_protocol": protocol, "fit_split": args.fit_split, "final_features": args.features,
         "test_images": len(test_rows), "test_patients": test_patients, "display_names": DISPLAY_NAMES,
-        "rows": rows, "per_patient": per_patient, "mlp_training": histories})
+        "rows": rows, "per_patient": per_patient, "mlp_training": histories,
+        "sources": inputs})  # the report checks that the heatmap files it shows are still these
     write_text(output_dir / "results.md", f"Test split, {len(test_rows)} images of {len(test_patients)} patients. "
                f"Split: {protocol}. MLP fit on: {args.fit_split}.\n\n{table}\n")
     save_npz(output_dir / "test_predictions.npz", paths=reference["paths"][test_rows], labels=labels[test_rows],
@@ -184,10 +185,12 @@ def main(argv=None) -> None:
     print(f"MLP fits on {len(fit_rows)} {args.fit_split} images, selects its epoch on {len(select_rows)}, "
           f"is tested on {int((reference['splits'] == 'test').sum())} test images")
 
+    inputs = sources(output_dir, heatmap_files)  # hashed once, before training: what the results are made from
     probabilities = malignant_probabilities({arch: heatmaps[arch]["logits"] for arch in MODEL_ORDER})
-    mlp_probabilities, histories = train_and_save_mlps(args, output_dir, heatmaps, heatmap_files,
+    mlp_probabilities, histories = train_and_save_mlps(args, output_dir, heatmaps, inputs,
                                                        {"fit": fit_rows, "select": select_rows}, device)
-    table = write_comparison(args, output_dir, reference, {**probabilities, **mlp_probabilities}, histories, protocol)
+    table = write_comparison(args, output_dir, reference, {**probabilities, **mlp_probabilities}, histories, protocol,
+                             inputs)
     print(f"\n{table}")
 
 

@@ -34,7 +34,7 @@ from sklearn.metrics import roc_curve
 from common.data import CLASS_NAMES, SPLIT_FILE_NAME, load_split
 from common.dataset import load_rgb
 from common.errors import PipelineError
-from common.fileio import atomic_path, write_text
+from common.fileio import atomic_path, sha256_of_file, write_text
 from common.fusion import MODEL_ORDER, SCRIPT_OF
 from common.heatmaps import blend, colorize, combined_map, heatmap_path, jet, load_heatmaps
 from common.metrics import METRIC_COLUMNS
@@ -113,13 +113,20 @@ def load_run(output_dir: Path) -> Run:
             predictions = {key: content[key] for key in content.files}
     except Exception as error:  # truncated or foreign file
         raise PipelineError(f"{predictions_file} is unreadable ({type(error).__name__}); rerun {FURTHER_SCRIPT}") from None
-    heatmaps = {arch: load_heatmaps(_require(heatmap_path(output_dir, arch), SCRIPT_OF[arch])) for arch in MODEL_ORDER}
+    heatmap_files = {arch: _require(heatmap_path(output_dir, arch), SCRIPT_OF[arch]) for arch in MODEL_ORDER}
+    heatmaps = {arch: load_heatmaps(path) for arch, path in heatmap_files.items()}
     # The report mixes the three files; a model script rerun after cancer_class_further.py would make them disagree.
     stale = len(predictions["labels"]) != results["test_images"] or \
         any(not np.isin(predictions["paths"], heatmaps[arch]["paths"]).all() for arch in MODEL_ORDER)
     if stale:
         raise PipelineError(f"results.json, test_predictions.npz and the heatmap files in {output_dir} describe "
                             f"different test images; rerun {FURTHER_SCRIPT} --output-dir {output_dir}")
+    for arch, path in heatmap_files.items():  # same images, other maps: a model retrained on the same split
+        made_from = results.get("sources", {}).get(arch, {}).get("heatmaps_sha256")
+        if made_from is not None and sha256_of_file(path) != made_from:
+            raise PipelineError(f"{path} changed after {FURTHER_SCRIPT} ran (its model was retrained or it was given "
+                                f"other --heatmaps), so the maps would not match the results; rerun {FURTHER_SCRIPT} "
+                                f"--output-dir {output_dir}")
     split = load_split(_require(output_dir / SPLIT_FILE_NAME, SCRIPT_OF[MODEL_ORDER[0]]))
     train_logs = {arch: read_train_log(output_dir / f"train_log_{arch}.jsonl") for arch in MODEL_ORDER}
     return Run(output_dir, results, predictions, heatmaps, split.root, train_logs)

@@ -448,3 +448,12 @@ def test_heatmap_files_follow_the_split_file(run_dir, aligned):
         cams = aligned["heatmaps"][arch]["cams"]
         assert cams.dtype == np.float32 and cams.ndim == 3 and (cams >= 0).all()  # raw, after ReLU
         assert str(aligned["heatmaps"][arch]["split_digest"]) == split.digest
+
+
+def test_results_and_classifier_name_the_files_they_were_made_from(run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    classifier = torch.load(run_dir / "final_classifier.pth", map_location="cpu", weights_only=True)
+    assert results["sources"] == classifier["sources"]
+    for arch in MODEL_ORDER:
+        assert results["sources"][arch]["heatmaps_sha256"] == sha256_of_file(run_dir / f"heatmaps_{arch}.npz")
+        assert results["sources"][arch]["checkpoint_sha256"] == sha256_of_file(run_dir / f"fine_tuned_{arch}.pth")

@@ -16,7 +16,7 @@ import pytest
 
 from common.data import index_dataset, make_split, save_split
 from common.errors import PipelineError
-from common.fileio import save_npz, write_json
+from common.fileio import save_npz, sha256_of_file, write_json
 from common.fusion import MODEL_ORDER
 from common.heatmaps import HEATMAP_FORMAT_VERSION
 from common.metrics import binary_metrics, per_patient_rates, softmax
@@ -78,7 +78,9 @@ def write_results(run_dir: Path, split, logits: dict[str, np.ndarray], rng: np.r
         "split_protocol": "patient-level split (synthetic run)", "fit_split": "train", "final_features": "heatmaps",
         "test_images": len(test), "test_patients": sorted(set(patients)), "display_names": DISPLAY_NAMES,
         "rows": rows, "per_patient": per_patient,
-        "mlp_training": {"heatmaps": history, "heatmaps+logits": history[:4]}})
+        "mlp_training": {"heatmaps": history, "heatmaps+logits": history[:4]},
+        "sources": {arch: {"heatmaps": str(run_dir / f"heatmaps_{arch}.npz"),
+                           "heatmaps_sha256": sha256_of_file(run_dir / f"heatmaps_{arch}.npz")} for arch in MODEL_ORDER}})
     save_npz(run_dir / "test_predictions.npz", paths=np.array([split.records[i].path for i in test]), labels=labels,
              patients=patients, magnifications=magnifications,
              **{f"prob_{key.replace('+', '_')}": probabilities[key].astype(np.float32) for key in DISPLAY_NAMES})
@@ -232,6 +234,18 @@ def test_missing_results_json_names_the_script(run_dir, tmp_path):
     copy = shutil.copytree(run_dir, tmp_path / "run")
     (copy / "results.json").unlink()
     with pytest.raises(PipelineError, match=r"results\.json is missing: run cancer_class_further\.py"):
+        build_report(copy)
+
+
+def test_heatmaps_changed_after_the_mlp_ran_are_refused(run_dir, tmp_path):
+    """A model script rerun on the same split: same test images, other maps. The report must not mix them."""
+    copy = shutil.copytree(run_dir, tmp_path / "run")
+    heatmap_file = copy / "heatmaps_resnet50.npz"
+    with np.load(heatmap_file, allow_pickle=False) as content:
+        arrays = {key: content[key] for key in content.files}
+    arrays["cams"] = arrays["cams"][::-1].copy()
+    save_npz(heatmap_file, **arrays)
+    with pytest.raises(PipelineError, match=r"heatmaps_resnet50\.npz changed after cancer_class_further\.py ran"):
         build_report(copy)
 
 
