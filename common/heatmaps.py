@@ -38,10 +38,13 @@ def heatmap_path(output_dir: Path, arch: str) -> Path:
 
 
 def export_heatmaps(model, arch: str, split: Split, out_path: Path, *, image_size: int, batch_size: int,
-                    workers: int, device: torch.device, cache, target_rule: str, amp_dtype=None,
+                    workers: int, device: torch.device, cache, target_rule: str,
                     overlay_dir: Path | None = None, overlay_count: int = 0) -> dict:
     """Write heatmaps_<arch>.npz for every record of `split` (and `overlay_count` overlay PNGs of test images
-    into `overlay_dir`, from the maps still on disk); return the file's small arrays (logits, labels, ...)."""
+    into `overlay_dir`, from the maps still on disk); return the file's small arrays (logits, labels, ...).
+
+    In float32 even where training used mixed precision: the maps are the final MLP's input, and predict.py
+    computes them in float32 for new images, so the MLP sees the same kind of input in training and in use."""
     model.to(device)
     batches = make_batches(split.root, split.records, list(range(len(split.records))), train=False,
                            image_size=image_size, batch_size=batch_size, workers=workers, device=device,
@@ -53,7 +56,7 @@ def export_heatmaps(model, arch: str, split: Split, out_path: Path, *, image_siz
                                          shape=(len(split.records), cam_height, cam_width))
         for images, _labels, indices in tqdm(batches.batches(), total=len(batches), desc=f"{arch} Grad-CAM",
                                              leave=False):
-            batch_cams, batch_logits = grad_cam(model, arch, images, target=target_rule, autocast_dtype=amp_dtype)
+            batch_cams, batch_logits = grad_cam(model, arch, images, target=target_rule)
             if batch_cams.shape[1:] != cams.shape[1:]:
                 raise PipelineError(f"{arch} maps are {tuple(batch_cams.shape[1:])}, expected {cams.shape[1:]}")
             cams[indices.numpy()] = batch_cams.cpu().numpy()

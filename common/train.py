@@ -14,6 +14,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from common.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 CHECKPOINT_FORMAT_VERSION = 1
 SELECTION_METRIC = "val balanced accuracy (ties: lower val loss)"
+DISTRIBUTED_TIMEOUT = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,9 @@ def setup_runtime(device_option: str) -> Runtime:
     device = pick_device(device_option, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    # The other ranks wait at a barrier while rank 0 alone builds the image cache or exports the heatmaps, which
+    # on a large dataset can outlast the default timeout (10 minutes for nccl).
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=DISTRIBUTED_TIMEOUT)
     return Runtime(device, dist.get_rank(), dist.get_world_size())
 
 
@@ -120,6 +124,11 @@ def train_one_epoch(model, batches, optimizer, loss_fn, *, epoch: int, runtime: 
     progress = tqdm(batches.batches(epoch), total=len(batches), desc=f"epoch {epoch + 1} train",
                     disable=not runtime.is_main, leave=False)
     for step, (images, labels, _indices) in enumerate(progress):
+        if len(labels) == 1:
+            # A last batch of one image: batch norm cannot normalise it where the maps are 1x1 (small --image-size),
+            # and one image is a noisy step anyway. Skipped on every rank alike (their shards are equal), and a
+            # different image each epoch, as the order is reshuffled.
+            continue
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -250,7 +259,8 @@ def resume_training(path: Path, model, optimizer, scheduler, scaler, *, args: ar
         raise PipelineError(f"--resume: no training state {path} to resume from (start without --resume)")
     state = load_checkpoint(path)
     # A state trained on another split may have learned from this split's test patients.
-    if state.get("split_digest") != split.digest or state.get("image_size") != args.image_size:
+    if (state.get("split_digest"), state.get("image_size"), state.get("max_images")) != \
+            (split.digest, args.image_size, args.max_images):
         raise PipelineError(f"--resume: {path} was trained on another split or image size than this run's "
                             "(split.json, --image-size, --max-images); start without --resume")
     model.load_state_dict(state["model"])
@@ -321,7 +331,7 @@ def fit(model: nn.Module, args: argparse.Namespace, split: Split, runtime: Runti
             save_torch({"model": model.state_dict(), "arch": args.arch, "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                         "best_score": list(best_score), "split_digest": split.digest,
-                        "image_size": args.image_size}, state_path(output_dir, args.arch))
+                        "image_size": args.image_size, "max_images": args.max_images}, state_path(output_dir, args.arch))
         runtime.barrier()
 
 
@@ -354,7 +364,6 @@ def export_and_report(args: argparse.Namespace, split: Split, runtime: Runtime, 
     arrays = export_heatmaps(model, args.arch, split, heatmap_path(output_dir, args.arch),
                              image_size=checkpoint["image_size"], batch_size=args.batch_size, workers=args.workers,
                              device=runtime.device, cache=cache, target_rule=args.cam_target,
-                             amp_dtype=autocast_dtype(runtime.device, args.amp),
                              overlay_dir=output_dir / "overlays" / args.arch, overlay_count=args.overlays)
     probabilities = softmax(arrays["logits"])[:, 1]
     results = {"arch": args.arch, "split_protocol": describe_protocol(split.protocol),

@@ -3,6 +3,7 @@
 heatmaps-only, clear errors, torchrun with two processes, and a run that shows a model actually learns.
 """
 
+import copy
 import hashlib
 import json
 import os
@@ -214,13 +215,47 @@ def test_resume_continues_at_the_next_epoch(demo_dir, tmp_path):
     key = "features.conv0.weight"
     assert not torch.equal(after_one["model"][key], after_two["model"][key])
     assert load_checkpoint(tmp_path / "fine_tuned_densenet121.pth")["epoch"] in (1, 2)
-    # A training state from another split may have learned this split's test patients: refused.
-    after_two["split_digest"] = "0" * 64
-    torch.save(after_two, tmp_path / "training_state_densenet121.pth")
-    result = run_script("densenet121", demo_dir, tmp_path, "--overlays", "0", "--epochs", "3", "--resume",
-                        expect_ok=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "another split" in result.stderr.strip().splitlines()[-1]
+    # A training state from another split (or another --max-images subsample of it) may have learned this
+    # split's test patients, or other images than this run's: refused.
+    assert after_two["max_images"] is None
+    for key, other in (("split_digest", "0" * 64), ("max_images", 20)):
+        torch.save({**after_two, key: other}, tmp_path / "training_state_densenet121.pth")
+        result = run_script("densenet121", demo_dir, tmp_path, "--overlays", "0", "--epochs", "3", "--resume",
+                            expect_ok=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "another split" in result.stderr.strip().splitlines()[-1]
+
+
+class ListedBatches:
+    """A batch source over fixed batches (images, labels, indices)."""
+
+    def __init__(self, batches):
+        self.items = batches
+
+    def __len__(self):
+        return len(self.items)
+
+    def batches(self, epoch=0):
+        yield from self.items
+
+
+def test_a_last_training_batch_of_one_image_is_skipped_not_a_crash():
+    """At 32 px ResNet-50's last maps are 1x1: batch norm cannot train on a batch of one there."""
+    from common.train import Runtime, train_one_epoch
+
+    torch.manual_seed(0)
+    model = build_model("resnet50", "none")
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 1, 0])
+    batches = ListedBatches([(images[:3], labels[:3], torch.arange(3)), (images[3:], labels[3:], torch.arange(3, 4))])
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # what the skip avoids
+        copy.deepcopy(model).train()(images[3:])
+    with torch.no_grad():  # the epoch's loss is the first batch's alone (one step, then the skipped batch)
+        expected = torch.nn.functional.cross_entropy(copy.deepcopy(model).train()(images[:3]), labels[:3])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    result = train_one_epoch(model, batches, optimizer, torch.nn.CrossEntropyLoss(), epoch=0,
+                             runtime=Runtime(torch.device("cpu")), amp_dtype=None,
+                             scaler=torch.amp.GradScaler("cpu", enabled=False), channels_last=False)
+    assert result["loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("corruption", ["garbage", "truncated"])
