@@ -11,6 +11,9 @@ combined map). Grad-CAM explains the class chosen by the rule the MLP was traine
 import argparse
 import csv
 import io
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,7 @@ from common.cam import grad_cam
 from common.data import IMAGE_EXTENSIONS
 from common.dataset import load_rgb
 from common.errors import PipelineError, run_main
-from common.fileio import atomic_path, sha256_of_file, write_text
+from common.fileio import sha256_of_file, write_text
 from common.fusion import (MODEL_ORDER, Standardizer, build_features, build_mlp, malignant_probabilities,
                            mlp_logits, stack_maps)
 from common.heatmaps import blend, colorize, combined_map, jet
@@ -69,31 +72,37 @@ def load_cnns(output_dir: Path, classifier: dict, device: torch.device) -> dict[
     return models
 
 
-def predict_images(image_paths: list[Path], output_dir: Path, device: torch.device) -> dict:
-    """Per image: each CNN's logits and raw maps, P(malignant) of each CNN, the soft vote and the final MLP,
-    and a 224 px copy of the image for its overlay. Images are decoded a batch at a time (flat memory)."""
+def predict_batches(image_paths: list[Path], output_dir: Path, device: torch.device,
+                    batch_size: int = BATCH_SIZE) -> Iterator[dict]:
+    """For each batch of images: each CNN's logits and raw maps, P(malignant) of each CNN, the soft vote and the
+    final MLP, and a 224 px copy of each image for its overlay. Nothing is kept between batches (flat memory)."""
     mlp, classifier = load_classifier(output_dir)
+    mlp = mlp.to(device)
     models = load_cnns(output_dir, classifier, device)
     standardize = Standardizer(classifier["feature_mean"].numpy(), classifier["feature_std"].numpy())
-    logits = {arch: [] for arch in MODEL_ORDER}
-    cams = {arch: [] for arch in MODEL_ORDER}
-    thumbnails = []
-    for start in range(0, len(image_paths), BATCH_SIZE):
-        images = [load_rgb(path) for path in image_paths[start:start + BATCH_SIZE]]
-        thumbnails += [resize_image(image, OVERLAY_SIZE) for image in images]
-        for arch, (model, image_size) in models.items():
-            transform = build_transforms(train=False, image_size=image_size)
-            batch = torch.stack([transform(image) for image in images]).to(device)
+    transforms = {arch: build_transforms(train=False, image_size=image_size) for arch, (_, image_size) in models.items()}
+    for start in range(0, len(image_paths), batch_size):
+        paths = image_paths[start:start + batch_size]
+        images = [load_rgb(path) for path in paths]
+        logits, cams = {}, {}
+        for arch, (model, _image_size) in models.items():
+            batch = torch.stack([transforms[arch](image) for image in images]).to(device)
             batch_cams, batch_logits = grad_cam(model, arch, batch, target=classifier["target_class_rule"])
-            cams[arch].append(batch_cams.cpu().numpy())
-            logits[arch].append(batch_logits.cpu().numpy())
-    logits = {arch: np.concatenate(parts) for arch, parts in logits.items()}
-    cams = {arch: np.concatenate(parts) for arch, parts in cams.items()}
-    maps = stack_maps(cams, classifier["grid_size"])
-    features = standardize(build_features(maps, logits if classifier["features"] == "heatmaps+logits" else None))
-    probabilities = malignant_probabilities(logits)
-    probabilities["final_mlp"] = softmax(mlp_logits(mlp.to(device), features, device))[:, 1]
-    return {"logits": logits, "cams": cams, "probabilities": probabilities, "images": thumbnails}
+            cams[arch], logits[arch] = batch_cams.cpu().numpy(), batch_logits.cpu().numpy()
+        maps = stack_maps(cams, classifier["grid_size"])
+        features = standardize(build_features(maps, logits if classifier["features"] == "heatmaps+logits" else None))
+        probabilities = malignant_probabilities(logits)
+        probabilities["final_mlp"] = softmax(mlp_logits(mlp, features, device))[:, 1]  # eval mode: row by row
+        yield {"paths": paths, "logits": logits, "cams": cams, "probabilities": probabilities,
+               "images": [resize_image(image, OVERLAY_SIZE) for image in images]}
+
+
+def predict_images(image_paths: list[Path], output_dir: Path, device: torch.device) -> dict:
+    """`predict_batches` gathered into whole arrays (held in memory: for a few images, or from Python)."""
+    parts = list(predict_batches(image_paths, output_dir, device))
+    whole = {key: {name: np.concatenate([part[key][name] for part in parts]) for name in parts[0][key]}
+             for key in ("logits", "cams", "probabilities")}
+    return {**whole, "images": [image for part in parts for image in part["images"]]}
 
 
 def overlay_strip(image: Image.Image, cams: dict[str, np.ndarray]) -> Image.Image:
@@ -128,22 +137,27 @@ def main(argv=None) -> None:
     out_dir = Path(args.out) if args.out else output_dir / "predictions"
 
     image_paths = collect_images(args.inputs)
-    results = predict_images(image_paths, output_dir, pick_device(args.device))
-    probabilities = results["probabilities"]
     columns = list(MODEL_ORDER) + ["soft_vote", "final_mlp"]
-
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows = [["image"] + [f"p_malignant_{name}" for name in columns] + ["prediction", "overlay"]]
+    names = overlay_names(image_paths)
     print(f"{'image':<40} " + " ".join(f"{name:>12}" for name in columns) + "  prediction (final MLP)")
-    for row, (path, overlay_name) in enumerate(zip(image_paths, overlay_names(image_paths))):
-        overlay = out_dir / overlay_name
-        row_cams = {arch: results["cams"][arch][row] for arch in MODEL_ORDER}
-        with atomic_path(overlay, suffix=".png") as temp_path:
-            overlay_strip(results["images"][row], row_cams).save(temp_path, format="PNG")
-        verdict = "malignant" if probabilities["final_mlp"][row] >= 0.5 else "benign"
-        values = [probabilities[name][row] for name in columns]
-        print(f"{path.name[-40:]:<40} " + " ".join(f"{value:>12.3f}" for value in values) + f"  {verdict}")
-        rows.append([str(path)] + [f"{value:.6f}" for value in values] + [verdict, str(overlay)])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Overlays are written batch by batch (flat memory) into a staging folder that is moved into --out only when
+    # every image has been read: a bad image stops the run with --out as it was.
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as staging:
+        for batch in predict_batches(image_paths, output_dir, pick_device(args.device)):
+            probabilities = batch["probabilities"]
+            for row, path in enumerate(batch["paths"]):
+                overlay_name = names[len(rows) - 1]  # rows holds the header and the images before this one
+                overlay_strip(batch["images"][row], {arch: batch["cams"][arch][row] for arch in MODEL_ORDER}).save(
+                    Path(staging) / overlay_name, format="PNG")
+                verdict = "malignant" if probabilities["final_mlp"][row] >= 0.5 else "benign"
+                values = [probabilities[name][row] for name in columns]
+                print(f"{path.name[-40:]:<40} " + " ".join(f"{value:>12.3f}" for value in values) + f"  {verdict}")
+                rows.append([str(path)] + [f"{value:.6f}" for value in values] + [verdict, str(out_dir / overlay_name)])
+        out_dir.mkdir(exist_ok=True)
+        for name in names:
+            os.replace(Path(staging) / name, out_dir / name)
     table = io.StringIO()
     csv.writer(table).writerows(rows)
     write_text(out_dir / "predictions.csv", table.getvalue())

@@ -143,6 +143,16 @@ def test_demo_images_match_the_runs_heatmaps_and_test_predictions(run_dir, predi
             float(saved["prob_mlp_heatmaps"][saved_row]), abs=1e-4)
 
 
+def test_batches_give_the_same_numbers_as_one_pass(run_dir, predicted, images):
+    """predict.py streams batches (flat memory); each image's numbers do not depend on its batch."""
+    batches = list(predict.predict_batches(list(images.values()), run_dir, CPU, batch_size=4))
+    assert [len(batch["paths"]) for batch in batches] == [4, 4, 1]  # 9 images
+    assert [path for batch in batches for path in batch["paths"]] == list(images.values())
+    for column in COLUMNS:
+        streamed = np.concatenate([batch["probabilities"][column] for batch in batches])
+        np.testing.assert_allclose(streamed, predicted["probabilities"][column], rtol=0, atol=1e-5, err_msg=column)
+
+
 def test_image_modes_are_converted_to_rgb(predicted, images):
     """RGBA and greyscale files predict like their RGB conversion."""
     names = list(images)
