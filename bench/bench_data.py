@@ -7,7 +7,7 @@
    700x460 PNGs) repeated to --images records, batch 32, train-time augmentation:
      plain   make_batches(cache=None): per image PNG decode + PIL resize/flips/rotation + ToTensor/Normalize;
      cached  make_batches(cache=...): gather uint8 rows from the decoded cache + augment_batch on the device,
-             here the CPU itself (flips + bilinear rotation for the whole batch in one grid_sample);
+             here the CPU itself (flips + bilinear rotation by grid_sample, a few images per call on a CPU);
      cached, host side only: the same loop with augmentation left to the device, i.e. the CPU's share of
              the work when training on a GPU (gather + tensor; the augmentation then runs on the GPU);
    plus the one-time cost of building the cache (build_cache(mode='memory'), one core).

@@ -80,7 +80,7 @@ def bench_profile(data_dir: Path, output_dir: Path, top: int) -> None:
 # Where the pipeline's own stages land in the profile (cumulative seconds; generators count their own frames).
 STAGES = {
     ("train.py", "train_one_epoch"): "training epochs (model forward + backward + optimizer)",
-    ("adam.py", "_single_tensor_adam"): "  of which the AdamW step (per-tensor loop)",
+    ("~", "<built-in method torch._fused_adamw_>"): "  of which the AdamW step (fused kernel)",
     ("train.py", "evaluate"): "validation passes",
     ("heatmaps.py", "export_heatmaps"): "heatmap export (Grad-CAM over every image)",
     ("models.py", "body"): "  of which the no-grad body forward",
