@@ -9,7 +9,7 @@ DEFAULTS = dict(
     output_dir="runs/breakhis", weights="imagenet", epochs=10, batch_size=32, lr=1e-4, weight_decay=1e-4,
     optimizer="adamw", image_size=224, magnification="all", split="patient", fold_file=None, val_fraction=0.1,
     test_fraction=0.2, seed=0, device="auto", workers=min(8, os.cpu_count() or 1), class_weights="balanced",
-    cache="disk", max_images=None, cam_target="predicted", overlays=8, amp=True,
+    cache="disk", max_images=None, cam_target="predicted", overlays=8, amp=True, patient_id="folder",
 )
 
 
@@ -24,6 +24,9 @@ def build_parser(*, arch: str, description: str, **script_defaults) -> argparse.
     data.add_argument("--magnification", choices=["40", "100", "200", "400", "all"])
     data.add_argument("--split", choices=["patient", "image"],
                       help="patient: no patient on two sides (honest); image: random images, leaks patients")
+    data.add_argument("--patient-id", choices=["folder", "accession"],
+                      help="folder: BreaKHis's patient folder IDs (14-22549AB; its 82 patients); accession: the "
+                           "biopsy number only (14-22549), so folders sharing it (AB, CD, G) stay on one side")
     data.add_argument("--fold-file", help="official BreaKHis dsfoldN.txt: its test side is the test split; "
                                           "val patients are carved from its train side")
     data.add_argument("--val-fraction", type=float, help="fraction of patients (per class) for validation")
@@ -93,4 +96,5 @@ def split_protocol(args: argparse.Namespace) -> dict:
         "test_fraction": None if args.fold_file else args.test_fraction,
         "seed": args.seed,
         "magnification": args.magnification,
+        "patient_id": args.patient_id,
     }

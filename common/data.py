@@ -15,7 +15,7 @@ import json
 import os
 import re
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +192,25 @@ def index_dataset(data_dir: str | os.PathLike) -> IndexedDataset:
     return dataset
 
 
+# BreaKHis patient folder IDs are a biopsy (accession) number plus, for some, letters: 14-22549AB, 14-22549CD and
+# 14-22549G are three folders of the dataset's 82 "patients" that share one number.
+ACCESSION_NUMBER = re.compile(r"^(\d+-\d+)[A-Za-z]*$")
+
+
+def accession_number(patient: str) -> str:
+    """14-22549AB -> 14-22549; an ID of another form is returned unchanged."""
+    match = ACCESSION_NUMBER.match(patient)
+    return match[1] if match else patient
+
+
+def group_patients(records: list[Record], patient_id: str) -> list[Record]:
+    """patient_id 'folder': BreaKHis's folder IDs as they are; 'accession': folders sharing a biopsy number become
+    one patient, so they land on one side of every split (stricter; also how per-patient rates are counted)."""
+    if patient_id == "folder":
+        return list(records)
+    return [replace(record, patient=accession_number(record.patient)) for record in records]
+
+
 def filter_magnification(records: list[Record], magnification: str) -> list[Record]:
     """Keep one magnification ('40', '100', '200', '400') or all ('all')."""
     if magnification == "all":
@@ -340,6 +359,8 @@ def describe_protocol(protocol: dict) -> str:
     """One line naming the split protocol, printed with every reported number."""
     mag = protocol["magnification"]
     where = "all magnifications" if mag == "all" else f"{mag}X"
+    if protocol.get("patient_id") == "accession":
+        where += ", patients by accession number"
     if protocol.get("max_images"):
         where += f", subsampled to at most {protocol['max_images']} images (--max-images)"
     if protocol["method"] == "fold":
@@ -408,14 +429,16 @@ def prepare_split(data_dir: str, output_dir: str | os.PathLike, protocol: dict) 
         print(f"skipped {len(dataset.skipped)} file(s) whose names do not follow the BreaKHis scheme, "
               f"e.g. {dataset.skipped[0]}")
     records = filter_magnification(dataset.records, protocol["magnification"])
+    records = group_patients(records, protocol.get("patient_id", "folder"))
     split_path = Path(output_dir) / SPLIT_FILE_NAME
     if not split_path.exists():
         split = make_split(records, dataset.root, protocol)
         save_split(split_path, split)
         return split
     split = load_split(split_path)
-    changed = [f"{key}: split file {split.protocol.get(key)!r}, this run {value!r}"
-               for key, value in protocol.items() if split.protocol.get(key) != value]
+    saved = {"patient_id": "folder", **split.protocol}  # split files older than --patient-id used folder IDs
+    changed = [f"{key}: split file {saved.get(key)!r}, this run {value!r}"
+               for key, value in protocol.items() if saved.get(key) != value]
     if changed:
         raise PipelineError(f"{split_path} was made with other split options ({'; '.join(changed)}); "
                             "pass the same options or use another --output-dir")

@@ -19,8 +19,9 @@ from PIL import Image
 
 from common.cli import parse_args, split_protocol
 from common.data import (
-    describe_protocol,
     Record,
+    accession_number,
+    describe_protocol,
     filter_magnification,
     index_dataset,
     load_split,
@@ -48,7 +49,8 @@ SUBTYPE_OF = {"14-10000AB": "A", "14-10100AB": "F", "14-10200AB": "PT", "14-1030
 
 def protocol(**overrides) -> dict:
     """A split protocol as `common.cli.split_protocol` makes it (the parser's defaults)."""
-    base = dict(method="patient", fold_file=None, val_fraction=0.1, test_fraction=0.2, seed=0, magnification="all")
+    base = dict(method="patient", fold_file=None, val_fraction=0.1, test_fraction=0.2, seed=0, magnification="all",
+                patient_id="folder")
     return {**base, **overrides}
 
 
@@ -422,6 +424,30 @@ def test_prepare_split_writes_once_and_reuses(demo_dir, tmp_path):
     assert second.root == demo_dir.resolve()
     loaded = load_split(split_path)
     assert (loaded.records, loaded.splits, loaded.protocol) == (first.records, first.splits, first.protocol)
+
+
+def test_accession_number():
+    assert accession_number("14-22549AB") == accession_number("14-22549G") == "14-22549"
+    assert accession_number("14-2523") == "14-2523" and accession_number("14-15687B") == "14-15687"
+    assert accession_number("image:benign/x.png") == "image:benign/x.png" and accession_number("P7") == "P7"
+
+
+def test_patient_id_accession_keeps_folders_of_one_biopsy_number_together(demo_dir, tmp_path):
+    """Rename patient 14-10100AB's files to 14-10000CD: with --patient-id accession it joins 14-10000AB."""
+    data = copy_demo(demo_dir, tmp_path)
+    for path in list(data.rglob("*14-10100AB*")):
+        if path.is_file():
+            path.rename(path.with_name(path.name.replace("14-10100AB", "14-10000CD")))
+    by_folder = prepare_split(str(data), tmp_path / "folder", protocol(val_fraction=0.25, test_fraction=0.25))
+    assert {"14-10000AB", "14-10000CD"} <= {r.patient for r in by_folder.records}
+    options = protocol(val_fraction=0.25, test_fraction=0.25, patient_id="accession")
+    by_accession = prepare_split(str(data), tmp_path / "accession", options)
+    assert {r.patient for r in by_accession.records if r.label == 0} == {"14-10000", "14-10200", "14-10300"}
+    sides = {split for record, split in zip(by_accession.records, by_accession.splits) if record.patient == "14-10000"}
+    assert len(sides) == 1  # the 6 images of both folders on one side
+    assert "patients by accession number" in describe_protocol(by_accession.protocol)
+    with pytest.raises(PipelineError, match=r"other split options \(patient_id: split file 'accession', this run"):
+        prepare_split(str(data), tmp_path / "accession", protocol(val_fraction=0.25, test_fraction=0.25))
 
 
 def test_prepare_split_with_a_fold_file_is_reused(demo_dir, tmp_path):
