@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-BENCHMARKS = ("bench_gradcam.py", "bench_data.py", "bench_pipeline.py")
+BENCHMARKS = ("bench_gradcam.py", "bench_data.py", "bench_pipeline.py", "bench_checkpoint.py")
 
 
 def main() -> None:

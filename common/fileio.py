@@ -9,11 +9,14 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from common.errors import PipelineError
 
 
 def _current_umask() -> int:
@@ -41,6 +44,66 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 def save_torch(obj: dict, target: str | os.PathLike) -> None:
     with atomic_path(target) as temp_path:
         torch.save(obj, temp_path)
+
+
+def cpu_snapshot(obj, copies: dict | None = None):
+    """A deep copy of a (nested) checkpoint dict with every tensor copied to CPU memory: what the training loop
+    changes afterwards (parameters, optimizer moments, lists in state dicts) cannot reach the copy. An object met
+    twice (the same weights dict in two checkpoints) is copied once; `copies` maps id(original) -> copy."""
+    copies = {} if copies is None else copies
+    if id(obj) in copies:
+        return copies[id(obj)]
+    if isinstance(obj, torch.Tensor):
+        copy = obj.detach().to("cpu", copy=True)
+    elif isinstance(obj, dict):
+        copy = {key: cpu_snapshot(value, copies) for key, value in obj.items()}
+    elif isinstance(obj, (list, tuple)):
+        copy = type(obj)(cpu_snapshot(value, copies) for value in obj)
+    else:
+        return obj
+    copies[id(obj)] = copy
+    return copy
+
+
+class BackgroundWriter:
+    """Writes checkpoints on a thread while training goes on.
+
+    Why: after the network itself, writing the best checkpoint and the --resume state every epoch was the largest
+    item of a model script's profile (bench/README.md; VGG-16's state alone is 1.6 GB). `save` takes a CPU
+    snapshot (the only part the training loop waits for) and returns; the thread writes each file atomically,
+    so an interrupted write leaves the previous complete file. One write is in flight at a time: the next `save`
+    and `wait` wait for it and report its failure as a PipelineError naming the file. The thread is not a
+    daemon: on Ctrl-C or an error the interpreter lets the write finish before it exits.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._failure: str | None = None
+
+    def save(self, files: list[tuple[dict, Path]]) -> None:
+        """Write each (checkpoint dict, target) in order, after the previous call's files."""
+        self.wait()
+        copies = {}  # shared by the files: weights that appear in two of them are copied once
+        snapshots = [(cpu_snapshot(obj, copies), Path(target)) for obj, target in files]
+        self._thread = threading.Thread(target=self._write, args=(snapshots,), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, snapshots: list[tuple[dict, Path]]) -> None:
+        for obj, target in snapshots:
+            try:
+                save_torch(obj, target)
+            except Exception as error:  # disk full, permissions: reported by the training thread
+                self._failure = f"cannot write checkpoint {target}: {type(error).__name__}: {error}"
+                return
+
+    def wait(self) -> None:
+        """Block until the files of the last `save` are written."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise PipelineError(failure)
 
 
 def save_npz(target: str | os.PathLike, **arrays: np.ndarray) -> None:

@@ -28,7 +28,7 @@ from common.cli import parse_args, split_protocol
 from common.data import CLASS_NAMES, Split, describe_protocol, prepare_split, subsample_split, summarize_split
 from common.dataset import build_cache, make_batches
 from common.errors import PipelineError
-from common.fileio import save_torch, write_json
+from common.fileio import BackgroundWriter, write_json
 from common.heatmaps import export_heatmaps, heatmap_path
 from common.metrics import binary_metrics, metrics_table, selection_score, softmax
 from common.models import ARCHS, build_model
@@ -194,13 +194,14 @@ def state_path(output_dir: Path, arch: str) -> Path:
     return Path(output_dir) / f"training_state_{arch}.pth"
 
 
-def save_best_checkpoint(model: nn.Module, args: argparse.Namespace, split: Split, *, epoch: int,
-                         val_metrics: dict) -> None:
-    """fine_tuned_<arch>.pth: tensors and primitives only, so torch.load(weights_only=True) reads it."""
+def best_checkpoint(weights: dict[str, torch.Tensor], args: argparse.Namespace, split: Split, *, epoch: int,
+                    val_metrics: dict) -> dict:
+    """The contents of fine_tuned_<arch>.pth: tensors and primitives only, so torch.load(weights_only=True)
+    reads it."""
     spec = ARCHS[args.arch]
-    save_torch({
+    return {
         "format_version": CHECKPOINT_FORMAT_VERSION,
-        "model": {key: value.detach().cpu() for key, value in model.state_dict().items()},
+        "model": weights,
         "arch": args.arch,
         "class_names": list(CLASS_NAMES),
         "image_size": args.image_size,
@@ -213,7 +214,7 @@ def save_best_checkpoint(model: nn.Module, args: argparse.Namespace, split: Spli
         "config": vars(args).copy(),
         "split_digest": split.digest,
         "split_protocol": split.protocol,
-    }, checkpoint_path(args.output_dir, args.arch))
+    }
 
 
 def load_checkpoint(path: Path, arch: str | None = None, *, made_by: str = "its model script") -> dict:
@@ -311,6 +312,7 @@ def fit(model: nn.Module, args: argparse.Namespace, split: Split, runtime: Runti
                          device=device, seed=args.seed, cache=cache, rank=runtime.rank, world_size=runtime.world_size)
     train_batches = make_batches(split.root, split.records, split.indices("train"), train=True, **batch_options)
     val_batches = make_batches(split.root, split.records, split.indices("val"), train=False, **batch_options)
+    writer = BackgroundWriter()
     for epoch in range(start_epoch, args.epochs):
         started = time.perf_counter()
         train_metrics = train_one_epoch(trained, train_batches, optimizer, loss_fn, epoch=epoch, runtime=runtime,
@@ -326,13 +328,16 @@ def fit(model: nn.Module, args: argparse.Namespace, split: Split, runtime: Runti
             best_score = score
         if runtime.is_main:
             report_epoch(args, epoch, train_metrics, val_metrics, train_seconds, len(split.indices("train")), improved)
-            if improved:
-                save_best_checkpoint(model, args, split, epoch=epoch + 1, val_metrics=val_metrics)
-            save_torch({"model": model.state_dict(), "arch": args.arch, "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                        "best_score": list(best_score), "split_digest": split.digest,
-                        "image_size": args.image_size, "max_images": args.max_images}, state_path(output_dir, args.arch))
+            weights = model.state_dict()  # one dict in both files: the writer's snapshot copies it once
+            best = [(best_checkpoint(weights, args, split, epoch=epoch + 1, val_metrics=val_metrics),
+                     checkpoint_path(output_dir, args.arch))] if improved else []
+            state = {"model": weights, "arch": args.arch, "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                     "best_score": list(best_score), "split_digest": split.digest,
+                     "image_size": args.image_size, "max_images": args.max_images}
+            writer.save(best + [(state, state_path(output_dir, args.arch))])  # written while the next epoch trains
         runtime.barrier()
+    writer.wait()  # the heatmap export reads the best checkpoint back
 
 
 def report_epoch(args, epoch: int, train_metrics: dict, val_metrics: dict, seconds: float, train_images: int,

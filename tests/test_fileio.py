@@ -1,0 +1,81 @@
+"""Atomic writes and the background checkpoint writer: a file is the old complete one or the new complete one,
+a snapshot is immune to later training steps, and a failed write is reported as a one-line error naming the file.
+"""
+
+import os
+import threading
+
+import pytest
+import torch
+
+import common.fileio as fileio
+from common.errors import PipelineError
+from common.fileio import BackgroundWriter, atomic_path, cpu_snapshot, save_torch
+
+
+def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "result.pth"
+    save_torch({"value": torch.tensor(1)}, target)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_path(target) as temp_path:
+            temp_path.write_bytes(b"half a file")
+            raise RuntimeError("interrupted")
+    assert torch.load(target, weights_only=True)["value"] == 1
+    assert os.listdir(tmp_path) == ["result.pth"]  # no temporary file left
+
+
+def test_snapshot_is_a_deep_copy_that_later_steps_cannot_reach():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    live = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1, "best_score": [0.5, -1.0]}
+    snapshot = cpu_snapshot(live)
+    expected = {key: value.clone() for key, value in snapshot["model"].items()}
+    moment = snapshot["optimizer"]["state"][0]["exp_avg"].clone()
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()  # changes the parameters and the moments in place
+    live["best_score"][0] = 0.9
+    for key, value in expected.items():
+        assert torch.equal(snapshot["model"][key], value)
+        assert not torch.equal(model.state_dict()[key], value)
+    assert torch.equal(snapshot["optimizer"]["state"][0]["exp_avg"], moment)
+    assert snapshot["best_score"] == [0.5, -1.0] and snapshot["epoch"] == 1
+
+
+def test_background_writer_writes_in_order_while_the_caller_goes_on(tmp_path, monkeypatch):
+    released, started = threading.Event(), threading.Event()
+    real_save = fileio.save_torch
+
+    def slow_save(obj, target):  # the first file waits until the test lets it go
+        started.set()
+        released.wait(timeout=30)
+        real_save(obj, target)
+
+    monkeypatch.setattr(fileio, "save_torch", slow_save)
+    writer = BackgroundWriter()
+    weights = {"w": torch.arange(4.0)}
+    writer.save([(weights, tmp_path / "best.pth"), ({"epoch": 1}, tmp_path / "state.pth")])
+    weights["w"].add_(100)  # the caller goes on changing its tensors: the snapshot was taken before
+    assert started.wait(timeout=30)
+    assert not (tmp_path / "best.pth").exists()  # save() returned before the write finished
+    released.set()
+    writer.wait()
+    assert torch.equal(torch.load(tmp_path / "best.pth", weights_only=True)["w"], torch.arange(4.0))
+    assert torch.load(tmp_path / "state.pth", weights_only=True) == {"epoch": 1}
+    writer.save([({"epoch": 2}, tmp_path / "state.pth")])  # the next save replaces the file whole
+    writer.wait()
+    assert torch.load(tmp_path / "state.pth", weights_only=True) == {"epoch": 2}
+
+
+def test_background_writer_reports_a_failed_write_naming_the_file(tmp_path):
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("a file where the checkpoint folder should be")
+    writer = BackgroundWriter()
+    writer.save([({"epoch": 1}, blocked / "state.pth")])
+    with pytest.raises(PipelineError, match=r"^cannot write checkpoint .*not_a_folder/state\.pth: \w+Error"):
+        writer.wait()
+    writer.wait()  # reported once; the writer stays usable
+    writer.save([({"epoch": 1}, tmp_path / "state.pth")])
+    writer.wait()
+    assert torch.load(tmp_path / "state.pth", weights_only=True) == {"epoch": 1}
