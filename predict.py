@@ -92,7 +92,8 @@ def predict_batches(image_paths: list[Path], output_dir: Path, device: torch.dev
         maps = stack_maps(cams, classifier["grid_size"])
         features = standardize(build_features(maps, logits if classifier["features"] == "heatmaps+logits" else None))
         probabilities = malignant_probabilities(logits)
-        probabilities["final_mlp"] = softmax(mlp_logits(mlp, features, device))[:, 1]  # eval mode: row by row
+        # In eval mode batch norm uses its running statistics, so each image's P does not depend on its batch.
+        probabilities["final_mlp"] = softmax(mlp_logits(mlp, features, device))[:, 1]
         yield {"paths": paths, "logits": logits, "cams": cams, "probabilities": probabilities,
                "images": [resize_image(image, OVERLAY_SIZE) for image in images]}
 
@@ -145,10 +146,11 @@ def main(argv=None) -> None:
     # Overlays are written batch by batch (flat memory) into a staging folder that is moved into --out only when
     # every image has been read: a bad image stops the run with --out as it was.
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as staging:
+        overlay_names_in_order = iter(names)
         for batch in predict_batches(image_paths, output_dir, pick_device(args.device)):
             probabilities = batch["probabilities"]
             for row, path in enumerate(batch["paths"]):
-                overlay_name = names[len(rows) - 1]  # rows holds the header and the images before this one
+                overlay_name = next(overlay_names_in_order)
                 overlay_strip(batch["images"][row], {arch: batch["cams"][arch][row] for arch in MODEL_ORDER}).save(
                     Path(staging) / overlay_name, format="PNG")
                 verdict = "malignant" if probabilities["final_mlp"][row] >= 0.5 else "benign"

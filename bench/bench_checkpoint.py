@@ -11,8 +11,9 @@ AdamW moments, schedule) for --resume, each atomically, into a temporary folder.
 1. Blocked seconds per epoch end: how long the training loop waits (in line: both torch.save calls; background:
    the snapshot, plus any wait for the previous epoch's write).
 2. Wall seconds for the whole run (training + writes), median of interleaved repeats, and the ratio.
-On a CPU-only machine the writer thread shares the cores with the training steps, so the end-to-end gain here
-is a lower bound of what a GPU machine gets, where the CPU is mostly idle while the GPU trains.
+On a CPU-only machine the writer thread shares the cores and the memory bus with the training steps. On a GPU
+machine the CPU is mostly idle while the GPU trains, but the snapshot is then a device-to-host copy: measure it
+there rather than assume the gain.
 """
 
 import argparse
@@ -94,7 +95,7 @@ def main() -> None:
                          f"{medians['in line'].wall / medians['background'].wall:.2f}x"])
     print(f"\ncheckpoint writes: {args.epochs} epochs of {args.steps} training steps (64 px, batch 16, 1 thread), "
           f"best checkpoint + training state written every epoch; median of {args.repeats} interleaved repeats")
-    print(table(["arch", "MB per epoch", "epoch end s, in line", "epoch end s, background",
+    print(table(["arch", "MiB per epoch", "epoch end s, in line", "epoch end s, background",
                  "final wait s, background", "run s, in line", "run s, background", "in line / background"], rows))
     print("epoch end = what the training loop waits for (median over epoch ends; background: the snapshot plus "
           "any wait for the previous epoch's write); final wait = the last files still being written when "

@@ -88,7 +88,9 @@ STAGES = {
     ("dataset.py", "build_cache"): "decoded-image cache build (decode + resize, once)",
     ("transforms.py", "augment_batch"): "batch augmentation (flips + rotation)",
     ("transforms.py", "normalize_batch"): "eval normalisation",
-    ("fileio.py", "save_torch"): "checkpoint writes",
+    ("fileio.py", "cpu_snapshot"): "checkpoint snapshots (what the loop waits for)",
+    ("fileio.py", "wait"): "waits for the checkpoint writer thread",
+    ("fileio.py", "save_torch"): "checkpoint writes on this thread (the writer's is not profiled)",
     ("data.py", "prepare_split"): "indexing + split file",
 }
 

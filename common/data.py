@@ -321,8 +321,9 @@ def split_by_fold_file(records: list[Record], fold_file: str, *, val_fraction: f
             sides_of_patient[record.patient].add(split)
     on_both_sides = sorted(patient for patient, sides in sides_of_patient.items() if len(sides) == 2)
     if on_both_sides:
-        raise PipelineError(f"--fold-file {fold_file} puts patient(s) {', '.join(on_both_sides[:5])} on both its train "
-                            "and test sides; a patient-level evaluation needs each patient on one side")
+        raise PipelineError(f"--fold-file {fold_file} puts patient(s) {', '.join(on_both_sides[:5])} (as --patient-id "
+                            "groups them) on both its train and test sides; a patient-level evaluation needs each "
+                            "patient on one side")
     train_fraction = 1.0 - val_fraction
     val_of = assign_groups(patient_labels(train_records), {"train": train_fraction, "val": val_fraction}, seed)
     return [val_of[record.patient] if split == "train" else split for record, split in zip(records, fold_splits)]
@@ -410,7 +411,12 @@ def make_split(records: list[Record], root: Path, protocol: dict) -> Split:
         splits = split_by_patient(records, test_fraction=protocol["test_fraction"], **options)
     # Recorded with the split so that every table says when "patient-level" could not be what it seems.
     without_patient = sum(record.patient.startswith(NO_PATIENT_PREFIX) for record in records)
-    groups = "patient" if not without_patient else "image" if without_patient == len(records) else "partly image"
+    if without_patient == 0:
+        groups = "patient"
+    elif without_patient == len(records):
+        groups = "image"
+    else:
+        groups = "partly image"
     if without_patient and method == "patient":
         print(f"WARNING: {without_patient} of {len(records)} images have no patient ID (a plain folder pair, or a "
               "manifest without a patient column): each is its own group, so images of one patient may land on "

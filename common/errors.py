@@ -10,11 +10,11 @@ class PipelineError(Exception):
 
 def message_of(error: PipelineError) -> str:
     """The error's own message, also when a DataLoader worker raised it: torch re-raises a worker's exception
-    with the worker's whole traceback as its message, whose last line is `<module>.PipelineError: <message>`."""
+    with the worker's whole traceback as its message, which ends with `<module>.PipelineError: <message>`."""
     message = str(error).strip()
-    if "Original Traceback" in message:
-        last_line = message.splitlines()[-1]
-        message = last_line.removeprefix(f"{PipelineError.__module__}.{PipelineError.__qualname__}: ")
+    marker = f"{PipelineError.__module__}.{PipelineError.__qualname__}: "
+    if "Original Traceback" in message and marker in message:
+        message = message.rpartition(marker)[2]
     return message
 
 

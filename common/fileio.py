@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -58,7 +59,8 @@ def cpu_snapshot(obj, copies: dict | None = None):
     elif isinstance(obj, dict):
         copy = {key: cpu_snapshot(value, copies) for key, value in obj.items()}
     elif isinstance(obj, (list, tuple)):
-        copy = type(obj)(cpu_snapshot(value, copies) for value in obj)
+        values = [cpu_snapshot(value, copies) for value in obj]
+        copy = type(obj)(*values) if hasattr(obj, "_fields") else type(obj)(values)  # a namedtuple takes fields
     else:
         return obj
     copies[id(obj)] = copy
@@ -71,9 +73,10 @@ class BackgroundWriter:
     Why: after the network itself, writing the best checkpoint and the --resume state every epoch was the largest
     item of a model script's profile (bench/README.md; VGG-16's state alone is 1.6 GB). `save` takes a CPU
     snapshot (the only part the training loop waits for) and returns; the thread writes each file atomically,
-    so an interrupted write leaves the previous complete file. One write is in flight at a time: the next `save`
-    and `wait` wait for it and report its failure as a PipelineError naming the file. The thread is not a
-    daemon: on Ctrl-C or an error the interpreter lets the write finish before it exits.
+    so an interrupted write leaves the previous complete file. One write is in flight at a time: the next `save`,
+    `wait` or `check` (which does not block) report its failure as a PipelineError naming the file. Used as a
+    context manager, leaving the block waits for the last write. The thread is not a daemon: on Ctrl-C or an
+    error the interpreter lets the write finish before it exits.
     """
 
     def __init__(self):
@@ -96,6 +99,11 @@ class BackgroundWriter:
                 self._failure = f"cannot write checkpoint {target}: {type(error).__name__}: {error}"
                 return
 
+    def check(self) -> None:
+        """Without blocking: raise the failure of a write that has already ended."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+
     def wait(self) -> None:
         """Block until the files of the last `save` are written."""
         if self._thread is not None:
@@ -104,6 +112,21 @@ class BackgroundWriter:
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise PipelineError(failure)
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> bool:
+        """Wait for the last write. When another error ends the block, that error goes on, and a failed write is
+        printed rather than hiding it."""
+        if error_type is None:
+            self.wait()
+        else:
+            try:
+                self.wait()
+            except PipelineError as write_error:
+                print(f"error: {write_error}", file=sys.stderr)
+        return False
 
 
 def save_npz(target: str | os.PathLike, **arrays: np.ndarray) -> None:

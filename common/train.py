@@ -124,7 +124,7 @@ def train_one_epoch(model, batches, optimizer, loss_fn, *, epoch: int, runtime: 
     progress = tqdm(batches.batches(epoch), total=len(batches), desc=f"epoch {epoch + 1} train",
                     disable=not runtime.is_main, leave=False)
     for step, (images, labels, _indices) in enumerate(progress):
-        if len(labels) == 1:
+        if len(labels) == 1 and 0 < step == len(batches) - 1:
             # A last batch of one image: batch norm cannot normalise it where the maps are 1x1 (small --image-size),
             # and one image is a noisy step anyway. Skipped on every rank alike (their shards are equal), and a
             # different image each epoch, as the order is reshuffled.
@@ -312,32 +312,35 @@ def fit(model: nn.Module, args: argparse.Namespace, split: Split, runtime: Runti
                          device=device, seed=args.seed, cache=cache, rank=runtime.rank, world_size=runtime.world_size)
     train_batches = make_batches(split.root, split.records, split.indices("train"), train=True, **batch_options)
     val_batches = make_batches(split.root, split.records, split.indices("val"), train=False, **batch_options)
-    writer = BackgroundWriter()
-    for epoch in range(start_epoch, args.epochs):
-        started = time.perf_counter()
-        train_metrics = train_one_epoch(trained, train_batches, optimizer, loss_fn, epoch=epoch, runtime=runtime,
-                                        amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last)
-        train_seconds = time.perf_counter() - started
-        sync_buffers(model, runtime)
-        val_metrics = evaluate(model, val_batches, split, runtime=runtime, amp_dtype=amp_dtype,
-                               channels_last=channels_last)
-        scheduler.step()
-        score = selection_score(val_metrics)
-        improved = best_score is None or score > best_score
-        if improved:
-            best_score = score
-        if runtime.is_main:
-            report_epoch(args, epoch, train_metrics, val_metrics, train_seconds, len(split.indices("train")), improved)
-            weights = model.state_dict()  # one dict in both files: the writer's snapshot copies it once
-            best = [(best_checkpoint(weights, args, split, epoch=epoch + 1, val_metrics=val_metrics),
-                     checkpoint_path(output_dir, args.arch))] if improved else []
-            state = {"model": weights, "arch": args.arch, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                     "best_score": list(best_score), "split_digest": split.digest,
-                     "image_size": args.image_size, "max_images": args.max_images}
-            writer.save(best + [(state, state_path(output_dir, args.arch))])  # written while the next epoch trains
-        runtime.barrier()
-    writer.wait()  # the heatmap export reads the best checkpoint back
+    # Leaving the block waits for the last files: the heatmap export reads the best checkpoint back.
+    with BackgroundWriter() as writer:
+        for epoch in range(start_epoch, args.epochs):
+            started = time.perf_counter()
+            train_metrics = train_one_epoch(trained, train_batches, optimizer, loss_fn, epoch=epoch, runtime=runtime,
+                                            amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last)
+            train_seconds = time.perf_counter() - started
+            writer.check()  # a failed write of the last epoch's files stops the run now, not an epoch later
+            sync_buffers(model, runtime)
+            val_metrics = evaluate(model, val_batches, split, runtime=runtime, amp_dtype=amp_dtype,
+                                   channels_last=channels_last)
+            scheduler.step()
+            score = selection_score(val_metrics)
+            improved = best_score is None or score > best_score
+            if improved:
+                best_score = score
+            if runtime.is_main:
+                report_epoch(args, epoch, train_metrics, val_metrics, train_seconds, len(split.indices("train")),
+                             improved)
+                weights = model.state_dict()  # one dict in both files: the writer's snapshot copies it once
+                best = [(best_checkpoint(weights, args, split, epoch=epoch + 1, val_metrics=val_metrics),
+                         checkpoint_path(output_dir, args.arch))] if improved else []
+                state = {"model": weights, "arch": args.arch, "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                         "best_score": list(best_score), "split_digest": split.digest,
+                         "image_size": args.image_size, "max_images": args.max_images}
+                # Written while the next epoch trains.
+                writer.save(best + [(state, state_path(output_dir, args.arch))])
+            runtime.barrier()
 
 
 def report_epoch(args, epoch: int, train_metrics: dict, val_metrics: dict, seconds: float, train_images: int,

@@ -17,7 +17,7 @@ import common.dataset as dataset_module
 import common.transforms as transforms_module
 from common.data import filter_magnification, index_dataset
 from common.dataset import CachedBatches, build_cache, cache_key, load_rgb, make_batches
-from common.errors import PipelineError, run_main
+from common.errors import PipelineError, message_of, run_main
 from common.transforms import (IMAGENET_MEAN, IMAGENET_STD, affine_sampling_grid, augment_batch, random_flip_rotate,
                                resize_image)
 
@@ -183,8 +183,16 @@ def test_corrupt_png_read_in_a_worker_process_gives_one_line(demo_dir, tmp_path,
         run_main(read_everything)
     assert stopped.value.code == 2
     printed = capsys.readouterr().err
-    assert printed == f"error: cannot read image {bad}: " + printed.split(f"{bad}: ", 1)[1]
+    assert printed.startswith(f"error: cannot read image {bad}: ")
     assert printed.count("\n") == 1 and "Traceback" not in printed and "worker" not in printed
+
+
+def test_message_of_a_worker_error_keeps_the_whole_message():
+    wrapped = PipelineError("Caught PipelineError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                            "call last):\n  File \"x.py\", line 1, in <module>\ncommon.errors.PipelineError: "
+                            "cannot read image a.png: first line\nsecond line")
+    assert message_of(wrapped) == "cannot read image a.png: first line\nsecond line"
+    assert message_of(PipelineError("plain message")) == "plain message"
 
 
 # ------------------------------------------------------------------------------------ batch augmentation

@@ -58,7 +58,9 @@ def test_background_writer_writes_in_order_while_the_caller_goes_on(tmp_path, mo
     writer.save([(weights, tmp_path / "best.pth"), ({"epoch": 1}, tmp_path / "state.pth")])
     weights["w"].add_(100)  # the caller goes on changing its tensors: the snapshot was taken before
     assert started.wait(timeout=30)
-    assert not (tmp_path / "best.pth").exists()  # save() returned before the write finished
+    assert not (tmp_path / "best.pth").exists()  # save() returned before the write finished ...
+    assert not (tmp_path / "state.pth").exists()  # ... and the second file waits for the first
+    writer.check()  # does not block on the write in flight
     released.set()
     writer.wait()
     assert torch.equal(torch.load(tmp_path / "best.pth", weights_only=True)["w"], torch.arange(4.0))
@@ -79,3 +81,26 @@ def test_background_writer_reports_a_failed_write_naming_the_file(tmp_path):
     writer.save([({"epoch": 1}, tmp_path / "state.pth")])
     writer.wait()
     assert torch.load(tmp_path / "state.pth", weights_only=True) == {"epoch": 1}
+
+
+def test_leaving_the_block_after_another_error_keeps_that_error_and_prints_the_failed_write(tmp_path, capsys):
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("a file where the checkpoint folder should be")
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        with BackgroundWriter() as writer:
+            writer.save([({"epoch": 1}, blocked / "state.pth")])
+            raise FloatingPointError("loss became nan")
+    assert capsys.readouterr().err.startswith(f"error: cannot write checkpoint {blocked / 'state.pth'}")
+    with pytest.raises(PipelineError, match="cannot write checkpoint"):  # no other error: the failure is raised
+        with BackgroundWriter() as writer:
+            writer.save([({"epoch": 1}, blocked / "state.pth")])
+
+
+def test_check_raises_a_failure_once_the_write_has_ended(tmp_path):
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("not a folder")
+    writer = BackgroundWriter()
+    writer.save([({"epoch": 1}, blocked / "state.pth")])
+    writer._thread.join()  # the write has ended (failed)
+    with pytest.raises(PipelineError, match="cannot write checkpoint"):
+        writer.check()

@@ -258,6 +258,25 @@ def test_a_last_training_batch_of_one_image_is_skipped_not_a_crash():
     assert result["loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_batches_of_one_image_train_except_the_last():
+    """--batch-size 1: every batch holds one image; only the epoch's last one is skipped (not all of them)."""
+    from common.train import Runtime, train_one_epoch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    images, labels = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 1])
+    batches = ListedBatches([(images[i:i + 1], labels[i:i + 1], torch.tensor([i])) for i in range(3)])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = []
+    original_step = optimizer.step
+    optimizer.step = lambda *args, **kwargs: (steps.append(1), original_step(*args, **kwargs))[1]
+    result = train_one_epoch(model, batches, optimizer, torch.nn.CrossEntropyLoss(), epoch=0,
+                             runtime=Runtime(torch.device("cpu")), amp_dtype=None,
+                             scaler=torch.amp.GradScaler("cpu", enabled=False), channels_last=False)
+    assert len(steps) == 2 and np.isfinite(result["loss"])
+
+
 @pytest.mark.parametrize("corruption", ["garbage", "truncated"])
 def test_resume_with_a_corrupt_training_state_is_a_clear_error(demo_dir, tmp_path, corruption):
     state = tmp_path / "training_state_densenet121.pth"
