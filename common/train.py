@@ -260,8 +260,9 @@ def resume_training(path: Path, model, optimizer, scheduler, scaler, *, args: ar
         raise PipelineError(f"--resume: no training state {path} to resume from (start without --resume)")
     state = load_checkpoint(path)
     # A state trained on another split may have learned from this split's test patients.
+    # max_images is in the protocol only when --max-images really subsampled (it keeps the full split's digest).
     if (state.get("split_digest"), state.get("image_size"), state.get("max_images")) != \
-            (split.digest, args.image_size, args.max_images):
+            (split.digest, args.image_size, split.protocol.get("max_images")):
         raise PipelineError(f"--resume: {path} was trained on another split or image size than this run's "
                             "(split.json, --image-size, --max-images); start without --resume")
     model.load_state_dict(state["model"])
@@ -337,7 +338,7 @@ def fit(model: nn.Module, args: argparse.Namespace, split: Split, runtime: Runti
                 state = {"model": weights, "arch": args.arch, "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                          "best_score": list(best_score), "split_digest": split.digest,
-                         "image_size": args.image_size, "max_images": args.max_images}
+                         "image_size": args.image_size, "max_images": split.protocol.get("max_images")}
                 # Written while the next epoch trains.
                 writer.save(best + [(state, state_path(output_dir, args.arch))])
             runtime.barrier()

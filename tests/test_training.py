@@ -224,6 +224,11 @@ def test_resume_continues_at_the_next_epoch(demo_dir, tmp_path):
                             expect_ok=False)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert "another split" in result.stderr.strip().splitlines()[-1]
+    # --max-images above the dataset's size subsamples nothing: the same images, so resuming is fine.
+    torch.save(after_two, tmp_path / "training_state_densenet121.pth")
+    result = run_script("densenet121", demo_dir, tmp_path, "--overlays", "0", "--epochs", "3", "--resume",
+                        "--max-images", "1000")
+    assert "resuming densenet121 after epoch 2 of 3" in result.stdout
 
 
 class ListedBatches:
