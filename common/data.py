@@ -435,7 +435,7 @@ def prepare_split(data_dir: str, output_dir: str | os.PathLike, protocol: dict) 
         print(f"skipped {len(dataset.skipped)} file(s) whose names do not follow the BreaKHis scheme, "
               f"e.g. {dataset.skipped[0]}")
     records = filter_magnification(dataset.records, protocol["magnification"])
-    records = group_patients(records, protocol.get("patient_id", "folder"))
+    records = group_patients(records, protocol["patient_id"])
     split_path = Path(output_dir) / SPLIT_FILE_NAME
     if not split_path.exists():
         split = make_split(records, dataset.root, protocol)

@@ -25,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common.cli import parse_args, split_protocol
-from common.data import CLASS_NAMES, Split, describe_protocol, prepare_split, subsample_split, summarize_split
+from common.data import (CLASS_NAMES, SPLIT_FILE_NAME, Split, describe_protocol, prepare_split, subsample_split,
+                         summarize_split)
 from common.dataset import build_cache, make_batches
 from common.errors import PipelineError
 from common.fileio import BackgroundWriter, write_json
@@ -175,9 +176,9 @@ def evaluate(model, batches, split: Split, *, runtime: Runtime, amp_dtype, chann
     """Loss and every metric of `binary_metrics` over the images of `batches`."""
     indices, logits = predict_logits(model, batches, runtime=runtime, amp_dtype=amp_dtype,
                                      channels_last=channels_last, desc="validate")
-    labels = np.array([split.records[i].label for i in indices])
-    loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
     records = [split.records[i] for i in indices]
+    labels = np.array([record.label for record in records])
+    loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
     metrics = binary_metrics(labels, softmax(logits)[:, 1], [r.patient for r in records],
                              [r.magnification for r in records])
     return {"loss": loss, **metrics}
@@ -368,7 +369,7 @@ def export_and_report(args: argparse.Namespace, split: Split, runtime: Runtime, 
     checkpoint = load_checkpoint(checkpoint_path(output_dir, args.arch), args.arch)
     if checkpoint["split_digest"] != split.digest:
         raise PipelineError(f"{checkpoint_path(output_dir, args.arch)} was trained on another split than "
-                            f"{output_dir / 'split.json'}; retrain it in this output dir")
+                            f"{output_dir / SPLIT_FILE_NAME}; retrain it in this output dir")
     model = model_from_checkpoint(checkpoint)
     arrays = export_heatmaps(model, args.arch, split, heatmap_path(output_dir, args.arch),
                              image_size=checkpoint["image_size"], batch_size=args.batch_size, workers=args.workers,

@@ -48,16 +48,17 @@ def build_transforms(*, train: bool, image_size: int) -> T.Compose:
     return T.Compose(steps)
 
 
-def _normalize_unit(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) float in [0, 1] -> ImageNet-normalised, in place."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return images.sub_(mean).div_(std)
+def imagenet_mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as (1, 3, 1, 1) tensors on `device`, to broadcast over (B, 3, H, W) batches."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return mean, std
 
 
 def normalize_batch(images_uint8: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32, ImageNet-normalised, on the same device."""
-    return _normalize_unit(images_uint8.permute(0, 3, 1, 2).float().div_(255.0))
+    mean, std = imagenet_mean_std(images_uint8.device)
+    return images_uint8.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean).div_(std)
 
 
 def affine_sampling_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -108,8 +109,7 @@ def augment_batch(images_uint8: torch.Tensor, generator: torch.Generator | None 
     device = images_uint8.device
     theta = random_flip_rotate(batch, generator, device)
     # (x / 255 - mean) / std as one multiply-add, x * (1 / (255 std)) - mean / std; the black fill stays x = 0.
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean, std = imagenet_mean_std(device)
     shift, scale = -mean / std, 1.0 / (255.0 * std)
     chunk = max(1, CPU_CHUNK_BYTES // (3 * height * width * 4)) if device.type == "cpu" else batch
     augmented = torch.empty(batch, 3, height, width, device=device)
