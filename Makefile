@@ -1,10 +1,11 @@
 # The two set-up commands: `make demo` (the whole pipeline on synthetic data) and `make test`.
+# Installs use constraints.txt: the exact versions the suite last passed with (requirements.txt keeps ranges).
 PYTHON ?= python3
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench lock
 
 install:
-	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q -r requirements.txt -c constraints.txt
 
 demo: install
 	$(PYTHON) run_pipeline.py --demo
@@ -14,3 +15,8 @@ test: install
 
 bench: install
 	$(PYTHON) bench/run_all.py
+
+# Re-resolve requirements.txt in a brand-new virtual environment and write what it installed to constraints.txt.
+# Run `make test` afterwards: the file then records versions the suite has passed with.
+lock:
+	bash .ci/lock
