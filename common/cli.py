@@ -10,6 +10,7 @@ DEFAULTS = dict(
     optimizer="adamw", image_size=224, magnification="all", split="patient", fold_file=None, val_fraction=0.1,
     test_fraction=0.2, seed=0, device="auto", workers=min(8, os.cpu_count() or 1), class_weights="balanced",
     cache="disk", max_images=None, cam_target="predicted", overlays=8, amp=True, patient_id="folder",
+    keep_training_state=False,
 )
 
 
@@ -54,6 +55,9 @@ def build_parser(*, arch: str, description: str, **script_defaults) -> argparse.
                           help="turn off mixed precision on CUDA (bf16 where supported, else fp16)")
     training.add_argument("--resume", action="store_true",
                           help="continue the interrupted run in --output-dir from its last completed epoch")
+    training.add_argument("--keep-training-state", action="store_true",
+                          help="keep training_state_<arch>.pth after the last epoch (for extending the run with "
+                               "--resume --epochs N); by default a finished run removes it")
 
     heatmaps = parser.add_argument_group("Grad-CAM heatmaps")
     heatmaps.add_argument("--heatmaps-only", action="store_true",

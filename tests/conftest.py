@@ -43,6 +43,4 @@ def pipeline_run(tmp_path_factory, demo_dir) -> Path:
                                os.path.relpath(demo_dir, base), "--output-dir", "pipeline_run", *PIPELINE_ARGS],
                               cwd=base, capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, f"run_pipeline.py failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}"
-    for state in run_dir.glob("training_state_*.pth"):  # --resume state, ~2 GB with VGG-16's optimiser; unused
-        state.unlink()
     return run_dir
