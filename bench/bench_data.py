@@ -8,11 +8,15 @@
      plain   make_batches(cache=None): per image PNG decode + PIL resize/flips/rotation + ToTensor/Normalize;
      cached  make_batches(cache=...): gather uint8 rows from the decoded cache + augment_batch on the device,
              here the CPU itself (flips + bilinear rotation by grid_sample, a few images per call on a CPU);
-     cached, host side only: the same loop with augmentation left to the device, i.e. the CPU's share of
-             the work when training on a GPU (gather + tensor; the augmentation then runs on the GPU);
+     cached, gather only: the same loop with the augmentation call replaced by the identity. It measures
+             only the CPU's share of the work (gather + tensor) that remains when a GPU does the augmentation;
+             no GPU work is measured here, so it is a bound on the host side, not a GPU figure
+             (bench/gpu_check.py measures the GPU path on a GPU);
    plus the one-time cost of building the cache (build_cache(mode='memory'), one core).
-2. Train-step overhead: one epoch of ResNet-50 at 64 px (batch 32, AdamW, common.train.train_one_epoch) fed
-   by the cached pipeline vs the same steps over the same batches already in memory. ResNet-50 is one of the
+2. Train-step overhead, with this CPU as the training device: one epoch of ResNet-50 at 64 px (batch 32,
+   AdamW, common.train.train_one_epoch) fed by the cached pipeline vs the same steps over the same batches
+   already in memory. A CPU step of ~1 s hides almost any data cost, so this says little about a GPU, where
+   steps take milliseconds (bench/gpu_check.py measures the share of GPU step time spent waiting for data). ResNet-50 is one of the
    pipeline's own models; 64 px keeps a CPU epoch short, and the data and the model costs both scale with the
    pixel count, so their ratio is about the one at 224 px on the same device. A tiny 3-layer CNN is shown
    too, as a stress case where the model is nearly free and any data cost shows.
@@ -66,8 +70,9 @@ def run_epoch(batches, epoch: int = 0, limit: int | None = None) -> int:
 
 
 @contextlib.contextmanager
-def augmentation_left_to_device():
-    """CachedBatches without its augmentation call: what the host does when the augmentation runs on a GPU."""
+def augmentation_replaced_by_identity():
+    """CachedBatches with its augmentation call replaced by the identity: the CPU share left when a GPU augments
+    (the GPU's own work is not measured)."""
     original = dataset_module.augment_batch
     dataset_module.augment_batch = lambda pixels, generator=None: pixels
     try:
@@ -92,18 +97,18 @@ def bench_throughput(args) -> None:
     build_wall, build_cpu = time.perf_counter() - wall_start, time.process_time() - cpu_start
     cached = make_batches(root, records, indices, cache=cache, **common)
 
-    def host_only():
-        with augmentation_left_to_device():
+    def gather_only():
+        with augmentation_replaced_by_identity():
             return run_epoch(cached)
 
     medians = interleaved_medians({
         "plain": lambda: run_epoch(plain, limit=plain_batches),
         "cached": lambda: run_epoch(cached),
-        "host": host_only,
+        "host": gather_only,
     }, repeats=args.repeats)
     counts = {"plain": min(plain_batches * 32, len(records)), "cached": len(records), "host": len(records)}
     labels = {"plain": "plain (decode + PIL per image)", "cached": "cached, augmentation on this CPU",
-              "host": "cached, host side only (augment on GPU)"}
+              "host": "cached, gather only: no augmentation (not a GPU figure)"}
     rows = []
     for name, label in labels.items():
         cpu_rate = counts[name] / medians[name].cpu
@@ -175,8 +180,9 @@ def bench_train_overhead(args) -> None:
                          f"{seconds['pipeline'] / seconds['ready']:.3f}x", f"{1000 * seconds['data'] / len(ready):.1f}",
                          f"{1000 * seconds['ready'] / len(ready):.0f}",
                          f"{(seconds['ready'] + seconds['data']) / seconds['ready']:.3f}x"])
-    print(f"\n2. train-step overhead: {args.train_steps} steps of batch {batch_size}, {torch.get_num_threads()} "
-          f"thread(s), cached pipeline (augmentation on the CPU) vs ready tensors, median of interleaved repeats")
+    print(f"\n2. train-step overhead, the CPU as training device: {args.train_steps} steps of batch {batch_size}, "
+          f"{torch.get_num_threads()} thread(s), cached pipeline (augmentation on the CPU) vs ready tensors, median "
+          "of interleaved repeats (a CPU step hides most data cost: not a GPU figure)")
     print(table(["model", "clock", "pipeline s", "ready s", "ratio", "data ms/step", "step ms",
                  "(step+data)/step"], rows))
     print("ratio = measured epochs; (step+data)/step = the same from the parts (data-only epochs timed alone), "
