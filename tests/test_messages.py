@@ -1,0 +1,77 @@
+"""What the scripts tell a person: every --help option shows its default (or says it is required)."""
+
+import argparse
+import importlib
+import sys
+
+import pytest
+
+SCRIPTS = ("cancer_class_densenet_121", "cancer_class_resnet_50", "cancer_class_vgg_16", "cancer_class_further",
+           "predict", "make_report", "run_pipeline")
+
+
+def script_parser(script: str, monkeypatch) -> argparse.ArgumentParser:
+    """The parser a script's main() builds, caught where it starts parsing (so nothing else runs)."""
+    class Caught(Exception):
+        pass
+
+    def catch(parser, *_args, **_kwargs):
+        raise Caught(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", catch)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py"])
+    with pytest.raises(Caught) as caught:
+        importlib.import_module(script).main()
+    monkeypatch.undo()
+    return caught.value.args[0]
+
+
+def option_help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    """The option's help text as --help prints it (defaults filled in), on one line."""
+    return " ".join(parser._get_formatter()._expand_help(action).split())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_every_default_or_says_required(script, monkeypatch):
+    parser = script_parser(script, monkeypatch)
+    options = [action for action in parser._actions if action.option_strings and action.help != argparse.SUPPRESS]
+    for action in options:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        text = option_help(parser, action)
+        name = action.option_strings[-1]
+        assert text, f"{script} {name} has no help"
+        assert "(default: None)" not in text, f"{script} {name}: {text}"
+        if action.required:
+            assert text.endswith("(required)"), f"{script} {name}: {text}"
+        elif action.nargs == 0:  # a flag: off unless given; "(default: False)" or "(default: True)" misleads
+            assert "(default: True)" not in text and "(default: False)" not in text, f"{script} {name}: {text}"
+        elif action.default is not None:
+            assert "(default: " in text and f"{action.default})" in text, f"{script} {name}: {text}"
+        else:  # None: the text says what leaving it out means
+            assert "(default: " in text or "required" in text, f"{script} {name}: {text}"
+        assert text.count("default") <= 1, f"{script} {name} shows two defaults: {text}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_keeps_the_docstrings_example_commands_one_per_line(script, monkeypatch):
+    module = importlib.import_module(script)
+    commands = [line for line in module.__doc__.splitlines() if line.strip().startswith(("python ", "torchrun "))]
+    assert commands
+    help_lines = script_parser(script, monkeypatch).format_help().splitlines()
+    for command in commands:
+        assert command in help_lines
+
+
+def test_no_amp_help_says_mixed_precision_is_on_without_it(monkeypatch):
+    parser = script_parser("cancer_class_resnet_50", monkeypatch)
+    no_amp = next(action for action in parser._actions if "--no-amp" in action.option_strings)
+    text = option_help(parser, no_amp)
+    assert "(default: True)" not in text
+    assert "float32" in text and "without this flag CUDA uses mixed precision" in text
+
+
+def test_data_dir_help_names_every_manifest_column(monkeypatch):
+    parser = script_parser("cancer_class_resnet_50", monkeypatch)
+    data_dir = next(action for action in parser._actions if "--data-dir" in action.option_strings)
+    assert "path,label[,patient,magnification,subtype]" in option_help(parser, data_dir)
