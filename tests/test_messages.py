@@ -1,10 +1,16 @@
-"""What the scripts tell a person: every --help option shows its default (or says it is required)."""
+"""What the scripts tell a person: every --help option shows its default (or says it is required), and progress
+written to a log file or pipe is a few plain lines, not a carriage-return bar."""
 
 import argparse
 import importlib
 import sys
 
+import numpy as np
 import pytest
+import torch
+
+from common.console import PlainProgress, progress
+from common.fusion import train_mlp
 
 SCRIPTS = ("cancer_class_densenet_121", "cancer_class_resnet_50", "cancer_class_vgg_16", "cancer_class_further",
            "predict", "make_report", "run_pipeline")
@@ -75,3 +81,41 @@ def test_data_dir_help_names_every_manifest_column(monkeypatch):
     parser = script_parser("cancer_class_resnet_50", monkeypatch)
     data_dir = next(action for action in parser._actions if "--data-dir" in action.option_strings)
     assert "path,label[,patient,magnification,subtype]" in option_help(parser, data_dir)
+
+
+def test_progress_to_a_pipe_is_a_few_plain_lines(capsys):
+    shown = progress(range(1000), total=1000, desc="epoch 1 train")
+    for step in shown:
+        shown.set_postfix(loss=f"{1 / (step + 1):.4f}")
+    printed = capsys.readouterr().err
+    assert "\r" not in printed
+    lines = printed.splitlines()
+    assert lines == ["epoch 1 train: 250/1000 (25 %) loss=0.0040", "epoch 1 train: 500/1000 (50 %) loss=0.0020",
+                     "epoch 1 train: 750/1000 (75 %) loss=0.0013", "epoch 1 train: 1000/1000 (100 %) loss=0.0010"]
+
+
+def test_progress_of_a_short_loop_prints_each_quarter_once(capsys):
+    for _ in progress(range(3), total=3, desc="validate"):
+        pass
+    assert capsys.readouterr().err.splitlines() == ["validate: 1/3 (33 %)", "validate: 2/3 (66 %)",
+                                                    "validate: 3/3 (100 %)"]
+
+
+def test_progress_without_a_length_prints_only_by_time(capsys):
+    assert list(PlainProgress(iter(range(5)), total=None, desc="export")) == list(range(5))
+    assert capsys.readouterr().err == ""  # a 60 s interval: none within this loop
+    list(PlainProgress(iter(range(2)), total=None, desc="export", interval=0))
+    assert capsys.readouterr().err.splitlines() == ["export: 1", "export: 2"]
+
+
+def test_mlp_training_progress_to_a_pipe_has_no_carriage_returns(capsys):
+    generator = np.random.default_rng(0)
+    features = generator.normal(size=(40, 8)).astype(np.float32)
+    labels = np.arange(40) % 2
+    patients = np.array([f"p{row // 4}" for row in range(40)])
+    train_mlp(features, labels, patients, np.arange(32), np.arange(32, 40), hidden_sizes=[4], dropout=0.0,
+              epochs=12, batch_size=8, lr=1e-2, weight_decay=0.0, optimizer="adamw", seed=0,
+              device=torch.device("cpu"), desc="MLP on heatmaps")
+    printed = capsys.readouterr().err
+    assert "\r" not in printed
+    assert printed.splitlines() == [f"MLP on heatmaps: {epoch}/12 ({epoch * 100 // 12} %)" for epoch in (3, 6, 9, 12)]
