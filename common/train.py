@@ -28,7 +28,7 @@ from common.console import progress
 from common.data import (CLASS_NAMES, SPLIT_FILE_NAME, Split, describe_protocol, prepare_split, subsample_split,
                          summarize_split)
 from common.dataset import build_cache, make_batches
-from common.errors import PipelineError
+from common.errors import Interrupted, PipelineError
 from common.fileio import BackgroundWriter, write_json
 from common.heatmaps import export_heatmaps, heatmap_path
 from common.metrics import binary_metrics, metrics_table, selection_score, softmax
@@ -422,9 +422,22 @@ def run_model_script(*, arch: str, description: str, argv: list[str] | None = No
         if runtime.is_main:
             print_results(export_and_report(args, split, runtime, cache))
         runtime.barrier()
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(args)) from None
     finally:
         if runtime.distributed:
             dist.destroy_process_group()
+
+
+def interrupted_message(args: argparse.Namespace) -> str:
+    """After a Ctrl-C: what the run leaves behind and how to go on."""
+    output_dir = Path(args.output_dir)
+    if args.heatmaps_only:
+        return f"{checkpoint_path(output_dir, args.arch)} is unchanged; rerun the same command to export the heatmaps"
+    state = state_path(output_dir, args.arch)
+    if state.is_file():  # written after every completed epoch (on Ctrl-C the write in flight finishes first)
+        return f"{state} holds the last completed epoch; rerun with --resume to continue from it"
+    return f"no {args.arch} epoch was completed, so there is nothing to resume; rerun the same command"
 
 
 def main_rank_first(runtime: Runtime, make):

@@ -1,5 +1,6 @@
-"""What the scripts tell a person: every --help option shows its default (or says it is required), and progress
-written to a log file or pipe is a few plain lines, not a carriage-return bar."""
+"""What the scripts tell a person: the message after Ctrl-C says what applies to that script, every --help option
+shows its default (or says it is required), and progress written to a log file or pipe is a few plain lines,
+not a carriage-return bar."""
 
 import argparse
 import importlib
@@ -9,11 +10,57 @@ import numpy as np
 import pytest
 import torch
 
+import cancer_class_further
+from common import train
 from common.console import PlainProgress, progress
+from common.errors import run_main
 from common.fusion import train_mlp
 
 SCRIPTS = ("cancer_class_densenet_121", "cancer_class_resnet_50", "cancer_class_vgg_16", "cancer_class_further",
            "predict", "make_report", "run_pipeline")
+
+
+def interrupted_stderr(main, capsys) -> str:
+    """What run_main prints when `main` is stopped by Ctrl-C (exit status 130)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run_main(main)
+    assert stopped.value.code == 130
+    printed = capsys.readouterr().err
+    assert printed.startswith("interrupted: ") and printed.count("\n") == 1, printed
+    return printed
+
+
+def ctrl_c(*_args, **_kwargs):
+    raise KeyboardInterrupt
+
+
+def test_interrupted_further_says_earlier_results_are_intact(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cancer_class_further, "load_inputs", ctrl_c)
+    printed = interrupted_stderr(lambda: cancer_class_further.main(["--output-dir", str(tmp_path)]), capsys)
+    assert "intact" in printed and "rerun" in printed
+    assert "--resume" not in printed  # cancer_class_further.py has no --resume
+
+
+@pytest.mark.parametrize("epochs_completed", [0, 1])
+def test_interrupted_model_script_offers_resume_only_with_a_training_state(demo_dir, tmp_path, monkeypatch, capsys,
+                                                                           epochs_completed):
+    state = train.state_path(tmp_path, "resnet50")
+
+    def fit_stopped_by_ctrl_c(*_args, **_kwargs):
+        if epochs_completed:
+            state.write_bytes(b"the state of a completed epoch")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "build_model", lambda *args, **kwargs: None)  # fit, which would use it, is replaced
+    monkeypatch.setattr(train, "fit", fit_stopped_by_ctrl_c)
+    argv = ["--data-dir", str(demo_dir), "--output-dir", str(tmp_path), "--weights", "none", "--cache", "none",
+            "--workers", "0", "--val-fraction", "0.25", "--test-fraction", "0.25"]
+    printed = interrupted_stderr(lambda: train.run_model_script(arch="resnet50", description="", argv=argv), capsys)
+    if epochs_completed:
+        assert f"{state} holds the last completed epoch; rerun with --resume" in printed
+    else:
+        assert "no resnet50 epoch was completed" in printed and "--resume" not in printed
 
 
 def script_parser(script: str, monkeypatch) -> argparse.ArgumentParser:
