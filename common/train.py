@@ -409,6 +409,9 @@ def run_model_script(*, arch: str, description: str, argv: list[str] | None = No
         # The first script to run writes the split; the others (and the other ranks) read it.
         split = main_rank_first(runtime, lambda: prepare_split(args.data_dir, output_dir, split_protocol(args)))
         if args.max_images:
+            if args.max_images >= len(split.records) and runtime.is_main:
+                print(f"note: --max-images {args.max_images} is not below the dataset's {len(split.records)} "
+                      "images: all of them are used")
             split = subsample_split(split, args.max_images, args.seed)
         if runtime.is_main:
             print(f"split protocol: {describe_protocol(split.protocol)}\n{summarize_split(split)}")

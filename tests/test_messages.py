@@ -1,6 +1,6 @@
 """What the scripts tell a person: the message after Ctrl-C says what applies to that script, every --help option
-shows its default (or says it is required), and progress written to a log file or pipe is a few plain lines,
-not a carriage-return bar."""
+shows its default (or says it is required), --max-images above the dataset's size says so, and progress
+written to a log file or pipe is a few plain lines, not a carriage-return bar."""
 
 import argparse
 import importlib
@@ -13,7 +13,7 @@ import torch
 import cancer_class_further
 from common import train
 from common.console import PlainProgress, progress
-from common.errors import run_main
+from common.errors import PipelineError, run_main
 from common.fusion import train_mlp
 
 SCRIPTS = ("cancer_class_densenet_121", "cancer_class_resnet_50", "cancer_class_vgg_16", "cancer_class_further",
@@ -128,6 +128,18 @@ def test_data_dir_help_names_every_manifest_column(monkeypatch):
     parser = script_parser("cancer_class_resnet_50", monkeypatch)
     data_dir = next(action for action in parser._actions if "--data-dir" in action.option_strings)
     assert "path,label[,patient,magnification,subtype]" in option_help(parser, data_dir)
+
+
+@pytest.mark.parametrize("max_images, note_expected", [(1000, True), (10, False)])
+def test_max_images_above_the_dataset_size_says_so(demo_dir, tmp_path, capsys, max_images, note_expected):
+    # --heatmaps-only without a checkpoint stops (with its own error) right after the split is made.
+    argv = ["--data-dir", str(demo_dir), "--output-dir", str(tmp_path), "--max-images", str(max_images),
+            "--heatmaps-only", "--val-fraction", "0.25", "--test-fraction", "0.25"]
+    with pytest.raises(PipelineError, match="does not exist"):
+        train.run_model_script(arch="resnet50", description="", argv=argv)
+    printed = capsys.readouterr().out
+    note = f"note: --max-images {max_images} is not below the dataset's 48 images: all of them are used"
+    assert (note in printed) == note_expected, printed
 
 
 def test_progress_to_a_pipe_is_a_few_plain_lines(capsys):
