@@ -17,7 +17,7 @@ from common.errors import PipelineError, run_main
 from common.fusion import train_mlp
 
 SCRIPTS = ("cancer_class_densenet_121", "cancer_class_resnet_50", "cancer_class_vgg_16", "cancer_class_further",
-           "predict", "make_report", "run_pipeline")
+           "predict", "make_report", "run_pipeline", "common.demo")
 
 
 def interrupted_stderr(main, capsys) -> str:
