@@ -22,6 +22,7 @@ import torch
 
 from common.data import (CLASS_NAMES, SPLIT_FILE_NAME, assign_groups, describe_protocol, load_split,
                          majority_labels)
+from common.console import HelpFormatter
 from common.errors import PipelineError, run_main
 from common.fileio import save_npz, save_torch, sha256_of_file, write_json, write_text
 from common.fusion import (CLASSIFIER_FORMAT_VERSION, FEATURE_SETS, MODEL_ORDER, Standardizer, build_features,
@@ -37,10 +38,10 @@ DISPLAY_NAMES = {"densenet121": "DenseNet-121", "resnet50": "ResNet-50", "vgg16"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output-dir", default="runs/breakhis", help="the model scripts' output dir")
     parser.add_argument("--heatmaps", nargs=3, metavar=("DENSENET", "RESNET", "VGG"),
-                        help="heatmap files to use instead of the output dir's")
+                        help="heatmap files to use instead of the output dir's (default: its heatmaps_<arch>.npz)")
     parser.add_argument("--grid-size", type=int, default=14, help="maps are resized to S x S (VGG-16 gives 14x14 "
                                                                   "at 224 px, the other two 7x7)")
     parser.add_argument("--features", choices=FEATURE_SETS, default="heatmaps",
@@ -49,14 +50,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="rows the MLP learns from; train: best epoch on val; val: best epoch on a "
                              "patient-level quarter of val held out from fitting (see the README)")
     parser.add_argument("--hidden-sizes", default="256,64", help="comma-separated dense layer widths")
-    parser.add_argument("--dropout", type=float, default=0.3)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--optimizer", choices=["adam", "adamw"], default="adamw")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    parser.add_argument("--dropout", type=float, default=0.3, help="dropout after each dense layer")
+    parser.add_argument("--epochs", type=int, default=30, help="MLP training epochs")
+    parser.add_argument("--batch-size", type=int, default=64, help="MLP batch size")
+    parser.add_argument("--lr", type=float, default=1e-3, help="MLP learning rate")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="decoupled weight decay (AdamW) or L2 (Adam)")
+    parser.add_argument("--optimizer", choices=["adam", "adamw"], default="adamw", help="MLP optimizer")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the MLP's init and batch order, and "
+                                                            "which val patients --fit-split val fits on")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                        help="auto: CUDA if present, else MPS, else the CPU")
     args = parser.parse_args(argv)
     try:
         args.hidden_sizes = [int(size) for size in args.hidden_sizes.split(",") if size.strip()]

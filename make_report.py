@@ -10,12 +10,13 @@ Reads the files the three model scripts and cancer_class_further.py wrote in --o
 import argparse
 from pathlib import Path
 
+from common.console import HelpFormatter
 from common.errors import run_main
 from common.report import build_report
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output-dir", default="runs/breakhis", help="the run's output dir")
     parser.add_argument("--gallery-size", type=int, default=24, help="test images shown in the Grad-CAM gallery")
     args = parser.parse_args(argv)

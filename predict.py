@@ -23,6 +23,7 @@ from PIL import Image
 from common.cam import grad_cam
 from common.data import IMAGE_EXTENSIONS
 from common.dataset import load_rgb
+from common.console import HelpFormatter
 from common.errors import PipelineError, run_main
 from common.fileio import sha256_of_file, write_text
 from common.fusion import (MODEL_ORDER, Standardizer, build_features, build_mlp, malignant_probabilities,
@@ -128,11 +129,12 @@ def overlay_names(image_paths: list[Path]) -> list[str]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument("--output-dir", default="runs/breakhis", help="the run whose checkpoints to use")
-    parser.add_argument("--out", help="where to write predictions.csv and overlays (default <output-dir>/predictions)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    parser.add_argument("--out", help="where to write predictions.csv and overlays (default: <output-dir>/predictions)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                        help="auto: CUDA if present, else MPS, else the CPU")
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
     out_dir = Path(args.out) if args.out else output_dir / "predictions"

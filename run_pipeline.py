@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.console import HelpFormatter
 from common.demo import make_demo_dataset
 
 HERE = Path(__file__).resolve().parent
@@ -40,10 +41,12 @@ def run_stage(command: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                     epilog="Any other option is passed to the three model scripts (see their --help).")
     parser.add_argument("--demo", action="store_true", help="generate synthetic data and run small settings")
-    parser.add_argument("--data-dir", help="the dataset (see the model scripts' --help)")
-    parser.add_argument("--output-dir", help="default: runs/demo with --demo, else runs/breakhis")
+    parser.add_argument("--data-dir", help="the dataset (see the model scripts' --help); required unless --demo")
+    parser.add_argument("--output-dir", help="where every stage reads and writes (default: runs/demo with --demo, else "
+                                                 "runs/breakhis)")
     args, model_args = parser.parse_known_args()
     if args.demo == bool(args.data_dir):
         parser.error("give either --demo or --data-dir")

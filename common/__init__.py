@@ -11,6 +11,7 @@ Sections, one module each:
     common.metrics     image- and patient-level metrics
     common.train       the shared fine-tuning loop (single process or torchrun) and checkpoints
     common.cli         the model scripts' one argument parser
+    common.console     what the scripts show on the console: --help layout, progress of long loops
     common.fusion      the final stage: heatmap alignment, features, the MLP
     common.report      the static HTML report of a run
     common.fileio      atomic writes of every result file

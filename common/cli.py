@@ -4,6 +4,7 @@ import argparse
 import os
 
 from common.cam import TARGET_RULES
+from common.console import HelpFormatter
 
 DEFAULTS = dict(
     output_dir="runs/breakhis", weights="imagenet", epochs=10, batch_size=32, lr=1e-4, weight_decay=1e-4,
@@ -15,44 +16,49 @@ DEFAULTS = dict(
 
 
 def build_parser(*, arch: str, description: str, **script_defaults) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data and split")
     data.add_argument("--data-dir", required=True,
                       help="BreaKHis folder (any folder at or above histology_slides), a folder with benign/ and "
-                           "malignant/, or a CSV manifest with columns path,label[,patient,magnification]")
+                           "malignant/, or a CSV manifest with columns path,label[,patient,magnification,subtype]")
     data.add_argument("--output-dir", help="where the split file, checkpoints, heatmaps and metrics go; "
                                            "give the four scripts the same one")
-    data.add_argument("--magnification", choices=["40", "100", "200", "400", "all"])
+    data.add_argument("--magnification", choices=["40", "100", "200", "400", "all"],
+                      help="keep only images at this magnification (before splitting)")
     data.add_argument("--split", choices=["patient", "image"],
                       help="patient: no patient on two sides (honest); image: random images, leaks patients")
     data.add_argument("--patient-id", choices=["folder", "accession"],
                       help="folder: BreaKHis's patient folder IDs (14-22549AB; its 82 patients); accession: the "
                            "biopsy number only (14-22549), so folders sharing it (AB, CD, G) stay on one side")
     data.add_argument("--fold-file", help="official BreaKHis dsfoldN.txt: its test side is the test split; "
-                                          "val patients are carved from its train side")
+                                          "val patients are carved from its train side (default: a split by "
+                                          "--split with the fractions below)")
     data.add_argument("--val-fraction", type=float, help="fraction of patients (per class) for validation")
     data.add_argument("--test-fraction", type=float, help="fraction of patients (per class) for the test")
-    data.add_argument("--max-images", type=int, help="quick trial: keep at most this many images, split kept")
+    data.add_argument("--max-images", type=int, help="quick trial: keep at most this many images, split kept (default: all)")
     data.add_argument("--cache", choices=["none", "memory", "disk"],
                       help="decode each image once (RAM, or a file in the output dir shared by the three "
                            "scripts) and augment whole batches on the device; none = per-image PIL workers")
-    data.add_argument("--workers", type=int, help="DataLoader worker processes")
+    data.add_argument("--workers", type=int, help="DataLoader worker processes (default: the CPU cores, at most "
+                                                 "8; here %(default)s)")
 
     training = parser.add_argument_group("model and training")
     training.add_argument("--weights", help="imagenet (torchvision download), none (random init), or PATH to a "
                                             "local state_dict (offline clusters)")
-    training.add_argument("--epochs", type=int)
+    training.add_argument("--epochs", type=int, help="training epochs")
     training.add_argument("--batch-size", type=int, help="per process (per GPU under torchrun)")
-    training.add_argument("--lr", type=float)
-    training.add_argument("--weight-decay", type=float)
-    training.add_argument("--optimizer", choices=["adam", "adamw"])
+    training.add_argument("--lr", type=float, help="peak learning rate (cosine schedule)")
+    training.add_argument("--weight-decay", type=float, help="decoupled weight decay (AdamW) or L2 (Adam)")
+    training.add_argument("--optimizer", choices=["adam", "adamw"], help="optimizer of every layer")
     training.add_argument("--image-size", type=int, help="images are resized to a square of this many pixels")
     training.add_argument("--class-weights", choices=["none", "balanced"],
                           help="balanced: loss weights inverse to the train split's class frequencies")
-    training.add_argument("--seed", type=int)
-    training.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    training.add_argument("--seed", type=int, help="seeds the split, the subsample, the init and the batch order")
+    training.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"],
+                          help="auto: CUDA if present, else MPS, else the CPU")
     training.add_argument("--no-amp", dest="amp", action="store_false",
-                          help="turn off mixed precision on CUDA (bf16 where supported, else fp16)")
+                          help="train and validate in float32 on CUDA; without this flag CUDA uses mixed precision (bf16 "
+                               "where supported, else fp16); other devices always use float32")
     training.add_argument("--resume", action="store_true",
                           help="continue the interrupted run in --output-dir from its last completed epoch")
     training.add_argument("--keep-training-state", action="store_true",

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.console import HelpFormatter
+
 BENIGN_TYPES = {"A": "adenosis", "F": "fibroadenoma", "PT": "phyllodes_tumor", "TA": "tubular_adenoma"}
 MALIGNANT_TYPES = {"DC": "ductal_carcinoma", "LC": "lobular_carcinoma", "MC": "mucinous_carcinoma",
                    "PC": "papillary_carcinoma"}
@@ -67,14 +69,14 @@ def make_demo_dataset(out_dir: str | Path, *, patients_per_class: int = 4, image
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("out_dir")
-    parser.add_argument("--patients-per-class", type=int, default=4)
-    parser.add_argument("--images-per-patient", type=int, default=6)
-    parser.add_argument("--magnifications", default="40,100,200,400")
-    parser.add_argument("--width", type=int, default=96)
-    parser.add_argument("--height", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("out_dir", help="where the BreaKHis_v1 tree is written")
+    parser.add_argument("--patients-per-class", type=int, default=4, help="patients per class (benign, malignant)")
+    parser.add_argument("--images-per-patient", type=int, default=6, help="images per patient and magnification")
+    parser.add_argument("--magnifications", default="40,100,200,400", help="comma-separated magnifications")
+    parser.add_argument("--width", type=int, default=96, help="image width in pixels")
+    parser.add_argument("--height", type=int, default=64, help="image height in pixels")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the whole dataset (same seed, same images)")
     args = parser.parse_args()
     root = make_demo_dataset(args.out_dir, patients_per_class=args.patients_per_class,
                              images_per_patient=args.images_per_patient,

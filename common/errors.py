@@ -1,11 +1,19 @@
-"""The one exception type the scripts turn into a one-line error message instead of a traceback."""
+"""The exceptions the scripts turn into a one-line message instead of a traceback: a bad input, a Ctrl-C."""
 
 import sys
 from collections.abc import Callable
 
 
+# What a Ctrl-C leaves, unless the script says more (an Interrupted): files are only ever replaced whole.
+INTERRUPTED_MESSAGE = "every result written before is intact (files are replaced whole); rerun the command"
+
+
 class PipelineError(Exception):
     """Bad input or an unusable file: the message names the file or option and says what to do."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C, re-raised by a script that knows what it leaves behind: the message says how to go on."""
 
 
 def message_of(error: PipelineError) -> str:
@@ -19,12 +27,14 @@ def message_of(error: PipelineError) -> str:
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Run a script's main(); a PipelineError becomes `error: ...` (one line) on stderr and exit status 2."""
+    """Run a script's main(); a PipelineError becomes `error: ...` (one line) on stderr and exit status 2, a
+    Ctrl-C `interrupted: ...` (what is kept, how to go on) and exit status 130."""
     try:
         main()
     except PipelineError as error:
         print(f"error: {message_of(error)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: the last completed checkpoint is kept; rerun with --resume", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        message = str(interrupt) if isinstance(interrupt, Interrupted) else INTERRUPTED_MESSAGE
+        print(f"interrupted: {message}", file=sys.stderr)
         sys.exit(130)

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
+from common.console import progress
 from common.errors import PipelineError
 from common.heatmaps import heatmap_path, load_heatmaps
 from common.metrics import binary_metrics, selection_score, softmax
@@ -137,7 +137,7 @@ def train_mlp(features: np.ndarray, labels: np.ndarray, patients: np.ndarray, fi
     targets = torch.from_numpy(labels[fit_rows]).long().to(device)
     generator = torch.Generator().manual_seed(seed)
     best_score, best_state, history = None, None, []
-    for epoch in tqdm(range(epochs), desc=desc, leave=False):
+    for epoch in progress(range(epochs), total=epochs, desc=desc):
         model.train()
         order = torch.randperm(len(inputs), generator=generator).to(device)
         loss_sum = 0.0

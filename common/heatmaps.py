@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from matplotlib import colormaps
 from PIL import Image
-from tqdm import tqdm
 
 from common.cam import grad_cam, scale_for_display
+from common.console import progress
 from common.data import Split
 from common.dataset import load_rgb, make_batches
 from common.errors import PipelineError
@@ -54,8 +54,7 @@ def export_heatmaps(model, arch: str, split: Split, out_path: Path, *, image_siz
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".heatmaps_") as scratch:
         cams = np.lib.format.open_memmap(Path(scratch) / "cams.npy", mode="w+", dtype=np.float32,
                                          shape=(len(split.records), cam_height, cam_width))
-        for images, _labels, indices in tqdm(batches.batches(), total=len(batches), desc=f"{arch} Grad-CAM",
-                                             leave=False):
+        for images, _labels, indices in progress(batches.batches(), total=len(batches), desc=f"{arch} Grad-CAM"):
             batch_cams, batch_logits = grad_cam(model, arch, images, target=target_rule)
             if batch_cams.shape[1:] != cams.shape[1:]:
                 raise PipelineError(f"{arch} maps are {tuple(batch_cams.shape[1:])}, expected {cams.shape[1:]}")

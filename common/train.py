@@ -22,13 +22,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from common.cli import parse_args, split_protocol
+from common.console import progress
 from common.data import (CLASS_NAMES, SPLIT_FILE_NAME, Split, describe_protocol, prepare_split, subsample_split,
                          summarize_split)
 from common.dataset import build_cache, make_batches
-from common.errors import PipelineError
+from common.errors import Interrupted, PipelineError
 from common.fileio import BackgroundWriter, write_json
 from common.heatmaps import export_heatmaps, heatmap_path
 from common.metrics import binary_metrics, metrics_table, selection_score, softmax
@@ -122,9 +122,9 @@ def train_one_epoch(model, batches, optimizer, loss_fn, *, epoch: int, runtime: 
                     channels_last: bool) -> dict:
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
-    progress = tqdm(batches.batches(epoch), total=len(batches), desc=f"epoch {epoch + 1} train",
-                    disable=not runtime.is_main, leave=False)
-    for step, (images, labels, _indices) in enumerate(progress):
+    shown = progress(batches.batches(epoch), total=len(batches), desc=f"epoch {epoch + 1} train",
+                     disable=not runtime.is_main)
+    for step, (images, labels, _indices) in enumerate(shown):
         if len(labels) == 1 and 0 < step == len(batches) - 1:
             # A last batch of one image: batch norm cannot normalise it where the maps are 1x1 (small --image-size),
             # and one image is a noisy step anyway. Skipped on every rank alike (their shards are equal), and a
@@ -145,7 +145,7 @@ def train_one_epoch(model, batches, optimizer, loss_fn, *, epoch: int, runtime: 
         loss_sum += loss.item() * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(labels)
-        progress.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        shown.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
     loss_sum, correct, seen = reduce_sum([loss_sum, correct, seen], runtime)
     return {"loss": loss_sum / seen, "accuracy": correct / seen}
 
@@ -155,8 +155,8 @@ def predict_logits(model, batches, *, runtime: Runtime, amp_dtype, channels_last
     """(indices, logits) of every image the batch source covers, gathered from all ranks."""
     model.eval()
     all_indices, all_logits = [], []
-    for images, _labels, indices in tqdm(batches.batches(), total=len(batches), desc=desc,
-                                         disable=not runtime.is_main, leave=False):
+    for images, _labels, indices in progress(batches.batches(), total=len(batches), desc=desc,
+                                             disable=not runtime.is_main):
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -413,6 +413,9 @@ def run_model_script(*, arch: str, description: str, argv: list[str] | None = No
         # The first script to run writes the split; the others (and the other ranks) read it.
         split = main_rank_first(runtime, lambda: prepare_split(args.data_dir, output_dir, split_protocol(args)))
         if args.max_images:
+            if args.max_images >= len(split.records) and runtime.is_main:
+                print(f"note: --max-images {args.max_images} is not below the dataset's {len(split.records)} "
+                      "images: all of them are used")
             split = subsample_split(split, args.max_images, args.seed)
         if runtime.is_main:
             print(f"split protocol: {describe_protocol(split.protocol)}\n{summarize_split(split)}")
@@ -426,9 +429,22 @@ def run_model_script(*, arch: str, description: str, argv: list[str] | None = No
         if runtime.is_main:
             print_results(export_and_report(args, split, runtime, cache))
         runtime.barrier()
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(args)) from None
     finally:
         if runtime.distributed:
             dist.destroy_process_group()
+
+
+def interrupted_message(args: argparse.Namespace) -> str:
+    """After a Ctrl-C: what the run leaves behind and how to go on."""
+    output_dir = Path(args.output_dir)
+    if args.heatmaps_only:
+        return f"{checkpoint_path(output_dir, args.arch)} is unchanged; rerun the same command to export the heatmaps"
+    state = state_path(output_dir, args.arch)
+    if state.is_file():  # written after every completed epoch (on Ctrl-C the write in flight finishes first)
+        return f"{state} holds the last completed epoch; rerun with --resume to continue from it"
+    return f"no {args.arch} epoch was completed, so there is nothing to resume; rerun the same command"
 
 
 def main_rank_first(runtime: Runtime, make):
