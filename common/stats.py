@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from common.data import majority_labels
+from common.errors import PipelineError
 from common.metrics import binary_metrics
 
 DEFAULT_RESAMPLES = 2000
@@ -255,7 +256,9 @@ class PatientBootstrap:
         """{'image': {metric: (R,)}, 'patient': {metric: (R,)}} with these patient counts (R, P)."""
         prob_malignant = np.asarray(prob_malignant, dtype=np.float64)
         if prob_malignant.shape != self.labels.shape:
-            raise ValueError(f"predictions {prob_malignant.shape} do not match the bootstrap's {self.labels.shape}")
+            raise PipelineError(f"{prob_malignant.shape[0] if prob_malignant.ndim else 0} predictions for the "
+                                f"bootstrap's {len(self.labels)} images: every row of a table must score the same "
+                                "images in the same order")
         patient_rows = np.arange(len(self.patients))
         return {"image": resampled_metrics(self.labels, prob_malignant, self.patient_of_image, counts),
                 "patient": resampled_metrics(self.patient_labels, self._per_patient_prob(prob_malignant),
