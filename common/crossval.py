@@ -131,7 +131,7 @@ def _disjoint_test_sides(fold_files: list[Path], sides: list[dict[str, str]]) ->
                     f"fold files {fold_files[first]} and {fold_files[second]} both put {len(shared)} image(s) on "
                     f"their test side (e.g. {shared[0]}); K-fold evaluation needs disjoint test sides that together "
                     "cover the images (the official BreaKHis folds are independent train/test splits, not a "
-                    "partition): use K-fold folds made by patient instead")
+                    "partition): use --folds K (folds made by patient) instead")
     named = set().union(*(assignment.keys() for assignment in sides))
     uncovered = sorted(named - set().union(*tests))
     if uncovered:
@@ -161,10 +161,9 @@ def folds_from_fold_files(records: list[Record], fold_files: list, *, val_fracti
     if split_patients:
         raise PipelineError(f"fold files put patient(s) {', '.join(split_patients[:5])} on the test sides of two "
                             "files; a patient-level evaluation needs each patient in one fold")
-    _, stratified_by = _patient_strata(kept)
     protocol = {"method": "fold_files", "n_folds": len(fold_files), "seed": seed, "val_fraction": val_fraction,
                 "fold_files": [str(path) for path in fold_files], "left_out": len(records) - len(kept),
-                "stratified_by": f"fold files ({stratified_by} known)"}
+                "stratified_by": "the fold files"}
     return Folds(kept, folds, protocol, folds_digest(kept, folds, protocol))
 
 

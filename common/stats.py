@@ -49,15 +49,26 @@ class PatientDiagnosis:
     images: np.ndarray  # (P,) images per patient
 
 
+def _index_patients(labels, patients) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(P,) sorted patient IDs, (N,) each image's index among them, (P,) each patient's majority label."""
+    patients = np.asarray(patients).astype(str)
+    names, patient_of_image = np.unique(patients, return_inverse=True)
+    label_of = majority_labels(patients, labels)
+    return names, patient_of_image, np.array([label_of[name] for name in names], dtype=np.int64)
+
+
+def _mean_per_patient(prob_malignant, patient_of_image: np.ndarray, n_patients: int) -> np.ndarray:
+    """(P,) mean P(malignant) over each patient's images."""
+    images = np.bincount(patient_of_image, minlength=n_patients)
+    return np.bincount(patient_of_image, weights=np.asarray(prob_malignant, dtype=np.float64),
+                       minlength=n_patients) / images
+
+
 def diagnose_patients(prob_malignant, labels, patients) -> PatientDiagnosis:
     """One decision per patient: the mean P(malignant) of all its images (>= THRESHOLD: malignant)."""
-    names, patient_of_image = np.unique(np.asarray(patients).astype(str), return_inverse=True)
-    images = np.bincount(patient_of_image, minlength=len(names))
-    mean_prob = np.bincount(patient_of_image, weights=np.asarray(prob_malignant, dtype=np.float64),
-                            minlength=len(names)) / images
-    label_of = majority_labels(np.asarray(patients).astype(str), labels)
-    patient_labels = np.array([label_of[name] for name in names], dtype=np.int64)
-    return PatientDiagnosis(names, patient_labels, mean_prob, images)
+    names, patient_of_image, patient_labels = _index_patients(labels, patients)
+    return PatientDiagnosis(names, patient_labels, _mean_per_patient(prob_malignant, patient_of_image, len(names)),
+                            np.bincount(patient_of_image, minlength=len(names)))
 
 
 def _patient_level(prob_malignant, labels, patients, threshold: float) -> dict:
@@ -235,9 +246,7 @@ class PatientBootstrap:
     def draw(cls, *, labels, patients, resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
              stratified: bool = True) -> "PatientBootstrap":
         labels = np.asarray(labels, dtype=np.int64)
-        names, patient_of_image = np.unique(np.asarray(patients).astype(str), return_inverse=True)
-        label_of = majority_labels(names[patient_of_image], labels)
-        patient_labels = np.array([label_of[name] for name in names], dtype=np.int64)
+        names, patient_of_image, patient_labels = _index_patients(labels, patients)
         indices = draw_patient_resamples(patient_labels, resamples=resamples, seed=seed, stratified=stratified)
         return cls(labels, patient_of_image, names, patient_labels, indices, resample_counts(indices, len(names)),
                    seed, stratified)
@@ -245,12 +254,6 @@ class PatientBootstrap:
     @property
     def resamples(self) -> int:
         return len(self.indices)
-
-    def _per_patient_prob(self, prob_malignant) -> np.ndarray:
-        """(P,) mean P(malignant) over each patient's images: the patient-level diagnosis."""
-        images = np.bincount(self.patient_of_image, minlength=len(self.patients))
-        return np.bincount(self.patient_of_image, weights=np.asarray(prob_malignant, dtype=np.float64),
-                           minlength=len(self.patients)) / images
 
     def _metrics(self, prob_malignant, counts: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
         """{'image': {metric: (R,)}, 'patient': {metric: (R,)}} with these patient counts (R, P)."""
@@ -261,8 +264,8 @@ class PatientBootstrap:
                                 "images in the same order")
         patient_rows = np.arange(len(self.patients))
         return {"image": resampled_metrics(self.labels, prob_malignant, self.patient_of_image, counts),
-                "patient": resampled_metrics(self.patient_labels, self._per_patient_prob(prob_malignant),
-                                             patient_rows, counts)}
+                "patient": resampled_metrics(self.patient_labels, _mean_per_patient(prob_malignant,
+                                             self.patient_of_image, len(self.patients)), patient_rows, counts)}
 
     def values(self, prob_malignant) -> dict[str, dict[str, np.ndarray]]:
         """Each metric at image and patient level in every resample, (R,) each."""
@@ -279,7 +282,7 @@ class PatientBootstrap:
         return {level: {name: _interval(estimates[level][name], values[level][name]) for name in RESAMPLED_METRICS}
                 for level in LEVELS}
 
-    def difference(self, prob_a, prob_b, metrics=DIFFERENCE_METRICS) -> dict[str, dict[str, Interval]]:
+    def difference(self, prob_a, prob_b, *, metrics=DIFFERENCE_METRICS) -> dict[str, dict[str, Interval]]:
         """Row A minus row B, paired: both rows are scored on the same resampled patients, so what the two rows
         share (which patients are easy) cancels out of the interval."""
         estimates_a, estimates_b = self.estimates(prob_a), self.estimates(prob_b)

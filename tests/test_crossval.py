@@ -150,6 +150,7 @@ def test_official_fold_files_as_the_folds(tmp_path):
     paths = write_fold_files(tmp_path, records, fold_of_patient, 5, leave_out={left_out})
     folds = folds_from_fold_files(records, paths, val_fraction=0.2, seed=0)
     assert folds.protocol["method"] == "fold_files" and folds.n_folds == 5
+    assert folds.protocol["stratified_by"] == "the fold files"
     assert folds.protocol["left_out"] == sum(record.patient == left_out for record in records)
     assert left_out not in {record.patient for record in folds.records}
     assert [int(fold) for fold in folds.folds] == [fold_of_patient[record.patient] for record in folds.records]

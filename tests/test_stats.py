@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from common.errors import PipelineError
 from common.metrics import binary_metrics
 from common.stats import (
     RESAMPLED_METRICS,
@@ -162,6 +163,13 @@ def test_paired_difference_uses_the_same_resampled_patients_for_both_rows():
                                                                            seed=99), len(bootstrap.patients)))
     unpaired_low, unpaired_high = percentile_interval(loop_a["roc_auc"] - independent["roc_auc"])
     assert difference["image"]["roc_auc"].high - difference["image"]["roc_auc"].low < unpaired_high - unpaired_low
+
+
+def test_bootstrap_refuses_predictions_of_other_images():
+    labels, patients, prob = synthetic_images(seed=3)
+    bootstrap = PatientBootstrap.draw(labels=labels, patients=patients, resamples=10, seed=0)
+    with pytest.raises(PipelineError, match=f"{len(prob) - 1} predictions for the bootstrap's {len(prob)} images"):
+        bootstrap.difference(prob, prob[:-1])
 
 
 def test_fold_summary_mean_and_sd_over_folds():
