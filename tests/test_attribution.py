@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from common.attribution import (grid_feature_mask, heatmap_shares, kernel_shap_map, lime_map, occlusion_map,
-                                pool_to_grid)
 from common.fusion import MODEL_ORDER, build_mlp
 
 pytest.importorskip("captum")
+from common.attribution import (grid_feature_mask, heatmap_shares, kernel_shap_map, lime_map,  # noqa: E402
+                                occlusion_map, pool_to_grid)
 
 SIDE, GRID = 32, 8
 PATCH_ROW, PATCH_COLUMN = 2, 5  # the patch the one-patch model reads: rows 8..11, columns 20..23
@@ -24,6 +24,15 @@ class OnePatchModel(nn.Module):
         patch = images[:, :, PATCH_ROW * 4:(PATCH_ROW + 1) * 4, PATCH_COLUMN * 4:(PATCH_COLUMN + 1) * 4]
         score = patch.mean(dim=(1, 2, 3))
         return torch.stack([-score, score], dim=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small, shared CPU, oversubscribed threads made these tests several times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

@@ -18,6 +18,15 @@ SIDE = 8
 QUARTER = (slice(0, SIDE // 2), slice(0, SIDE // 2))  # top-left 4x4 region: 16 of 64 pixels
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small, shared CPU, oversubscribed threads made these tests several times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def region_mean(images: torch.Tensor) -> torch.Tensor:
     """P(target) = mean pixel value over the top-left quadrant (all channels): (B, 3, 8, 8) -> (B,)."""
     return images[:, :, QUARTER[0], QUARTER[1]].mean(dim=(1, 2, 3))
@@ -128,16 +137,7 @@ def test_probability_of_selects_the_target_column():
     torch.testing.assert_close(probabilities, local_detail_probabilities(torch.zeros(2, 3, 32, 32))[:, 0])
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a small, shared CPU, oversubscribed threads made ResNet-50 several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def test_combined_map_scored_against_the_soft_vote(one_thread):
+def test_combined_map_scored_against_the_soft_vote():
     torch.manual_seed(0)
     models = [("resnet50", build_model("resnet50", "none")), ("resnet50", build_model("resnet50", "none"))]
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
