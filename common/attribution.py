@@ -149,3 +149,12 @@ def heatmap_shares(mlp: nn.Module, features, *, grid_size: int, target: str | to
         groups["logits"] = magnitude[:, map_size:].sum(dim=1)
     total = sum(groups.values())
     return {name: torch.where(total > 0, value / total, torch.nan).numpy() for name, value in groups.items()}
+
+
+def as_saliency_method(attribute: Callable[..., torch.Tensor], forward: Forward, **options):
+    """One of lime_map, kernel_shap_map, occlusion_map as a common.faithfulness saliency method:
+    (images (B, 3, H, W), classes (B,)) -> maps (B, H, W), one image at a time; `options` go to `attribute`."""
+    def saliency(images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return torch.stack([attribute(forward, image, int(target), **options)
+                            for image, target in zip(images, classes)])
+    return saliency

@@ -10,8 +10,9 @@ With A of shape (B, C, h, w), g = dy_c/dA and sums over the spatial positions ij
 
 Grad-CAM++ is Chattopadhay et al. 2018, eq. 19: its closed form comes from taking the score as exp(y_c), which
 turns the second and third derivatives into powers of the first; like pytorch-grad-cam (`GradCAMPlusPlus`) we
-put the raw score's gradient in it, with eps = 1e-6. LayerCAM is Jiang et al. 2021. The maps equal pytorch-grad-cam's `GradCAMPlusPlus` and `LayerCAM` before its min-max scaling
-(tests/test_cam_methods.py checks this at the same layers).
+put the raw score's gradient in it, with eps = 1e-6. LayerCAM is Jiang et al. 2021. The maps equal
+pytorch-grad-cam's `GradCAMPlusPlus` and `LayerCAM` before its min-max scaling (tests/test_cam_methods.py checks
+this at the same layers).
 
 Every map is raw: after the ReLU, before any min-max scaling (common.cam.scale_for_display is for display only).
 """

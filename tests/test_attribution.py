@@ -9,8 +9,8 @@ from torch import nn
 from common.fusion import MODEL_ORDER, build_mlp
 
 pytest.importorskip("captum")
-from common.attribution import (grid_feature_mask, heatmap_shares, kernel_shap_map, lime_map,  # noqa: E402
-                                occlusion_map, pool_to_grid)
+from common.attribution import (as_saliency_method, grid_feature_mask, heatmap_shares,  # noqa: E402
+                                kernel_shap_map, lime_map, occlusion_map, pool_to_grid)
 
 SIDE, GRID = 32, 8
 PATCH_ROW, PATCH_COLUMN = 2, 5  # the patch the one-patch model reads: rows 8..11, columns 20..23
@@ -76,6 +76,14 @@ def test_patch_methods_are_seeded_and_leave_the_callers_generator_alone(image):
     first = lime_map(OnePatchModel(), image, 1, samples=32, seed=7)
     assert torch.equal(torch.rand(1), expected_next)
     torch.testing.assert_close(first, lime_map(OnePatchModel(), image, 1, samples=32, seed=7), rtol=0, atol=0)
+
+
+def test_as_saliency_method_maps_each_image_for_its_class(image):
+    images, classes = torch.stack([image, image.flip(-1)]), torch.tensor([1, 0])
+    maps = as_saliency_method(occlusion_map, OnePatchModel(), pooled=True)(images, classes)
+    assert maps.shape == (2, GRID, GRID)
+    torch.testing.assert_close(maps[0], occlusion_map(OnePatchModel(), images[0], 1, pooled=True))
+    torch.testing.assert_close(maps[1], occlusion_map(OnePatchModel(), images[1], 0, pooled=True))
 
 
 def test_grid_feature_mask_covers_the_image_in_patches():
