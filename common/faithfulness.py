@@ -208,6 +208,8 @@ def score_methods(class_probabilities: ClassProbabilities, images: torch.Tensor,
         for row in range(len(images)):
             start = time.perf_counter()
             saliency = method(images[row:row + 1], classes[row:row + 1])[0]
+            if saliency.is_cuda:
+                torch.cuda.synchronize(saliency.device)  # kernels run asynchronously: time them to the end
             map_seconds.append(time.perf_counter() - start)
             scores = deletion_insertion(probability_of(class_probabilities, int(classes[row])), images[row],
                                         saliency, blurred=blurred[row], steps=steps, batch_size=batch_size)
