@@ -1,5 +1,7 @@
-"""The three architectures: one table maps each to its torchvision constructor, ImageNet weights, 2-class head
-and Grad-CAM target layer, and each model's forward split at that layer (`body`, `head`).
+"""The architectures: one table (`ARCHS`) holds every per-model fact: its torchvision constructor, ImageNet
+weights, 2-class head, Grad-CAM target layer, script and display names, and its forward split at that layer
+(`body`: input -> target activation, `head`: activation -> logits). Adding a model is one `ArchSpec` entry here
+plus its thin cancer_class_<name>.py script; every other module reads the table.
 
 Splitting the forward in two is what makes Grad-CAM cost one forward pass: the body runs without autograd,
 only the small head is differentiated (see common/cam.py). No hooks are needed.
@@ -23,31 +25,66 @@ NUM_CLASSES = 2
 
 @dataclass(frozen=True)
 class ArchSpec:
-    name: str
-    build: Callable[..., nn.Module]
-    imagenet_weights: models.WeightsEnum
+    name: str  # the key used in file names: fine_tuned_<name>.pth, heatmaps_<name>.npz
+    display_name: str  # in tables and plots
+    script: str  # the model script that trains it
+    build: Callable[..., nn.Module]  # torchvision constructor, called with weights=
+    imagenet_weights: models.WeightsEnum | None
     head_attr: str  # dotted path of the final Linear layer replaced by a 2-class one
     target_layer: str  # the activation Grad-CAM differentiates, as a reader finds it in the model
+    body: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # images -> target activation (B, C, h, w), >= 0
+    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # target activation -> logits (B, 2)
 
 
+def _resnet_body(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    x = model.maxpool(model.relu(model.bn1(model.conv1(images))))
+    return model.layer4(model.layer3(model.layer2(model.layer1(x))))
+
+
+def _resnet_head(model: nn.Module, activation: torch.Tensor) -> torch.Tensor:
+    return model.fc(torch.flatten(model.avgpool(activation), 1))
+
+
+def _densenet_body(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return F.relu(model.features(images))  # the relu that DenseNet.forward applies after norm5
+
+
+def _densenet_head(model: nn.Module, activation: torch.Tensor) -> torch.Tensor:
+    return model.classifier(torch.flatten(F.adaptive_avg_pool2d(activation, (1, 1)), 1))
+
+
+def _vgg_body(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return model.features[:30](images)  # features[29] is the ReLU after the last conv; [30] is a max-pool
+
+
+def _vgg_head(model: nn.Module, activation: torch.Tensor) -> torch.Tensor:
+    return model.classifier(torch.flatten(model.avgpool(model.features[30](activation)), 1))
+
+
+# The order of this table is the channel order of the stacked maps the final MLP reads (common/fusion.py).
 ARCHS = {
-    "densenet121": ArchSpec("densenet121", models.densenet121, models.DenseNet121_Weights.IMAGENET1K_V1,
-                            "classifier", "relu(features.norm5)"),
-    "resnet50": ArchSpec("resnet50", models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2, "fc", "layer4"),
-    "vgg16": ArchSpec("vgg16", models.vgg16, models.VGG16_Weights.IMAGENET1K_V1, "classifier.6", "features.29"),
+    "densenet121": ArchSpec("densenet121", "DenseNet-121", "cancer_class_densenet_121.py", models.densenet121,
+                            models.DenseNet121_Weights.IMAGENET1K_V1, "classifier", "relu(features.norm5)",
+                            _densenet_body, _densenet_head),
+    "resnet50": ArchSpec("resnet50", "ResNet-50", "cancer_class_resnet_50.py", models.resnet50,
+                         models.ResNet50_Weights.IMAGENET1K_V2, "fc", "layer4", _resnet_body, _resnet_head),
+    "vgg16": ArchSpec("vgg16", "VGG-16", "cancer_class_vgg_16.py", models.vgg16,
+                      models.VGG16_Weights.IMAGENET1K_V1, "classifier.6", "features.29", _vgg_body, _vgg_head),
 }
+
+
+# The channel order of the stacked maps, and the order of the models in every table and figure.
+MODEL_ORDER = tuple(ARCHS)
 
 
 def body(model: nn.Module, arch: str, images: torch.Tensor) -> torch.Tensor:
     """Input -> target activation A, exactly as the network's own forward computes it. (B, C, h, w), >= 0."""
-    if arch == "resnet50":
-        x = model.maxpool(model.relu(model.bn1(model.conv1(images))))
-        return model.layer4(model.layer3(model.layer2(model.layer1(x))))
-    if arch == "densenet121":
-        return F.relu(model.features(images))  # the relu that DenseNet.forward applies after norm5
-    if arch == "vgg16":
-        return model.features[:30](images)  # features[29] is the ReLU after the last conv; [30] is a max-pool
-    raise ValueError(arch)
+    return ARCHS[arch].body(model, images)
+
+
+def head(model: nn.Module, arch: str, activation: torch.Tensor) -> torch.Tensor:
+    """Target activation -> logits (B, 2): the rest of the network's forward."""
+    return ARCHS[arch].head(model, activation)
 
 
 @torch.no_grad()
@@ -61,17 +98,6 @@ def cam_shape(model: nn.Module, arch: str, image_size: int) -> tuple[int, int]:
         return tuple(body(model, arch, probe).shape[2:])
     finally:
         model.train(was_training)
-
-
-def head(model: nn.Module, arch: str, activation: torch.Tensor) -> torch.Tensor:
-    """Target activation -> logits (B, 2): the rest of the network's forward."""
-    if arch == "resnet50":
-        return model.fc(torch.flatten(model.avgpool(activation), 1))
-    if arch == "densenet121":
-        return model.classifier(torch.flatten(F.adaptive_avg_pool2d(activation, (1, 1)), 1))
-    if arch == "vgg16":
-        return model.classifier(torch.flatten(model.avgpool(model.features[30](activation)), 1))
-    raise ValueError(arch)
 
 
 def _replace_head(model: nn.Module, spec: ArchSpec) -> None:
@@ -135,6 +161,8 @@ def build_model(arch: str, weights: str, *, split_digest: str | None = None) -> 
         _replace_head(model, spec)
         return model
     if weights == "imagenet":
+        if spec.imagenet_weights is None:
+            raise PipelineError(f"{arch} has no ImageNet weights in the models table; use --weights none or PATH")
         try:
             model = spec.build(weights=spec.imagenet_weights)
         except (urllib.error.URLError, OSError, RuntimeError) as error:
