@@ -583,6 +583,17 @@ def test_corrupt_image_names_the_file(demo_dir, tmp_path):
     assert image.shape == (3, 32, 32) and (label, index) == (records[2].label, 2)
 
 
+def test_a_symbolic_link_loop_is_skipped_with_a_warning(demo_dir, tmp_path, capsys):
+    data = copy_demo(demo_dir, tmp_path)
+    expected = index_dataset(data).records
+    patient_folder = data / Path(expected[0].path).parent.parent
+    (patient_folder / "back_to_breast").symlink_to(patient_folder.parent.parent.parent, target_is_directory=True)
+    capsys.readouterr()
+    assert index_dataset(data).records == expected  # neither an endless walk nor each image indexed twice
+    assert f"WARNING: skipped {patient_folder / 'back_to_breast'}: a symbolic link leads to a folder already " \
+           "indexed" in capsys.readouterr().out
+
+
 # Pixel values that tell scaling (v * 255 / 65535, rounded) from clipping (anything > 255 -> 255) and from
 # truncation to the high byte (v >> 8): 511 -> 2 (high byte 1), 1000 -> 4 (3), 32767 -> 127, 65535 -> 255.
 SIXTEEN_BIT_VALUES = np.array([[0, 511, 1000], [32767, 33023, 65535]], dtype=np.uint16)
