@@ -150,6 +150,16 @@ def _decode_into(array: np.ndarray, root: Path, records: list[Record], image_siz
             array[index] = pixels
 
 
+def _open_cache(cache_path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The cache file mapped for reading, or None when it is truncated (a killed copy, a full disk) or its header
+    does not describe `shape` uint8 images."""
+    try:
+        cache = np.load(cache_path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError):  # "mmap length is greater than file size", a damaged header
+        return None
+    return cache if cache.shape == shape and cache.dtype == np.uint8 else None
+
+
 def build_cache(root: Path, records: list[Record], *, image_size: int, mode: str, cache_dir: Path | None,
                 workers: int) -> np.ndarray:
     """(N, S, S, 3) uint8 images in record order: decoded now (memory) or reused from/written to disk."""
@@ -161,8 +171,12 @@ def build_cache(root: Path, records: list[Record], *, image_size: int, mode: str
     key = cache_key(root, records, image_size)
     cache_path = Path(cache_dir) / f"images_{image_size}px_{key}.npy"
     if cache_path.exists():
-        print(f"decoded-image cache hit: {cache_path}")
-        return np.load(cache_path, mmap_mode="r", allow_pickle=False)
+        cache = _open_cache(cache_path, shape)
+        if cache is not None:
+            print(f"decoded-image cache hit: {cache_path}")
+            return cache
+        print(f"decoded-image cache {cache_path} is truncated or damaged; rebuilding it")
+        cache_path.unlink()  # now, not at the rename: its space may be what the new file needs
     print(f"building decoded-image cache {cache_path} ({np.prod(shape) / 2**30:.2f} GiB)")
     with atomic_path(cache_path, suffix=".npy") as temp_path:
         array = np.lib.format.open_memmap(temp_path, mode="w+", dtype=np.uint8, shape=shape)

@@ -139,6 +139,21 @@ def test_disk_cache_is_rebuilt_when_a_file_the_size_or_the_records_change(demo_d
         np.testing.assert_array_equal(new[row], expected)
 
 
+def test_a_truncated_cache_file_is_rebuilt(demo_dir, tmp_path, capsys):
+    indexed = index_dataset(demo_dir)
+    options = dict(image_size=SIZE, mode="disk", cache_dir=tmp_path / "cache", workers=0)
+    complete = np.array(build_cache(indexed.root, indexed.records, **options))
+    (cache_path,) = npy_files(tmp_path / "cache")
+    with open(cache_path, "r+b") as handle:  # a copy cut short: the header promises more than the file holds
+        handle.truncate(cache_path.stat().st_size // 2)
+    capsys.readouterr()
+    rebuilt = build_cache(indexed.root, indexed.records, **options)
+    assert capsys.readouterr().out.startswith(f"decoded-image cache {cache_path} is truncated or damaged; "
+                                              "rebuilding it\n")
+    assert Path(rebuilt.filename) == cache_path and npy_files(tmp_path / "cache") == [cache_path]
+    np.testing.assert_array_equal(rebuilt, complete)
+
+
 # --------------------------------------------------------------------------------------- corrupt images
 
 
