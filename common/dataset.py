@@ -23,7 +23,7 @@ from torchvision.io import ImageReadMode, decode_png, read_file
 
 from common.data import Record
 from common.errors import PipelineError
-from common.fileio import atomic_path, write_json
+from common.fileio import atomic_path, create_memmap, write_json
 from common.transforms import augment_batch, build_transforms, normalize_batch, resize_image
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -179,7 +179,7 @@ def build_cache(root: Path, records: list[Record], *, image_size: int, mode: str
         cache_path.unlink()  # now, not at the rename: its space may be what the new file needs
     print(f"building decoded-image cache {cache_path} ({np.prod(shape) / 2**30:.2f} GiB)")
     with atomic_path(cache_path, suffix=".npy") as temp_path:
-        array = np.lib.format.open_memmap(temp_path, mode="w+", dtype=np.uint8, shape=shape)
+        array = create_memmap(temp_path, dtype=np.uint8, shape=shape)  # a full disk stops here, not with SIGBUS
         _decode_into(array, root, records, image_size, workers)
         array.flush()
         del array

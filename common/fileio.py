@@ -1,10 +1,12 @@
 """Atomic writes: a result file is either the old complete one or the new complete one, never half-written.
 
 Each writer writes to a temporary file in the destination folder and renames it over the target;
-rename within one file system is atomic on POSIX and Windows (os.replace).
+rename within one file system is atomic on POSIX and Windows (os.replace). A write that fails because the disk is
+full stops with a one-line PipelineError naming the file.
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -17,7 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.errors import PipelineError
+from common.errors import DISK_FULL_ERRNOS, PipelineError, message_of
+
+# What torch.save's C++ writer raises (as a RuntimeError, without errno) when a write comes up short.
+TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed")
 
 
 def _current_umask() -> int:
@@ -26,20 +31,63 @@ def _current_umask() -> int:
     return mask
 
 
+def disk_full_message(error: BaseException, target: Path) -> str | None:
+    """The one-line message for a write of `target` that failed for want of space; None for any other failure."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+        reason = error.strerror
+    elif isinstance(error, RuntimeError) and any(marker in str(error) for marker in TORCH_WRITE_FAILURES):
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        reason = f"torch: {first_line}; most likely no space left on the device"
+    else:
+        return None
+    return (f"the disk is full: cannot write {target} ({reason}); the previous {target.name}, if any, and all "
+            "earlier results are intact; free space and rerun")
+
+
+@contextlib.contextmanager
+def disk_full_as_pipeline_error(target: Path) -> Iterator[None]:
+    """Turn a failed write of `target` for want of space into a PipelineError; other errors pass unchanged."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        message = disk_full_message(error, target)
+        if message is None:
+            raise
+        raise PipelineError(message) from error
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success it replaces `target`, on error it is removed."""
+    """Yield a temporary path beside `target`; on success it replaces `target`, on error it is removed.
+    Running out of space anywhere in the block is a PipelineError naming `target`."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
+    with disk_full_as_pipeline_error(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
     os.close(handle)
     temp_path = Path(temp_name)
     try:
-        yield temp_path
-        os.chmod(temp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600; results are for the whole group
-        os.replace(temp_path, target)
+        with disk_full_as_pipeline_error(target):
+            yield temp_path
+            os.chmod(temp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600; results are for the whole group
+            os.replace(temp_path, target)
     finally:
         temp_path.unlink(missing_ok=True)
+
+
+def create_memmap(path: Path, *, dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A new .npy file of `shape` mapped for writing, its disk space reserved first. Without the reservation the
+    file is sparse, and a write through the map onto a full disk kills the process with SIGBUS (no exception,
+    no clean-up); the reservation fails instead with ENOSPC, an error the caller's atomic_path reports."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):  # not on macOS or Windows: there the map is written as before
+        with open(path, "r+b") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve
+                    raise
+    return array
 
 
 def save_torch(obj: dict, target: str | os.PathLike) -> None:
@@ -95,7 +143,10 @@ class BackgroundWriter:
         for obj, target in snapshots:
             try:
                 save_torch(obj, target)
-            except Exception as error:  # disk full, permissions: reported by the training thread
+            except PipelineError as error:  # disk full: the message names the file already
+                self._failure = message_of(error)
+                return
+            except Exception as error:  # permissions, a missing folder: reported by the training thread
                 self._failure = f"cannot write checkpoint {target}: {type(error).__name__}: {error}"
                 return
 

@@ -23,7 +23,7 @@ from common.cam import grad_cam, scale_for_display
 from common.data import Split
 from common.dataset import load_rgb, make_batches
 from common.errors import PipelineError
-from common.fileio import atomic_path, save_npz
+from common.fileio import atomic_path, create_memmap, save_npz
 from common.models import ARCHS, cam_shape
 from common.transforms import resize_image
 
@@ -52,8 +52,8 @@ def export_heatmaps(model, arch: str, split: Split, out_path: Path, *, image_siz
     cam_height, cam_width = cam_shape(model, arch, image_size)
     logits = np.zeros((len(split.records), 2), np.float32)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".heatmaps_") as scratch:
-        cams = np.lib.format.open_memmap(Path(scratch) / "cams.npy", mode="w+", dtype=np.float32,
-                                         shape=(len(split.records), cam_height, cam_width))
+        cams = create_memmap(Path(scratch) / "cams.npy", dtype=np.float32,
+                             shape=(len(split.records), cam_height, cam_width))
         for images, _labels, indices in tqdm(batches.batches(), total=len(batches), desc=f"{arch} Grad-CAM",
                                              leave=False):
             batch_cams, batch_logits = grad_cam(model, arch, images, target=target_rule)

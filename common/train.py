@@ -29,7 +29,7 @@ from common.data import (CLASS_NAMES, SPLIT_FILE_NAME, Split, describe_protocol,
                          summarize_split)
 from common.dataset import build_cache, make_batches
 from common.errors import PipelineError
-from common.fileio import BackgroundWriter, write_json
+from common.fileio import BackgroundWriter, disk_full_as_pipeline_error, write_json
 from common.heatmaps import export_heatmaps, heatmap_path
 from common.metrics import binary_metrics, metrics_table, selection_score, softmax
 from common.models import ARCHS, build_model
@@ -288,7 +288,7 @@ def sync_buffers(model: nn.Module, runtime: Runtime) -> None:
 
 
 def log_epoch(log_path: Path, row: dict) -> None:
-    with open(log_path, "a", encoding="utf-8") as handle:
+    with disk_full_as_pipeline_error(log_path), open(log_path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(row) + "\n")
 
 

@@ -3,6 +3,7 @@ eval tensors equal on both paths, a corrupt image named, and the training order 
 CPU only, synthetic data (the `demo_dir` fixture: 48 PNGs of 48x32 px), seconds in all.
 """
 
+import errno
 import math
 import os
 import shutil
@@ -137,6 +138,26 @@ def test_disk_cache_is_rebuilt_when_a_file_the_size_or_the_records_change(demo_d
     for row in (0, 5, len(new_records) - 1):  # the new file holds what the files hold now
         expected = np.asarray(resize_image(load_rgb(new_root / new_records[row].path), new_size))
         np.testing.assert_array_equal(new[row], expected)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no space reservation on this system")
+def test_a_full_disk_stops_the_cache_build_with_one_line_and_no_partial_file(demo_dir, tmp_path, monkeypatch):
+    """Writing through a memory map onto a full disk is a SIGBUS; the space is reserved first, so a full disk is
+    the reservation's ENOSPC, reported in one line, and the half-made file is removed."""
+    indexed = index_dataset(demo_dir)
+    reserved = []
+
+    def full_disk(handle, offset, length):
+        reserved.append(length)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk)
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(PipelineError, match=r"^the disk is full: cannot write .*cache/images_32px_\w+\.npy \(No space "
+                                            r"left on device\); .* earlier results are intact; free space and rerun$"):
+        build_cache(indexed.root, indexed.records, image_size=SIZE, mode="disk", cache_dir=cache_dir, workers=0)
+    assert reserved and reserved[0] >= len(indexed.records) * SIZE * SIZE * 3  # the whole file, header included
+    assert os.listdir(cache_dir) == []
 
 
 def test_a_truncated_cache_file_is_rebuilt(demo_dir, tmp_path, capsys):

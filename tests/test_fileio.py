@@ -1,16 +1,23 @@
 """Atomic writes and the background checkpoint writer: a file is the old complete one or the new complete one,
 a snapshot is immune to later training steps, and a failed write is reported as a one-line error naming the file.
+A full disk is simulated (the write raises what it raises on a full disk).
 """
 
+import errno
+import io
 import os
+import re
 import threading
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import common.fileio as fileio
-from common.errors import PipelineError
-from common.fileio import BackgroundWriter, atomic_path, cpu_snapshot, save_torch
+import common.train as train_module
+from common.errors import PipelineError, run_main
+from common.fileio import BackgroundWriter, atomic_path, cpu_snapshot, save_npz, save_torch, write_text
 
 
 def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -104,3 +111,81 @@ def test_check_raises_a_failure_once_the_write_has_ended(tmp_path):
     writer._thread.join()  # the write has ended (failed)
     with pytest.raises(PipelineError, match="cannot write checkpoint"):
         writer.check()
+
+
+# ------------------------------------------------------------------------------------------- a full disk
+
+DISK_FULL_MESSAGE = r"^the disk is full: cannot write {target} \(.+\); the previous {name}, if any, and all earlier " \
+                    r"results are intact; free space and rerun$"
+
+
+def _torch_save_on_a_full_disk(obj, path):
+    Path(path).write_bytes(b"PK\x03\x04 the first blocks")  # what torch's writer wrote before the disk filled up
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+
+def _write_on_a_full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("writer, patch", [
+    (lambda target: save_torch({"value": torch.tensor(2)}, target), ("torch", "save", _torch_save_on_a_full_disk)),
+    (lambda target: save_npz(target, value=np.arange(3)), ("np", "savez", _write_on_a_full_disk)),
+    (lambda target: write_text(target, "new"), ("Path", "write_text", _write_on_a_full_disk)),
+], ids=["torch.save", "np.savez", "write_text"])
+def test_a_full_disk_is_one_line_naming_the_file_and_the_old_file_is_kept(tmp_path, monkeypatch, writer, patch):
+    target = tmp_path / "result.bin"
+    target.write_bytes(b"the complete result of an earlier run")
+    module_name, attribute, replacement = patch
+    owner = {"torch": torch, "np": np, "Path": Path}[module_name]
+    monkeypatch.setattr(owner, attribute, replacement)
+    with pytest.raises(PipelineError) as raised:
+        writer(target)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert re.match(DISK_FULL_MESSAGE.format(target=re.escape(str(target)), name=r"result\.bin"), message), message
+    assert target.read_bytes() == b"the complete result of an earlier run"
+    assert os.listdir(tmp_path) == ["result.bin"]  # no temporary file left
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    monkeypatch.setattr(Path, "write_text", lambda *args, **kwargs: (_ for _ in ()).throw(
+        OSError(errno.EIO, os.strerror(errno.EIO))))
+    with pytest.raises(OSError, match="Input/output error"):
+        write_text(tmp_path / "result.txt", "new")
+    assert os.listdir(tmp_path) == []
+
+
+def test_background_writer_reports_a_full_disk_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "save", _torch_save_on_a_full_disk)
+    writer = BackgroundWriter()
+    writer.save([({"epoch": 1}, tmp_path / "state.pth")])
+    with pytest.raises(PipelineError) as raised:
+        writer.wait()
+    assert str(raised.value).startswith(f"the disk is full: cannot write {tmp_path / 'state.pth'} (torch: ")
+    assert "earlier results are intact" in str(raised.value) and "\n" not in str(raised.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_run_main_turns_a_full_disk_anywhere_into_one_line(tmp_path, capsys):
+    def main():  # a write outside common/fileio.py, e.g. the training log's append
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "train_log.jsonl"))
+
+    with pytest.raises(SystemExit) as exited:
+        run_main(main)
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error == (f"error: the disk is full: cannot write {tmp_path / 'train_log.jsonl'} (No space left on "
+                     "device); results written before are intact; free space and rerun\n")
+
+
+def test_a_full_disk_while_logging_an_epoch_names_the_log(tmp_path, monkeypatch):
+    log_path = tmp_path / "train_log_vgg16.jsonl"
+
+    class FullDiskFile(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(train_module, "open", lambda *args, **kwargs: FullDiskFile(), raising=False)
+    with pytest.raises(PipelineError, match=rf"^the disk is full: cannot write {re.escape(str(log_path))} "):
+        train_module.log_epoch(log_path, {"epoch": 1})
