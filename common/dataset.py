@@ -23,7 +23,7 @@ from torchvision.io import ImageReadMode, decode_png, read_file
 
 from common.data import Record
 from common.errors import PipelineError
-from common.fileio import atomic_path, create_memmap, write_json
+from common.fileio import atomic_path, create_memmap, remove_stale_temporaries, write_json
 from common.transforms import augment_batch, build_transforms, normalize_batch, resize_image
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -168,6 +168,7 @@ def build_cache(root: Path, records: list[Record], *, image_size: int, mode: str
         array = np.empty(shape, np.uint8)
         _decode_into(array, root, records, image_size, workers)
         return array
+    remove_stale_temporaries(cache_dir)
     key = cache_key(root, records, image_size)
     cache_path = Path(cache_dir) / f"images_{image_size}px_{key}.npy"
     if cache_path.exists():

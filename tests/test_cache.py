@@ -7,6 +7,7 @@ import errno
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 import common.dataset as dataset_module
+import common.fileio as fileio
 import common.transforms as transforms_module
 from common.data import filter_magnification, index_dataset
 from common.dataset import CachedBatches, build_cache, cache_key, load_rgb, make_batches
@@ -173,6 +175,20 @@ def test_a_truncated_cache_file_is_rebuilt(demo_dir, tmp_path, capsys):
                                               "rebuilding it\n")
     assert Path(rebuilt.filename) == cache_path and npy_files(tmp_path / "cache") == [cache_path]
     np.testing.assert_array_equal(rebuilt, complete)
+
+
+@pytest.mark.skipif(fileio.fcntl is None, reason="temporaries are neither locked nor cleaned here")
+def test_a_cache_temporary_left_by_a_killed_run_is_removed(demo_dir, tmp_path):
+    indexed = index_dataset(demo_dir)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    left_behind = cache_dir / ".images_32px_0123456789abcdef0123.npy.4242.x1y2z3w4.npy"  # its process is gone
+    left_behind.write_bytes(b"\x93NUMPY half a cache")
+    then = time.time() - 3600
+    os.utime(left_behind, (then, then))
+    build_cache(indexed.root, indexed.records, image_size=SIZE, mode="disk", cache_dir=cache_dir, workers=0)
+    assert not left_behind.exists()
+    assert [path.name.startswith(".") for path in cache_dir.iterdir()] == [False, False]  # the cache and its .json
 
 
 # --------------------------------------------------------------------------------------- corrupt images

@@ -1,23 +1,30 @@
 """Atomic writes and the background checkpoint writer: a file is the old complete one or the new complete one,
 a snapshot is immune to later training steps, and a failed write is reported as a one-line error naming the file.
-A full disk is simulated (the write raises what it raises on a full disk).
+A full disk is simulated (the write raises what it raises on a full disk); temporaries left by a process killed
+with SIGKILL are removed by the next run, those of live processes never.
 """
 
 import errno
 import io
+import multiprocessing
 import os
 import re
+import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import cancer_class_further
 import common.fileio as fileio
 import common.train as train_module
 from common.errors import PipelineError, run_main
-from common.fileio import BackgroundWriter, atomic_path, cpu_snapshot, save_npz, save_torch, write_text
+from common.fileio import (STALE_AFTER_SECONDS, BackgroundWriter, atomic_path, cpu_snapshot,
+                           remove_stale_temporaries, save_npz, save_torch, write_text)
+from common.train import run_model_script
 
 
 def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -189,3 +196,92 @@ def test_a_full_disk_while_logging_an_epoch_names_the_log(tmp_path, monkeypatch)
     monkeypatch.setattr(train_module, "open", lambda *args, **kwargs: FullDiskFile(), raising=False)
     with pytest.raises(PipelineError, match=rf"^the disk is full: cannot write {re.escape(str(log_path))} "):
         train_module.log_epoch(log_path, {"epoch": 1})
+
+
+# ------------------------------------------------------------------------------- temporaries left behind
+
+
+def _age(path: Path, seconds: float = 2 * STALE_AFTER_SECONDS) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def _killed_while_writing(folder: Path) -> None:
+    """In a child process: start an atomic write and die by SIGKILL before it ends, as `kill -9` does."""
+    with atomic_path(folder / "fine_tuned_vgg16.pth") as temp_path:
+        temp_path.write_bytes(b"half a checkpoint")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _writing_until_told(folder: Path, connection) -> None:
+    """In a child process: a live run of the same output dir, in the middle of a write."""
+    with atomic_path(folder / "training_state_vgg16.pth") as temp_path:
+        temp_path.write_bytes(b"the other run's state")
+        connection.send(str(temp_path))
+        connection.recv()  # until the test says: finish
+
+
+def _temporaries(folder: Path) -> set[str]:
+    return {name for name in os.listdir(folder) if name.startswith(".")}
+
+
+needs_flock = pytest.mark.skipif(fileio.fcntl is None, reason="temporaries are neither locked nor cleaned here")
+
+
+@needs_flock
+def test_stale_temporaries_are_removed_and_live_ones_of_any_process_kept(tmp_path, capsys):
+    fork = multiprocessing.get_context("fork")
+    killed = fork.Process(target=_killed_while_writing, args=(tmp_path,))
+    killed.start()
+    killed.join(timeout=60)
+    assert killed.exitcode == -signal.SIGKILL
+    (dead,) = _temporaries(tmp_path)
+    assert f".{killed.pid}." in dead  # the writer's pid in the name
+    ours, theirs = fork.Pipe()
+    other_run = fork.Process(target=_writing_until_told, args=(tmp_path, theirs))
+    other_run.start()
+    other_temporary = Path(ours.recv())
+    (tmp_path / "result.json").write_text("{}")  # results and other files are never touched
+    (tmp_path / ".hidden").write_text("a user's file")
+    with atomic_path(tmp_path / "heatmaps_vgg16.npz", suffix=".npz") as own_temporary:  # this process's live one
+        own_temporary.write_bytes(b"ours")
+        for path in (tmp_path / dead, other_temporary, own_temporary, tmp_path / "result.json", tmp_path / ".hidden"):
+            _age(path)
+        removed = remove_stale_temporaries(tmp_path)
+        assert removed == [tmp_path / dead]
+        assert _temporaries(tmp_path) == {".hidden", other_temporary.name, own_temporary.name}
+    ours.send("finish")
+    other_run.join(timeout=60)
+    assert other_run.exitcode == 0
+    assert (tmp_path / "training_state_vgg16.pth").read_bytes() == b"the other run's state"
+    assert (tmp_path / "heatmaps_vgg16.npz").read_bytes() == b"ours"
+    assert _temporaries(tmp_path) == {".hidden"}
+    assert f"removed 1 temporary file(s) that an interrupted run left in {tmp_path}" in capsys.readouterr().out
+
+
+@needs_flock
+def test_a_temporary_younger_than_the_lock_grace_is_kept(tmp_path):
+    """Between its creation and its lock a live temporary is unlocked for an instant: only old ones are removed."""
+    unlocked = tmp_path / ".result.json.12345.abcd_123.tmp"
+    unlocked.write_bytes(b"")
+    assert remove_stale_temporaries(tmp_path) == [] and unlocked.exists()
+    _age(unlocked)
+    assert remove_stale_temporaries(tmp_path) == [unlocked] and not unlocked.exists()
+
+
+@needs_flock
+@pytest.mark.parametrize("script", ["model script", "cancer_class_further"])
+def test_the_scripts_remove_stale_temporaries_at_start(tmp_path, script):
+    """Each cleans its output dir before anything else (here: before the error its bad input gives)."""
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    stale = output_dir / ".fine_tuned_vgg16.pth.4242.abcd1234.tmp"  # its process was killed
+    stale.write_bytes(b"half a checkpoint")
+    _age(stale)
+    with pytest.raises(PipelineError):
+        if script == "model script":
+            run_model_script(arch="vgg16", description="", argv=["--data-dir", str(tmp_path / "missing"),
+                                                                 "--output-dir", str(output_dir)])
+        else:
+            cancer_class_further.main(["--output-dir", str(output_dir)])  # no split.json there
+    assert not stale.exists()
