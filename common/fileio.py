@@ -32,7 +32,7 @@ except ImportError:  # Windows: temporaries are neither locked nor cleaned up
 # What torch.save's C++ writer raises (as a RuntimeError, without errno) when a write comes up short.
 TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed")
 # `.<target name>.<pid>.<8 random characters from tempfile><suffix>`: the temporaries this module makes.
-TEMPORARY_NAME = re.compile(r"^\..+\.\d+\.[a-z0-9_]{8}(\.[A-Za-z0-9]+)?$")
+TEMPORARY_NAME = re.compile(r"^\..+\.\d+\.[a-z0-9_]{8}(\.[A-Za-z0-9.]+)?$")
 # A temporary is unlocked between its creation and the lock call (microseconds); one untouched for this long is
 # past that moment.
 STALE_AFTER_SECONDS = 60

@@ -50,8 +50,8 @@ def export_heatmaps(model, arch: str, split: Split, out_path: Path, *, image_siz
                            seed=0, cache=cache)
     cam_height, cam_width = cam_shape(model, arch, image_size)
     logits = np.zeros((len(split.records), 2), np.float32)
-    # A locked scratch file: a later run removes it if this process is killed (remove_stale_temporaries).
-    with scratch_file(out_path.parent, f"{out_path.stem}.cams", suffix=".npy") as scratch:
+    # A locked scratch file beside the heatmap file: a later run removes it if this process is killed.
+    with scratch_file(out_path.parent, out_path.name, suffix=".cams.npy") as scratch:
         cams = create_memmap(scratch, dtype=np.float32, shape=(len(split.records), cam_height, cam_width))
         for images, _labels, indices in tqdm(batches.batches(), total=len(batches), desc=f"{arch} Grad-CAM",
                                              leave=False):

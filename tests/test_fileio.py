@@ -23,7 +23,7 @@ import common.fileio as fileio
 import common.train as train_module
 from common.errors import PipelineError, run_main
 from common.fileio import (STALE_AFTER_SECONDS, BackgroundWriter, atomic_path, cpu_snapshot,
-                           remove_stale_temporaries, save_npz, save_torch, write_text)
+                           remove_stale_temporaries, save_npz, save_torch, scratch_file, write_text)
 from common.train import run_model_script
 
 
@@ -207,10 +207,13 @@ def _age(path: Path, seconds: float = 2 * STALE_AFTER_SECONDS) -> None:
 
 
 def _killed_while_writing(folder: Path) -> None:
-    """In a child process: start an atomic write and die by SIGKILL before it ends, as `kill -9` does."""
-    with atomic_path(folder / "fine_tuned_vgg16.pth") as temp_path:
-        temp_path.write_bytes(b"half a checkpoint")
-        os.kill(os.getpid(), signal.SIGKILL)
+    """In a child process: start an atomic write (with a scratch file, as the heatmap export has) and die by
+    SIGKILL before it ends, as `kill -9` does."""
+    with scratch_file(folder, "heatmaps_vgg16.npz", suffix=".cams.npy") as scratch:
+        scratch.write_bytes(b"half the maps")
+        with atomic_path(folder / "fine_tuned_vgg16.pth") as temp_path:
+            temp_path.write_bytes(b"half a checkpoint")
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _writing_until_told(folder: Path, connection) -> None:
@@ -235,8 +238,8 @@ def test_stale_temporaries_are_removed_and_live_ones_of_any_process_kept(tmp_pat
     killed.start()
     killed.join(timeout=60)
     assert killed.exitcode == -signal.SIGKILL
-    (dead,) = _temporaries(tmp_path)
-    assert f".{killed.pid}." in dead  # the writer's pid in the name
+    dead = _temporaries(tmp_path)
+    assert len(dead) == 2 and all(f".{killed.pid}." in name for name in dead)  # the writer's pid in the name
     ours, theirs = fork.Pipe()
     other_run = fork.Process(target=_writing_until_told, args=(tmp_path, theirs))
     other_run.start()
@@ -245,10 +248,11 @@ def test_stale_temporaries_are_removed_and_live_ones_of_any_process_kept(tmp_pat
     (tmp_path / ".hidden").write_text("a user's file")
     with atomic_path(tmp_path / "heatmaps_vgg16.npz", suffix=".npz") as own_temporary:  # this process's live one
         own_temporary.write_bytes(b"ours")
-        for path in (tmp_path / dead, other_temporary, own_temporary, tmp_path / "result.json", tmp_path / ".hidden"):
+        for path in [*(tmp_path / name for name in dead), other_temporary, own_temporary, tmp_path / "result.json",
+                     tmp_path / ".hidden"]:
             _age(path)
         removed = remove_stale_temporaries(tmp_path)
-        assert removed == [tmp_path / dead]
+        assert sorted(removed) == sorted(tmp_path / name for name in dead)
         assert _temporaries(tmp_path) == {".hidden", other_temporary.name, own_temporary.name}
     ours.send("finish")
     other_run.join(timeout=60)
@@ -256,7 +260,7 @@ def test_stale_temporaries_are_removed_and_live_ones_of_any_process_kept(tmp_pat
     assert (tmp_path / "training_state_vgg16.pth").read_bytes() == b"the other run's state"
     assert (tmp_path / "heatmaps_vgg16.npz").read_bytes() == b"ours"
     assert _temporaries(tmp_path) == {".hidden"}
-    assert f"removed 1 temporary file(s) that an interrupted run left in {tmp_path}" in capsys.readouterr().out
+    assert f"removed 2 temporary file(s) that an interrupted run left in {tmp_path}" in capsys.readouterr().out
 
 
 @needs_flock
