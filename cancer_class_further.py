@@ -24,7 +24,8 @@ from common.data import (CLASS_NAMES, SPLIT_FILE_NAME, assign_groups, describe_p
                          majority_labels)
 from common.console import HelpFormatter
 from common.errors import PipelineError, run_main
-from common.fileio import save_npz, save_torch, sha256_of_file, write_json, write_text
+from common.fileio import (remove_stale_temporaries, save_npz, save_torch, sha256_of_file, write_json,
+                           write_text)
 from common.fusion import (CLASSIFIER_FORMAT_VERSION, FEATURE_SETS, MODEL_ORDER, Standardizer, build_features,
                            check_against_split, load_aligned_heatmaps, malignant_probabilities, mlp_logits,
                            stack_maps, train_mlp)
@@ -179,6 +180,7 @@ def main(argv=None) -> None:
     output_dir = Path(args.output_dir)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
+    remove_stale_temporaries(output_dir)  # never another live run's (see the function)
 
     heatmaps, heatmap_files, protocol = load_inputs(args, output_dir)
     reference = heatmaps[MODEL_ORDER[0]]

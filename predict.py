@@ -25,7 +25,7 @@ from common.data import IMAGE_EXTENSIONS
 from common.dataset import load_rgb
 from common.console import HelpFormatter
 from common.errors import PipelineError, run_main
-from common.fileio import sha256_of_file, write_text
+from common.fileio import disk_full_as_pipeline_error, sha256_of_file, write_text
 from common.fusion import (MODEL_ORDER, Standardizer, build_features, build_mlp, malignant_probabilities,
                            mlp_logits, stack_maps)
 from common.heatmaps import blend, colorize, combined_map, jet
@@ -153,8 +153,9 @@ def main(argv=None) -> None:
             probabilities = batch["probabilities"]
             for row, path in enumerate(batch["paths"]):
                 overlay_name = next(overlay_names_in_order)
-                overlay_strip(batch["images"][row], {arch: batch["cams"][arch][row] for arch in MODEL_ORDER}).save(
-                    Path(staging) / overlay_name, format="PNG")
+                with disk_full_as_pipeline_error(out_dir / overlay_name):
+                    overlay_strip(batch["images"][row], {arch: batch["cams"][arch][row] for arch in MODEL_ORDER}
+                                  ).save(Path(staging) / overlay_name, format="PNG")
                 verdict = "malignant" if probabilities["final_mlp"][row] >= 0.5 else "benign"
                 values = [probabilities[name][row] for name in columns]
                 print(f"{path.name[-40:]:<40} " + " ".join(f"{value:>12.3f}" for value in values) + f"  {verdict}")

@@ -70,15 +70,27 @@ def parse_breakhis_name(file_name: str) -> Record | None:
 
 
 def _walk_files(folder: Path) -> list[Path]:
-    """Every file below `folder` (os.scandir: no stat calls beyond what the directory listing gives)."""
-    found, pending = [], [folder]
+    """Every file below `folder` (os.scandir: one stat call per folder beyond what the listings give), following
+    symbolic links. A folder reached a second time (a link back to a folder above it, or two links to one folder)
+    is skipped with a warning: its images would otherwise be indexed twice, or the walk would never end."""
+    found, pending, visited = [], [folder], set()
     while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=True):
-                    pending.append(Path(entry.path))
-                elif entry.is_file(follow_symlinks=True):
-                    found.append(Path(entry.path))
+        current = pending.pop()
+        try:
+            identity = current.stat()
+            if (identity.st_dev, identity.st_ino) in visited:
+                print(f"WARNING: skipped {current}: a symbolic link leads to a folder already indexed")
+                continue
+            visited.add((identity.st_dev, identity.st_ino))
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=True):
+                        pending.append(Path(entry.path))
+                    elif entry.is_file(follow_symlinks=True):
+                        found.append(Path(entry.path))
+        except OSError as error:
+            raise PipelineError(f"--data-dir: cannot list the folder {current} ({error.strerror}); "
+                                "fix its permissions or links, or move it out of the dataset") from None
     return found
 
 

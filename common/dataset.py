@@ -19,24 +19,50 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.io import ImageReadMode, decode_png, read_file
 
 from common.data import Record
 from common.errors import PipelineError
-from common.fileio import atomic_path, write_json
+from common.fileio import atomic_path, create_memmap, remove_stale_temporaries, write_json
 from common.transforms import augment_batch, build_transforms, normalize_batch, resize_image
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: 16-bit images scaled to 8 bits (version 1 decoded 16-bit grey as white)
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decode an image as RGB, or stop with an error that names the file."""
+    """Decode an image as 8-bit RGB, or stop with an error that names the file.
+
+    16 bits per sample are scaled to 8 (value * 255 / 65535, rounded). PIL alone clips 16-bit grey to white and
+    keeps only the high byte of 16-bit colour (it has no 16-bit RGB mode): such PNGs are decoded by torchvision."""
     try:
         with Image.open(path) as image:
+            if image.format == "PNG" and _png_bit_depth(path) == 16:
+                pixels = decode_png(read_file(str(path)), mode=ImageReadMode.RGB)  # (3, H, W) 16-bit values
+                return Image.fromarray(_sixteen_to_eight_bits(pixels.permute(1, 2, 0).numpy(), path))
+            if image.mode.startswith("I"):  # 16-bit grey (I;16, I;16B, ...) or 32-bit integers (I), e.g. a TIFF
+                return Image.fromarray(_sixteen_to_eight_bits(np.asarray(image), path)).convert("RGB")
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+    except (OSError, UnidentifiedImageError, ValueError, RuntimeError, Image.DecompressionBombError) as error:
         # DecompressionBombError: over twice PIL's MAX_IMAGE_PIXELS (~179 MP), far above any microscopy tile.
+        # RuntimeError: torchvision's PNG decoder.
         raise PipelineError(f"cannot read image {path}: {error}") from None
+
+
+def _png_bit_depth(path: Path) -> int:
+    """Bits per sample, from the IHDR chunk that the PNG standard puts first: byte 24 of the file."""
+    with open(path, "rb") as handle:
+        header = handle.read(25)
+    return header[24] if len(header) == 25 else 8
+
+
+def _sixteen_to_eight_bits(values: np.ndarray, path: Path) -> np.ndarray:
+    """0..65535 -> 0..255 uint8, rounded (v * 255 / 65535 is never exactly halfway)."""
+    values = values.astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise PipelineError(f"cannot read image {path}: its integer pixel values exceed 16 bits; "
+                            "convert it to an 8- or 16-bit image")
+    return ((values * 255 + 32767) // 65535).astype(np.uint8)
 
 
 class ImageRecords(Dataset):
@@ -124,6 +150,16 @@ def _decode_into(array: np.ndarray, root: Path, records: list[Record], image_siz
             array[index] = pixels
 
 
+def _open_cache(cache_path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The cache file mapped for reading, or None when it is truncated (a killed copy, a full disk) or its header
+    does not describe `shape` uint8 images."""
+    try:
+        cache = np.load(cache_path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError):  # "mmap length is greater than file size", a damaged header
+        return None
+    return cache if cache.shape == shape and cache.dtype == np.uint8 else None
+
+
 def build_cache(root: Path, records: list[Record], *, image_size: int, mode: str, cache_dir: Path | None,
                 workers: int) -> np.ndarray:
     """(N, S, S, 3) uint8 images in record order: decoded now (memory) or reused from/written to disk."""
@@ -132,14 +168,19 @@ def build_cache(root: Path, records: list[Record], *, image_size: int, mode: str
         array = np.empty(shape, np.uint8)
         _decode_into(array, root, records, image_size, workers)
         return array
+    remove_stale_temporaries(cache_dir)
     key = cache_key(root, records, image_size)
     cache_path = Path(cache_dir) / f"images_{image_size}px_{key}.npy"
     if cache_path.exists():
-        print(f"decoded-image cache hit: {cache_path}")
-        return np.load(cache_path, mmap_mode="r", allow_pickle=False)
+        cache = _open_cache(cache_path, shape)
+        if cache is not None:
+            print(f"decoded-image cache hit: {cache_path}")
+            return cache
+        print(f"decoded-image cache {cache_path} is truncated or damaged; rebuilding it")
+        cache_path.unlink()  # now, not at the rename: its space may be what the new file needs
     print(f"building decoded-image cache {cache_path} ({np.prod(shape) / 2**30:.2f} GiB)")
     with atomic_path(cache_path, suffix=".npy") as temp_path:
-        array = np.lib.format.open_memmap(temp_path, mode="w+", dtype=np.uint8, shape=shape)
+        array = create_memmap(temp_path, dtype=np.uint8, shape=shape)  # a full disk stops here, not with SIGBUS
         _decode_into(array, root, records, image_size, workers)
         array.flush()
         del array

@@ -1,7 +1,11 @@
 """The exceptions the scripts turn into a one-line message instead of a traceback: a bad input, a Ctrl-C."""
 
+import errno
 import sys
 from collections.abc import Callable
+
+# The errors a write gets when the file system has no room left for it (the disk, or the user's quota).
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 # What a Ctrl-C leaves, unless the script says more (an Interrupted): files are only ever replaced whole.
@@ -33,6 +37,14 @@ def run_main(main: Callable[[], object]) -> None:
         main()
     except PipelineError as error:
         print(f"error: {message_of(error)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        # Last resort: the result files go through common/fileio.py, which names the file; this catches the rest
+        # (e.g. a log line appended after each epoch).
+        if error.errno not in DISK_FULL_ERRNOS:
+            raise
+        print(f"error: the disk is full: cannot write {error.filename or 'a file'} ({error.strerror}); results "
+              "written before are intact; free space and rerun", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as interrupt:
         message = str(interrupt) if isinstance(interrupt, Interrupted) else INTERRUPTED_MESSAGE

@@ -1,23 +1,41 @@
 """Atomic writes: a result file is either the old complete one or the new complete one, never half-written.
 
 Each writer writes to a temporary file in the destination folder and renames it over the target;
-rename within one file system is atomic on POSIX and Windows (os.replace).
+rename within one file system is atomic on POSIX and Windows (os.replace). A write that fails because the disk is
+full stops with a one-line PipelineError naming the file. A temporary left by a killed process is removed by the
+next run (`remove_stale_temporaries`).
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common.errors import PipelineError
+from common.errors import DISK_FULL_ERRNOS, PipelineError, message_of
+
+try:
+    import fcntl  # POSIX only: the lock that marks a temporary as in use
+except ImportError:  # Windows: temporaries are neither locked nor cleaned up
+    fcntl = None
+
+# What torch.save's C++ writer raises (as a RuntimeError, without errno) when a write comes up short.
+TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed")
+# `.<target name>.<pid>.<8 random characters from tempfile><suffix>`: the temporaries this module makes.
+TEMPORARY_NAME = re.compile(r"^\..+\.\d+\.[a-z0-9_]{8}(\.[A-Za-z0-9.]+)?$")
+# A temporary is unlocked between its creation and the lock call (microseconds); one untouched for this long is
+# past that moment.
+STALE_AFTER_SECONDS = 60
 
 
 def _current_umask() -> int:
@@ -26,20 +44,139 @@ def _current_umask() -> int:
     return mask
 
 
+def disk_full_message(error: BaseException, target: Path) -> str | None:
+    """The one-line message for a write of `target` that failed for want of space; None for any other failure."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+        reason = error.strerror
+    elif isinstance(error, RuntimeError) and any(marker in str(error) for marker in TORCH_WRITE_FAILURES):
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        reason = f"torch: {first_line}; most likely no space left on the device"
+    else:
+        return None
+    return (f"the disk is full: cannot write {target} ({reason}); the previous {target.name}, if any, and all "
+            "earlier results are intact; free space and rerun")
+
+
+@contextlib.contextmanager
+def disk_full_as_pipeline_error(target: Path) -> Iterator[None]:
+    """Turn a failed write of `target` for want of space into a PipelineError; other errors pass unchanged."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        message = disk_full_message(error, target)
+        if message is None:
+            raise
+        raise PipelineError(message) from error
+
+
+def _temporary_prefix(name: str) -> str:
+    # The pid tells a person which process made a temporary; whether it is still in use is told by its lock.
+    return f".{name}.{os.getpid()}."
+
+
+def _mark_in_use(handle: int) -> None:
+    """Hold an exclusive flock on the open temporary until the handle is closed. The kernel drops the lock when
+    the process ends in any way (kill -9 included), so an unlocked temporary has no live writer."""
+    with contextlib.suppress(OSError):  # a file system without flock: the temporary is simply never cleaned
+        fcntl.flock(handle, fcntl.LOCK_EX)
+
+
+@contextlib.contextmanager
+def scratch_file(folder: str | os.PathLike, name: str, suffix: str = ".tmp") -> Iterator[Path]:
+    """A new empty file `.<name>.<pid>.<random><suffix>` in `folder`, in use (locked) until it is removed on exit.
+    Running out of space in the block is a PipelineError naming `folder / name`."""
+    folder = Path(folder)
+    with disk_full_as_pipeline_error(folder / name):
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=_temporary_prefix(name), suffix=suffix, dir=folder)
+    temp_path = Path(temp_name)
+    if fcntl is None:  # Windows cannot rename or remove a file that is open
+        os.close(handle)
+    else:
+        _mark_in_use(handle)  # writers open the path anew; this read-write handle only holds the lock
+    try:
+        with disk_full_as_pipeline_error(folder / name):
+            yield temp_path
+    finally:
+        temp_path.unlink(missing_ok=True)
+        if fcntl is not None:
+            os.close(handle)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success it replaces `target`, on error it is removed."""
+    """Yield a temporary path beside `target`; on success it replaces `target`, on error it is removed.
+    Running out of space anywhere in the block is a PipelineError naming `target`."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
-    os.close(handle)
-    temp_path = Path(temp_name)
-    try:
+    with scratch_file(target.parent, target.name, suffix or ".tmp") as temp_path:
         yield temp_path
         os.chmod(temp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600; results are for the whole group
         os.replace(temp_path, target)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that killed runs left in `folder` and return their paths.
+
+    Safe beside live runs in the same folder, this process's own writer thread included: a temporary in use is
+    locked from its creation until it is renamed or removed (`scratch_file`), so one that can be locked here has
+    no live writer. flock conflicts between any two open files, in one process or two, and works on NFS (Linux
+    emulates it with byte-range locks). The moment before the lock is taken is covered by STALE_AFTER_SECONDS.
+    """
+    folder = Path(folder)
+    if fcntl is None or not folder.is_dir():
+        return []
+    removed, freed = [], 0
+    with os.scandir(folder) as entries:
+        candidates = [Path(entry.path) for entry in entries
+                      if TEMPORARY_NAME.match(entry.name) and entry.is_file(follow_symlinks=False)]
+    for path in candidates:
+        size = _remove_if_stale(path)
+        if size is not None:
+            removed.append(path)
+            freed += size
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) that an interrupted run left in {folder} "
+              f"({freed / 2**20:.1f} MiB)")
+    return removed
+
+
+def _remove_if_stale(path: Path) -> int | None:
+    """Remove `path` when no process holds its lock and it is older than STALE_AFTER_SECONDS; return the bytes
+    freed, or None when it was kept."""
+    try:
+        handle = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:  # renamed or removed meanwhile, or not ours to read: not ours to remove either
+        return None
+    try:
+        # Shared: conflicts with the writer's exclusive lock, and NFS grants it on a read-only handle.
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # BlockingIOError: a live process holds it
+        opened = os.fstat(handle)
+        current = os.stat(path, follow_symlinks=False)
+        if time.time() - opened.st_mtime < STALE_AFTER_SECONDS or \
+                (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):  # young, or renamed meanwhile
+            return None
+        path.unlink()
+        return opened.st_size
+    except OSError:
+        return None
     finally:
-        temp_path.unlink(missing_ok=True)
+        os.close(handle)
+
+
+def create_memmap(path: Path, *, dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A new .npy file of `shape` mapped for writing, its disk space reserved first. Without the reservation the
+    file is sparse, and a write through the map onto a full disk kills the process with SIGBUS (no exception,
+    no clean-up); the reservation fails instead with ENOSPC, an error the caller's atomic_path (or
+    scratch_file) reports."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):  # not on macOS or Windows: there the map is written as before
+        with open(path, "r+b") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve
+                    raise
+    return array
 
 
 def save_torch(obj: dict, target: str | os.PathLike) -> None:
@@ -95,7 +232,10 @@ class BackgroundWriter:
         for obj, target in snapshots:
             try:
                 save_torch(obj, target)
-            except Exception as error:  # disk full, permissions: reported by the training thread
+            except PipelineError as error:  # disk full: the message names the file already
+                self._failure = message_of(error)
+                return
+            except Exception as error:  # permissions, a missing folder: reported by the training thread
                 self._failure = f"cannot write checkpoint {target}: {type(error).__name__}: {error}"
                 return
 

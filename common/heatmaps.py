@@ -10,7 +10,6 @@ heatmaps_<arch>.npz (np.load(path, allow_pickle=False)):
     arch, target_layer, target_class_rule, split_digest (unicode scalars), image_size, format_version (int)
 """
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from common.console import progress
 from common.data import Split
 from common.dataset import load_rgb, make_batches
 from common.errors import PipelineError
-from common.fileio import atomic_path, save_npz
+from common.fileio import atomic_path, create_memmap, save_npz, scratch_file
 from common.models import ARCHS, cam_shape
 from common.transforms import resize_image
 
@@ -51,9 +50,9 @@ def export_heatmaps(model, arch: str, split: Split, out_path: Path, *, image_siz
                            seed=0, cache=cache)
     cam_height, cam_width = cam_shape(model, arch, image_size)
     logits = np.zeros((len(split.records), 2), np.float32)
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".heatmaps_") as scratch:
-        cams = np.lib.format.open_memmap(Path(scratch) / "cams.npy", mode="w+", dtype=np.float32,
-                                         shape=(len(split.records), cam_height, cam_width))
+    # A locked scratch file beside the heatmap file: a later run removes it if this process is killed.
+    with scratch_file(out_path.parent, out_path.name, suffix=".cams.npy") as scratch:
+        cams = create_memmap(scratch, dtype=np.float32, shape=(len(split.records), cam_height, cam_width))
         for images, _labels, indices in progress(batches.batches(), total=len(batches), desc=f"{arch} Grad-CAM"):
             batch_cams, batch_logits = grad_cam(model, arch, images, target=target_rule)
             if batch_cams.shape[1:] != cams.shape[1:]:

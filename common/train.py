@@ -29,7 +29,8 @@ from common.data import (CLASS_NAMES, SPLIT_FILE_NAME, Split, describe_protocol,
                          summarize_split)
 from common.dataset import build_cache, make_batches
 from common.errors import Interrupted, PipelineError
-from common.fileio import BackgroundWriter, write_json
+from common.fileio import (BackgroundWriter, disk_full_as_pipeline_error, remove_stale_temporaries,
+                           write_json)
 from common.heatmaps import export_heatmaps, heatmap_path
 from common.metrics import binary_metrics, metrics_table, selection_score, softmax
 from common.models import ARCHS, build_model
@@ -288,7 +289,7 @@ def sync_buffers(model: nn.Module, runtime: Runtime) -> None:
 
 
 def log_epoch(log_path: Path, row: dict) -> None:
-    with open(log_path, "a", encoding="utf-8") as handle:
+    with disk_full_as_pipeline_error(log_path), open(log_path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(row) + "\n")
 
 
@@ -410,6 +411,8 @@ def run_model_script(*, arch: str, description: str, argv: list[str] | None = No
         seed_everything(args.seed)
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        if runtime.is_main:
+            remove_stale_temporaries(output_dir)  # never another live run's (see the function)
         # The first script to run writes the split; the others (and the other ranks) read it.
         split = main_rank_first(runtime, lambda: prepare_split(args.data_dir, output_dir, split_protocol(args)))
         if args.max_images:

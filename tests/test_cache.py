@@ -3,9 +3,11 @@ eval tensors equal on both paths, a corrupt image named, and the training order 
 CPU only, synthetic data (the `demo_dir` fixture: 48 PNGs of 48x32 px), seconds in all.
 """
 
+import errno
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 from PIL import Image
 
 import common.dataset as dataset_module
+import common.fileio as fileio
 import common.transforms as transforms_module
 from common.data import filter_magnification, index_dataset
 from common.dataset import CachedBatches, build_cache, cache_key, load_rgb, make_batches
@@ -137,6 +140,55 @@ def test_disk_cache_is_rebuilt_when_a_file_the_size_or_the_records_change(demo_d
     for row in (0, 5, len(new_records) - 1):  # the new file holds what the files hold now
         expected = np.asarray(resize_image(load_rgb(new_root / new_records[row].path), new_size))
         np.testing.assert_array_equal(new[row], expected)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no space reservation on this system")
+def test_a_full_disk_stops_the_cache_build_with_one_line_and_no_partial_file(demo_dir, tmp_path, monkeypatch):
+    """Writing through a memory map onto a full disk is a SIGBUS; the space is reserved first, so a full disk is
+    the reservation's ENOSPC, reported in one line, and the half-made file is removed."""
+    indexed = index_dataset(demo_dir)
+    reserved = []
+
+    def full_disk(handle, offset, length):
+        reserved.append(length)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk)
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(PipelineError, match=r"^the disk is full: cannot write .*cache/images_32px_\w+\.npy \(No space "
+                                            r"left on device\); .* earlier results are intact; free space and rerun$"):
+        build_cache(indexed.root, indexed.records, image_size=SIZE, mode="disk", cache_dir=cache_dir, workers=0)
+    assert reserved and reserved[0] >= len(indexed.records) * SIZE * SIZE * 3  # the whole file, header included
+    assert os.listdir(cache_dir) == []
+
+
+def test_a_truncated_cache_file_is_rebuilt(demo_dir, tmp_path, capsys):
+    indexed = index_dataset(demo_dir)
+    options = dict(image_size=SIZE, mode="disk", cache_dir=tmp_path / "cache", workers=0)
+    complete = np.array(build_cache(indexed.root, indexed.records, **options))
+    (cache_path,) = npy_files(tmp_path / "cache")
+    with open(cache_path, "r+b") as handle:  # a copy cut short: the header promises more than the file holds
+        handle.truncate(cache_path.stat().st_size // 2)
+    capsys.readouterr()
+    rebuilt = build_cache(indexed.root, indexed.records, **options)
+    assert capsys.readouterr().out.startswith(f"decoded-image cache {cache_path} is truncated or damaged; "
+                                              "rebuilding it\n")
+    assert Path(rebuilt.filename) == cache_path and npy_files(tmp_path / "cache") == [cache_path]
+    np.testing.assert_array_equal(rebuilt, complete)
+
+
+@pytest.mark.skipif(fileio.fcntl is None, reason="temporaries are neither locked nor cleaned here")
+def test_a_cache_temporary_left_by_a_killed_run_is_removed(demo_dir, tmp_path):
+    indexed = index_dataset(demo_dir)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    left_behind = cache_dir / ".images_32px_0123456789abcdef0123.npy.4242.x1y2z3w4.npy"  # its process is gone
+    left_behind.write_bytes(b"\x93NUMPY half a cache")
+    then = time.time() - 3600
+    os.utime(left_behind, (then, then))
+    build_cache(indexed.root, indexed.records, image_size=SIZE, mode="disk", cache_dir=cache_dir, workers=0)
+    assert not left_behind.exists()
+    assert [path.name.startswith(".") for path in cache_dir.iterdir()] == [False, False]  # the cache and its .json
 
 
 # --------------------------------------------------------------------------------------- corrupt images

@@ -9,6 +9,8 @@ The demo tree (tests/conftest.py) holds, per class, 4 patients x magnifications 
 
 import json
 import shutil
+import struct
+import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -36,10 +38,10 @@ from common.data import (
     split_digest,
     subsample_split,
 )
-from common.dataset import ImageRecords, load_rgb
+from common.dataset import ImageRecords, build_cache, load_rgb
 from common.demo import make_demo_dataset
 from common.errors import PipelineError
-from common.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
+from common.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, resize_image
 
 BENIGN_PATIENTS = {"14-10000AB", "14-10100AB", "14-10200AB", "14-10300AB"}
 MALIGNANT_PATIENTS = {"14-10050", "14-10150", "14-10250", "14-10350"}
@@ -579,6 +581,89 @@ def test_corrupt_image_names_the_file(demo_dir, tmp_path):
         dataset[0]
     image, label, index = dataset[2]  # an intact neighbour still loads
     assert image.shape == (3, 32, 32) and (label, index) == (records[2].label, 2)
+
+
+def test_a_symbolic_link_loop_is_skipped_with_a_warning(demo_dir, tmp_path, capsys):
+    data = copy_demo(demo_dir, tmp_path)
+    expected = index_dataset(data).records
+    patient_folder = data / Path(expected[0].path).parent.parent
+    (patient_folder / "back_to_breast").symlink_to(patient_folder.parent.parent.parent, target_is_directory=True)
+    capsys.readouterr()
+    assert index_dataset(data).records == expected  # neither an endless walk nor each image indexed twice
+    assert f"WARNING: skipped {patient_folder / 'back_to_breast'}: a symbolic link leads to a folder already " \
+           "indexed" in capsys.readouterr().out
+
+
+# Pixel values that tell scaling (v * 255 / 65535, rounded) from clipping (anything > 255 -> 255) and from
+# truncation to the high byte (v >> 8): 511 -> 2 (high byte 1), 1000 -> 4 (3), 32767 -> 127, 65535 -> 255.
+SIXTEEN_BIT_VALUES = np.array([[0, 511, 1000], [32767, 33023, 65535]], dtype=np.uint16)
+
+
+def eight_bits(values: np.ndarray) -> np.ndarray:
+    return np.round(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+
+
+def write_png_16_bit(path: Path, pixels: np.ndarray) -> None:
+    """A minimal PNG encoder (PIL cannot write 16-bit colour): (H, W) grey or (H, W, 3) RGB, 16 bits per sample."""
+    height, width = pixels.shape[:2]
+    color_type = 2 if pixels.ndim == 3 else 0  # truecolour or greyscale
+    big_endian = pixels.astype(">u2")
+    scanlines = b"".join(b"\x00" + big_endian[row].tobytes() for row in range(height))  # filter 0 on each row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(scanlines))
+                     + chunk(b"IEND", b""))
+
+
+def _grey_png(path: Path) -> np.ndarray:
+    Image.fromarray(SIXTEEN_BIT_VALUES).save(path)  # PIL mode I;16
+    return np.repeat(eight_bits(SIXTEEN_BIT_VALUES)[..., None], 3, axis=2)
+
+
+def _rgb_png(path: Path) -> np.ndarray:
+    rgb = np.stack([SIXTEEN_BIT_VALUES, SIXTEEN_BIT_VALUES[::-1], 65535 - SIXTEEN_BIT_VALUES], axis=2)
+    write_png_16_bit(path, rgb)
+    return eight_bits(rgb)
+
+
+def _grey_png_by_hand(path: Path) -> np.ndarray:
+    write_png_16_bit(path, SIXTEEN_BIT_VALUES)
+    return np.repeat(eight_bits(SIXTEEN_BIT_VALUES)[..., None], 3, axis=2)
+
+
+def _grey_tiff(path: Path) -> np.ndarray:
+    Image.fromarray(SIXTEEN_BIT_VALUES).save(path.with_suffix(".tif"))
+    path.with_suffix(".tif").rename(path)  # the decoder goes by the content, not the name
+    return np.repeat(eight_bits(SIXTEEN_BIT_VALUES)[..., None], 3, axis=2)
+
+
+@pytest.mark.parametrize("write", [_grey_png, _rgb_png, _grey_png_by_hand, _grey_tiff])
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path, write):
+    path = tmp_path / "image.png"
+    expected = write(path)
+    with Image.open(path) as image:
+        assert image.size == (3, 2)
+    pixels = np.asarray(load_rgb(path))
+    assert pixels.dtype == np.uint8 and pixels.shape == (2, 3, 3)
+    np.testing.assert_array_equal(pixels, expected)
+
+
+def test_16_bit_images_reach_the_cache_scaled(tmp_path):
+    """Training, the cache, the heatmaps and predict all decode through load_rgb: the cache holds the scaled images."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    expected = []
+    for index, class_name in enumerate(("benign", "malignant")):
+        (data / class_name).mkdir(parents=True)
+        rgb = rng.integers(0, 65536, size=(24, 40, 3), dtype=np.uint16)
+        write_png_16_bit(data / class_name / f"image{index}.png", rgb)
+        expected.append(np.asarray(resize_image(Image.fromarray(eight_bits(rgb)), 16)))
+    indexed = index_dataset(data)
+    cache = build_cache(indexed.root, indexed.records, image_size=16, mode="memory", cache_dir=None, workers=0)
+    np.testing.assert_array_equal(cache, np.stack(expected))
 
 
 # ------------------------------------------------------------------------------------------- transforms

@@ -7,6 +7,8 @@ The run dir is the one tests/test_further.py builds (the four scripts on the dem
 """
 
 import csv
+import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -270,6 +272,25 @@ def test_cnn_checkpoint_changed_after_the_mlp_was_trained(run_dir, images, capsy
     status, stderr = predict_in_process(["--output-dir", str(run_dir), "--device", "cpu", str(images["odd_size"])],
                                         capsys)
     assert_one_line_error(status, stderr, str(checkpoint_path(run_dir, MODEL_ORDER[0])), "cancer_class_further.py")
+
+
+def test_a_full_disk_while_writing_overlays_is_one_line_and_keeps_the_earlier_results(run_dir, images, tmp_path,
+                                                                                      capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predictions.csv").write_text("an earlier run's predictions\n")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    status, stderr = predict_in_process(["--output-dir", str(run_dir), "--out", str(out), "--device", "cpu",
+                                         str(images["odd_size"])], capsys)
+    overlay = out / predict.overlay_names([images["odd_size"]])[0]
+    assert_one_line_error(status, stderr, f"the disk is full: cannot write {overlay} ", "earlier results are intact")
+    assert os.listdir(out) == ["predictions.csv"]
+    assert (out / "predictions.csv").read_text() == "an earlier run's predictions\n"
+    assert os.listdir(tmp_path) == ["out"]  # no staging folder left
 
 
 def test_missing_input_path(run_dir, tmp_path, capsys):
