@@ -4,7 +4,8 @@ with each CNN alone and with their soft vote.
     python cancer_class_further.py --output-dir runs/breakhis
 
 Reads from --output-dir: split.json and heatmaps_{densenet121,resnet50,vgg16}.npz (written by the three
-cancer_class_*.py scripts). Writes:
+cancer_class_*.py scripts), and checks that each fine_tuned_<arch>.pth loads and is the checkpoint that made its
+heatmap file. Writes (all or nothing; results.json last, with the SHA-256 of the others):
     final_classifier.pth                     the MLP on --features (default: the heatmaps, as the design asks)
     final_classifier_<other features>.pth    the other feature set's MLP, for the comparison
     results.json, results.md                 one table: each CNN, soft vote, both MLPs, on the test split
@@ -25,10 +26,10 @@ from common.data import (CLASS_NAMES, SPLIT_FILE_NAME, assign_groups, describe_p
 from common.console import HelpFormatter
 from common.errors import PipelineError, run_main
 from common.fileio import (remove_stale_temporaries, save_npz, save_torch, sha256_of_file, write_json,
-                           write_text)
-from common.fusion import (CLASSIFIER_FORMAT_VERSION, FEATURE_SETS, MODEL_ORDER, Standardizer, build_features,
-                           check_against_split, load_aligned_heatmaps, malignant_probabilities, mlp_logits,
-                           stack_maps, train_mlp)
+                           write_text, written_together)
+from common.fusion import (CLASSIFIER_FORMAT_VERSION, FEATURE_SETS, MODEL_ORDER, RESULTS_FILE, Standardizer,
+                           build_features, check_against_split, check_checkpoints, load_aligned_heatmaps,
+                           malignant_probabilities, mlp_logits, stack_maps, train_mlp)
 from common.heatmaps import heatmap_path
 from common.metrics import binary_metrics, metrics_table, per_patient_rates, softmax
 from common.train import checkpoint_path, pick_device
@@ -89,15 +90,11 @@ def fit_and_selection_rows(splits: np.ndarray, labels: np.ndarray, patients: np.
     return val_rows[parts == "fit"], val_rows[parts == "select"]
 
 
-def sources(output_dir: Path, heatmap_files: dict[str, Path]) -> dict:
+def sources(output_dir: Path, heatmap_files: dict[str, Path], checkpoint_digests: dict[str, str]) -> dict:
     """Which files the classifier was made from, with their hashes."""
-    result = {}
-    for arch in MODEL_ORDER:
-        checkpoint = checkpoint_path(output_dir, arch)
-        result[arch] = {"heatmaps": str(heatmap_files[arch]), "heatmaps_sha256": sha256_of_file(heatmap_files[arch]),
-                        "checkpoint": str(checkpoint),
-                        "checkpoint_sha256": sha256_of_file(checkpoint) if checkpoint.is_file() else None}
-    return result
+    return {arch: {"heatmaps": str(heatmap_files[arch]), "heatmaps_sha256": sha256_of_file(heatmap_files[arch]),
+                   "checkpoint": str(checkpoint_path(output_dir, arch)), "checkpoint_sha256": checkpoint_digests[arch]}
+            for arch in MODEL_ORDER}
 
 
 def load_inputs(args: argparse.Namespace, output_dir: Path) -> tuple[dict, dict[str, Path], str]:
@@ -115,14 +112,15 @@ def load_inputs(args: argparse.Namespace, output_dir: Path) -> tuple[dict, dict[
     return heatmaps, heatmap_files, describe_protocol({**split.protocol, **subsampled})
 
 
-def train_and_save_mlps(args, output_dir: Path, heatmaps: dict, inputs: dict, rows: dict,
-                        device: torch.device) -> tuple[dict[str, np.ndarray], dict]:
-    """One MLP per feature set (the chosen one is final_classifier.pth); P(malignant) of every row, histories."""
+def train_mlps(args, heatmaps: dict, inputs: dict, rows: dict,
+               device: torch.device) -> tuple[dict[str, np.ndarray], dict, dict[str, dict]]:
+    """One MLP per feature set; P(malignant) of every row, histories, and each classifier file's contents by file
+    name (the chosen feature set's is final_classifier.pth)."""
     reference = heatmaps[MODEL_ORDER[0]]
     labels, patients = reference["labels"], reference["patients"]
     logits = {arch: heatmaps[arch]["logits"] for arch in MODEL_ORDER}
     maps = stack_maps({arch: heatmaps[arch]["cams"] for arch in MODEL_ORDER}, args.grid_size)  # (N, 3, S, S)
-    probabilities, histories = {}, {}
+    probabilities, histories, classifiers = {}, {}, {}
     for feature_set in FEATURE_SETS:
         features = build_features(maps, logits if feature_set == "heatmaps+logits" else None)
         standardizer = Standardizer.fit(features, rows["fit"])
@@ -135,7 +133,7 @@ def train_and_save_mlps(args, output_dir: Path, heatmaps: dict, inputs: dict, ro
         probabilities[f"mlp_{feature_set}"] = softmax(mlp_logits(mlp, features, device))[:, 1]
         name = "final_classifier.pth" if feature_set == args.features else \
             f"final_classifier_{feature_set.replace('+', '_')}.pth"
-        save_torch({
+        classifiers[name] = {
             "format_version": CLASSIFIER_FORMAT_VERSION, "kind": "heatmap_mlp", "features": feature_set,
             "model": {key: value.detach().cpu() for key, value in mlp.state_dict().items()},
             "input_shape": [len(MODEL_ORDER), args.grid_size, args.grid_size], "in_features": features.shape[1],
@@ -146,13 +144,33 @@ def train_and_save_mlps(args, output_dir: Path, heatmaps: dict, inputs: dict, ro
             "target_class_rule": str(reference["target_class_rule"]), "class_names": list(CLASS_NAMES),
             "split_digest": str(reference["split_digest"]), "sources": inputs,
             "config": dict(vars(args)),
-        }, output_dir / name)
-    return probabilities, histories
+        }
+    return probabilities, histories, classifiers
+
+
+def write_run_files(output_dir: Path, classifiers: dict[str, dict], results: dict, markdown: str,
+                    predictions: dict[str, np.ndarray]) -> None:
+    """The classifiers, test predictions and tables of one run, written so that readers never pair a classifier
+    with another run's results. All files are written to temporary names first, so a failure while writing (a full
+    disk, an error, Ctrl-C) leaves the previous run's files untouched; then they are renamed, results.json last.
+    A process killed between two renames leaves a mix, so results.json records the SHA-256 of each file written
+    with it, and readers (predict.py, the report) refuse a file it does not list. Renaming all at once would need a
+    swap of the whole folder, which would change the run's layout; a digest check costs milliseconds."""
+    names = [*classifiers, "test_predictions.npz", "results.md", RESULTS_FILE]
+    with written_together([output_dir / name for name in names]) as temp_paths:
+        temp_of = dict(zip(names, temp_paths))
+        for name, classifier in classifiers.items():
+            save_torch(classifier, temp_of[name])
+        save_npz(temp_of["test_predictions.npz"], **predictions)
+        write_text(temp_of["results.md"], markdown)
+        outputs = {name: sha256_of_file(temp_of[name]) for name in names if name != RESULTS_FILE}
+        write_json(temp_of[RESULTS_FILE], {**results, "outputs": outputs})
 
 
 def write_comparison(args, output_dir: Path, reference: dict, probabilities: dict, histories: dict,
-                     protocol: str, inputs: dict) -> str:
-    """The one use of the test split: every model on the same test images. Returns the Markdown table."""
+                     protocol: str, inputs: dict, classifiers: dict[str, dict]) -> str:
+    """The one use of the test split: every model on the same test images; written with the classifiers.
+    Returns the Markdown table."""
     labels, patients = reference["labels"], reference["patients"]
     test_rows = np.flatnonzero(reference["splits"] == "test")
     test_patients = sorted(set(patients[test_rows]))
@@ -161,17 +179,18 @@ def write_comparison(args, output_dir: Path, reference: dict, probabilities: dic
     per_patient = {key: per_patient_rates(labels[test_rows], (probabilities[key][test_rows] >= 0.5).astype(int),
                                           patients[test_rows]) for key in DISPLAY_NAMES}
     table = metrics_table({DISPLAY_NAMES[key]: metrics for key, metrics in rows.items()})
-    write_json(output_dir / "results.json", {
+    results = {
         "split_protocol": protocol, "fit_split": args.fit_split, "final_features": args.features,
         "test_images": len(test_rows), "test_patients": test_patients, "display_names": DISPLAY_NAMES,
         "rows": rows, "per_patient": per_patient, "mlp_training": histories,
-        "sources": inputs})  # the report checks that the heatmap files it shows are still these
-    write_text(output_dir / "results.md", f"Test split, {len(test_rows)} images of {len(test_patients)} patients. "
-               f"Split: {protocol}. MLP fit on: {args.fit_split}.\n\n{table}\n")
-    save_npz(output_dir / "test_predictions.npz", paths=reference["paths"][test_rows], labels=labels[test_rows],
-             patients=patients[test_rows], magnifications=reference["magnifications"][test_rows],
-             **{f"prob_{key.replace('+', '_')}": probabilities[key][test_rows].astype(np.float32)
-                for key in DISPLAY_NAMES})
+        "sources": inputs}  # the report checks that the heatmap files it shows are still these
+    markdown = (f"Test split, {len(test_rows)} images of {len(test_patients)} patients. "
+                f"Split: {protocol}. MLP fit on: {args.fit_split}.\n\n{table}\n")
+    predictions = {"paths": reference["paths"][test_rows], "labels": labels[test_rows],
+                   "patients": patients[test_rows], "magnifications": reference["magnifications"][test_rows],
+                   **{f"prob_{key.replace('+', '_')}": probabilities[key][test_rows].astype(np.float32)
+                      for key in DISPLAY_NAMES}}
+    write_run_files(output_dir, classifiers, results, markdown, predictions)
     return f"test split ({len(test_rows)} images, {len(test_patients)} patients; {protocol}):\n{table}"
 
 
@@ -183,6 +202,7 @@ def main(argv=None) -> None:
     remove_stale_temporaries(output_dir)  # never another live run's (see the function)
 
     heatmaps, heatmap_files, protocol = load_inputs(args, output_dir)
+    checkpoint_digests = check_checkpoints(output_dir, heatmap_files, heatmaps)  # each loads and made its maps
     reference = heatmaps[MODEL_ORDER[0]]
     fit_rows, select_rows = fit_and_selection_rows(reference["splits"], reference["labels"], reference["patients"],
                                                    args.fit_split, args.seed)
@@ -190,12 +210,13 @@ def main(argv=None) -> None:
     print(f"MLP fits on {len(fit_rows)} {args.fit_split} images, selects its epoch on {len(select_rows)}, "
           f"is tested on {int((reference['splits'] == 'test').sum())} test images")
 
-    inputs = sources(output_dir, heatmap_files)  # hashed once, before training: what the results are made from
+    # Hashed once, before training: what the results are made from.
+    inputs = sources(output_dir, heatmap_files, checkpoint_digests)
     probabilities = malignant_probabilities({arch: heatmaps[arch]["logits"] for arch in MODEL_ORDER})
-    mlp_probabilities, histories = train_and_save_mlps(args, output_dir, heatmaps, inputs,
-                                                       {"fit": fit_rows, "select": select_rows}, device)
+    mlp_probabilities, histories, classifiers = train_mlps(args, heatmaps, inputs,
+                                                           {"fit": fit_rows, "select": select_rows}, device)
     table = write_comparison(args, output_dir, reference, {**probabilities, **mlp_probabilities}, histories, protocol,
-                             inputs)
+                             inputs, classifiers)
     print(f"\n{table}")
 
 

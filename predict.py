@@ -26,9 +26,10 @@ from common.dataset import load_rgb
 from common.console import HelpFormatter
 from common.errors import PipelineError, run_main
 from common.fileio import disk_full_as_pipeline_error, sha256_of_file, write_text
-from common.fusion import (MODEL_ORDER, Standardizer, build_features, build_mlp, malignant_probabilities,
-                           mlp_logits, stack_maps)
-from common.heatmaps import blend, colorize, combined_map, jet
+from common.fusion import (FURTHER_SCRIPT, MODEL_ORDER, Standardizer, build_features, build_mlp,
+                           check_listed_in_results, check_made_by_checkpoint, malignant_probabilities, mlp_logits,
+                           read_results, stack_maps)
+from common.heatmaps import blend, colorize, combined_map, heatmap_path, jet, load_heatmaps
 from common.metrics import softmax
 from common.train import checkpoint_path, load_checkpoint, model_from_checkpoint, pick_device
 from common.transforms import build_transforms, resize_image
@@ -53,7 +54,10 @@ def collect_images(inputs: list[str]) -> list[Path]:
 
 
 def load_classifier(output_dir: Path) -> tuple[torch.nn.Module, dict]:
-    classifier = load_checkpoint(output_dir / "final_classifier.pth", made_by="cancer_class_further.py")
+    """The final MLP, checked to be the one whose results.json lies beside it."""
+    path = output_dir / "final_classifier.pth"
+    classifier = load_checkpoint(path, made_by=FURTHER_SCRIPT)
+    check_listed_in_results(read_results(output_dir), path)
     mlp = build_mlp(classifier["in_features"], classifier["hidden_sizes"], classifier["dropout"])
     mlp.load_state_dict(classifier["model"])
     return mlp.eval(), classifier
@@ -65,10 +69,14 @@ def load_cnns(output_dir: Path, classifier: dict, device: torch.device) -> dict[
     for arch in MODEL_ORDER:
         path = checkpoint_path(output_dir, arch)
         checkpoint = load_checkpoint(path, arch)
-        expected = classifier["sources"][arch]["checkpoint_sha256"]
-        if expected is not None and sha256_of_file(path) != expected:
+        digest = sha256_of_file(path)
+        if digest != classifier["sources"][arch]["checkpoint_sha256"]:
+            heatmap_file = heatmap_path(output_dir, arch)
+            if heatmap_file.is_file():  # a model script rerun that stopped before its export: regenerate the maps first
+                check_made_by_checkpoint(arch, heatmap_file, load_heatmaps(heatmap_file), path, digest,
+                                         rerun_further=True)
             raise PipelineError(f"{path} changed after final_classifier.pth was trained on its heatmaps; rerun "
-                                f"cancer_class_further.py --output-dir {output_dir}")
+                                f"{FURTHER_SCRIPT} --output-dir {output_dir}")
         models[arch] = (model_from_checkpoint(checkpoint).to(device), checkpoint["image_size"])
     return models
 

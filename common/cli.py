@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import shlex
 
 from common.cam import TARGET_RULES
 from common.console import HelpFormatter
@@ -13,6 +14,10 @@ DEFAULTS = dict(
     cache="disk", max_images=None, cam_target="predicted", overlays=8, amp=True, patient_id="folder",
     keep_training_state=False,
 )
+# The options that decide which rows a heatmap file holds and how its maps are made: a command that regenerates
+# the file must repeat them (the split file refuses other split options). The image size comes from the checkpoint.
+HEATMAP_DEFINING_OPTIONS = ("magnification", "split", "patient_id", "fold_file", "val_fraction", "test_fraction",
+                            "seed", "max_images", "cam_target")
 
 
 def build_parser(*, arch: str, description: str, **script_defaults) -> argparse.ArgumentParser:
@@ -94,7 +99,20 @@ def parse_args(*, arch: str, description: str, argv: list[str] | None = None, **
         parser.error("--image-size must be at least 32 (the networks downsample by 32)")
     if args.fold_file and args.split == "image":
         parser.error("--fold-file defines a patient-level split; it cannot be combined with --split image")
+    # Absolute, so the config saved in the checkpoint names these files wherever a later command is started.
+    for option in ("data_dir", "fold_file"):
+        if getattr(args, option):
+            setattr(args, option, os.path.abspath(os.path.expanduser(getattr(args, option))))
     return args
+
+
+def heatmaps_only_command(script: str, config: dict, output_dir: str | os.PathLike) -> str:
+    """The command that remakes a heatmap file from the checkpoint whose saved `config` is given."""
+    words = ["python", script, "--data-dir", config["data_dir"], "--output-dir", str(output_dir)]
+    for option in HEATMAP_DEFINING_OPTIONS:
+        if config.get(option, DEFAULTS[option]) != DEFAULTS[option]:
+            words += [f"--{option.replace('_', '-')}", str(config[option])]
+    return shlex.join(words + ["--heatmaps-only"])
 
 
 def split_protocol(args: argparse.Namespace) -> dict:

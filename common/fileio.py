@@ -179,6 +179,18 @@ def create_memmap(path: Path, *, dtype, shape: tuple[int, ...]) -> np.memmap:
     return array
 
 
+@contextlib.contextmanager
+def written_together(targets: list[Path]) -> Iterator[list[Path]]:
+    """Yield a temporary path per target, for files that belong together. When the block succeeds they are renamed
+    over their targets in the given order; when it fails (an error, a full disk, Ctrl-C) they are all removed and
+    every old file stays as it was. The renames are separate steps, so a process killed between two of them leaves
+    a mix: make the last target a record of the others' digests, and have readers check it."""
+    with contextlib.ExitStack() as stack:
+        # ExitStack leaves its contexts last in, first out: entered in reverse, they rename in the given order.
+        temps = [stack.enter_context(atomic_path(target, suffix=Path(target).suffix)) for target in reversed(targets)]
+        yield temps[::-1]
+
+
 def save_torch(obj: dict, target: str | os.PathLike) -> None:
     with atomic_path(target) as temp_path:
         torch.save(obj, temp_path)

@@ -5,6 +5,7 @@ optionally followed by the three models' logits (N, 6). They are standardised wi
 deviation fitted on the MLP's fit rows only, and stored with the classifier.
 """
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.cli import heatmaps_only_command
 from common.console import progress
 from common.errors import PipelineError
+from common.fileio import sha256_of_file
 from common.heatmaps import heatmap_path, load_heatmaps
 from common.metrics import binary_metrics, selection_score, softmax
-from common.train import make_optimizer
+from common.train import checkpoint_path, load_checkpoint, make_optimizer
 
 MODEL_ORDER = ("densenet121", "resnet50", "vgg16")  # channel order of the stacked maps
 SCRIPT_OF = {"densenet121": "cancer_class_densenet_121.py", "resnet50": "cancer_class_resnet_50.py",
@@ -26,6 +29,8 @@ FEATURE_SETS = ("heatmaps", "heatmaps+logits")
 # Same images, order, labels and splits, and maps made by the same target-class rule.
 ALIGNED_KEYS = ("paths", "labels", "splits", "patients", "magnifications", "target_class_rule")
 CLASSIFIER_FORMAT_VERSION = 1
+FURTHER_SCRIPT = "cancer_class_further.py"
+RESULTS_FILE = "results.json"  # written last by FURTHER_SCRIPT, with the digests of the files written with it
 
 
 def load_aligned_heatmaps(output_dir: Path, paths: dict[str, Path] | None = None) -> dict[str, dict]:
@@ -54,6 +59,54 @@ def load_aligned_heatmaps(output_dir: Path, paths: dict[str, Path] | None = None
                     f"{np.atleast_1d(ours)[row]!r} vs {np.atleast_1d(theirs)[row]!r}); rerun the model scripts "
                     "on one split (same --output-dir)")
     return loaded
+
+
+def check_made_by_checkpoint(arch: str, heatmap_file: Path, heatmaps: dict, checkpoint_file: Path,
+                             checkpoint_sha256: str, *, rerun_further: bool = False) -> None:
+    """Refuse maps made by another checkpoint than the one beside them: a model script rerun that wrote its new
+    checkpoint and then stopped (a failed export, a full disk) leaves the old maps next to the new model.
+    `rerun_further`: the message also says to rerun FURTHER_SCRIPT (for readers of its results)."""
+    if str(heatmaps["checkpoint_sha256"]) == checkpoint_sha256:
+        return
+    output_dir = Path(checkpoint_file).parent  # where --heatmaps-only reads the checkpoint and writes the maps
+    command = heatmaps_only_command(SCRIPT_OF[arch], load_checkpoint(checkpoint_file, arch)["config"], output_dir)
+    then = f", then rerun python {FURTHER_SCRIPT} --output-dir {output_dir}" if rerun_further else ""
+    raise PipelineError(f"{heatmap_file} is stale: it was made by another checkpoint than {checkpoint_file} (a rerun "
+                        f"of {SCRIPT_OF[arch]} that stopped before its heatmap export finished?); regenerate it with "
+                        f"{command}{then}")
+
+
+def check_checkpoints(output_dir: Path, heatmap_files: dict[str, Path], heatmaps: dict[str, dict]) -> dict[str, str]:
+    """Each model's checkpoint in output_dir loads and made that model's maps; returns their SHA-256 digests
+    (hashed once here: the classifier records them)."""
+    digests = {}
+    for arch in MODEL_ORDER:
+        checkpoint_file = checkpoint_path(output_dir, arch)
+        load_checkpoint(checkpoint_file, arch, made_by=SCRIPT_OF[arch])  # a truncated file is an error, not a digest
+        digests[arch] = sha256_of_file(checkpoint_file)
+        check_made_by_checkpoint(arch, heatmap_files[arch], heatmaps[arch], checkpoint_file, digests[arch])
+    return digests
+
+
+def read_results(output_dir: Path) -> dict:
+    """FURTHER_SCRIPT's results.json, or an error saying how to make it."""
+    path = Path(output_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing: run {FURTHER_SCRIPT} --output-dir {output_dir} first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise PipelineError(f"{path} is unreadable ({error}); rerun {FURTHER_SCRIPT}") from None
+
+
+def check_listed_in_results(results: dict, path: Path) -> None:
+    """`path`, written by FURTHER_SCRIPT, must be the very file its results.json lists (same SHA-256): a run
+    stopped between its renames, or files of two runs, would pair a classifier with another run's results."""
+    listed = results.get("outputs", {}).get(Path(path).name)
+    if listed is None or listed != sha256_of_file(path):
+        reason = "is not the file it lists" if listed else "lists no such file (written by an older version)"
+        raise PipelineError(f"{path} does not belong to the {RESULTS_FILE} beside it ({RESULTS_FILE} {reason}); "
+                            f"rerun python {FURTHER_SCRIPT} --output-dir {Path(path).parent}")
 
 
 def check_against_split(heatmaps: dict, split) -> None:

@@ -8,6 +8,8 @@ heatmaps_<arch>.npz (np.load(path, allow_pickle=False)):
     logits (N, 2) float32    the same pass's logits
     labels (N,) int64, paths, patients, magnifications, splits (N,) unicode   rows in split-file order
     arch, target_layer, target_class_rule, split_digest (unicode scalars), image_size, format_version (int)
+    checkpoint_sha256 (unicode scalar)   SHA-256 of the fine_tuned_<arch>.pth whose model made the maps: readers
+                                         refuse maps of another checkpoint than the one beside them
 """
 
 from pathlib import Path
@@ -29,7 +31,8 @@ from common.transforms import resize_image
 HEATMAP_FORMAT_VERSION = 1
 OVERLAY_ALPHA = 0.45  # weight of the colour map in an overlay
 HEATMAP_KEYS = ("cams", "logits", "labels", "paths", "patients", "magnifications", "splits", "arch",
-                "target_layer", "target_class_rule", "split_digest", "image_size", "format_version")
+                "target_layer", "target_class_rule", "split_digest", "image_size", "format_version",
+                "checkpoint_sha256")
 
 
 def heatmap_path(output_dir: Path, arch: str) -> Path:
@@ -37,9 +40,10 @@ def heatmap_path(output_dir: Path, arch: str) -> Path:
 
 
 def export_heatmaps(model, arch: str, split: Split, out_path: Path, *, image_size: int, batch_size: int,
-                    workers: int, device: torch.device, cache, target_rule: str,
+                    workers: int, device: torch.device, cache, target_rule: str, checkpoint_sha256: str,
                     overlay_dir: Path | None = None, overlay_count: int = 0) -> dict:
-    """Write heatmaps_<arch>.npz for every record of `split` (and `overlay_count` overlay PNGs of test images
+    """Write heatmaps_<arch>.npz for every record of `split`, made by `model`, the model of the checkpoint whose
+    digest is `checkpoint_sha256` (and `overlay_count` overlay PNGs of test images
     into `overlay_dir`, from the maps still on disk); return the file's small arrays (logits, labels, ...).
 
     In float32 even where training used mixed precision: the maps are the final MLP's input, and predict.py
@@ -70,6 +74,7 @@ def export_heatmaps(model, arch: str, split: Split, out_path: Path, *, image_siz
             "arch": np.array(arch), "target_layer": np.array(ARCHS[arch].target_layer),
             "target_class_rule": np.array(target_rule), "split_digest": np.array(split.digest),
             "image_size": np.array(image_size), "format_version": np.array(HEATMAP_FORMAT_VERSION),
+            "checkpoint_sha256": np.array(checkpoint_sha256),
         }
         save_npz(out_path, cams=cams, **arrays)  # numpy streams the memmap into the zip in chunks
         if overlay_dir is not None:

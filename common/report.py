@@ -35,12 +35,13 @@ from common.data import CLASS_NAMES, SPLIT_FILE_NAME, load_split
 from common.dataset import load_rgb
 from common.errors import PipelineError
 from common.fileio import atomic_path, sha256_of_file, write_text
-from common.fusion import MODEL_ORDER, SCRIPT_OF
+from common.fusion import (FURTHER_SCRIPT, MODEL_ORDER, SCRIPT_OF, check_listed_in_results, check_made_by_checkpoint,
+                           read_results)
 from common.heatmaps import blend, colorize, combined_map, heatmap_path, jet, load_heatmaps
 from common.metrics import METRIC_COLUMNS
+from common.train import checkpoint_path
 from common.transforms import resize_image
 
-FURTHER_SCRIPT = "cancer_class_further.py"
 THRESHOLD = 0.5  # binary_metrics' rule: malignant when P(malignant) >= 0.5
 THUMBNAIL = 128  # gallery image side, pixels
 METRIC_NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "precision": "Precision",
@@ -102,12 +103,9 @@ def read_train_log(path: Path) -> list[dict]:
 
 def load_run(output_dir: Path) -> Run:
     output_dir = Path(output_dir)
-    results_file = _require(output_dir / "results.json", FURTHER_SCRIPT)
-    try:
-        results = json.loads(results_file.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise PipelineError(f"{results_file} is unreadable ({error}); rerun {FURTHER_SCRIPT}") from None
+    results = read_results(output_dir)
     predictions_file = _require(output_dir / "test_predictions.npz", FURTHER_SCRIPT)
+    check_listed_in_results(results, predictions_file)  # not one of another (or an interrupted) run
     try:
         with np.load(predictions_file, allow_pickle=False) as content:
             predictions = {key: content[key] for key in content.files}
@@ -115,6 +113,10 @@ def load_run(output_dir: Path) -> Run:
         raise PipelineError(f"{predictions_file} is unreadable ({type(error).__name__}); rerun {FURTHER_SCRIPT}") from None
     heatmap_files = {arch: _require(heatmap_path(output_dir, arch), SCRIPT_OF[arch]) for arch in MODEL_ORDER}
     heatmaps = {arch: load_heatmaps(path) for arch, path in heatmap_files.items()}
+    for arch, path in heatmap_files.items():  # maps of the models beside them (a rerun may have stopped before)
+        checkpoint_file = _require(checkpoint_path(output_dir, arch), SCRIPT_OF[arch])
+        check_made_by_checkpoint(arch, path, heatmaps[arch], checkpoint_file, sha256_of_file(checkpoint_file),
+                                 rerun_further=True)
     # The report mixes the three files; a model script rerun after cancer_class_further.py would make them disagree.
     stale = len(predictions["labels"]) != results["test_images"] or \
         any(not np.isin(predictions["paths"], heatmaps[arch]["paths"]).all() for arch in MODEL_ORDER)

@@ -29,7 +29,7 @@ from common.data import (CLASS_NAMES, SPLIT_FILE_NAME, Split, describe_protocol,
                          summarize_split)
 from common.dataset import build_cache, make_batches
 from common.errors import Interrupted, PipelineError
-from common.fileio import (BackgroundWriter, disk_full_as_pipeline_error, remove_stale_temporaries,
+from common.fileio import (BackgroundWriter, disk_full_as_pipeline_error, remove_stale_temporaries, sha256_of_file,
                            write_json)
 from common.heatmaps import export_heatmaps, heatmap_path
 from common.metrics import binary_metrics, metrics_table, selection_score, softmax
@@ -371,14 +371,17 @@ def report_epoch(args, epoch: int, train_metrics: dict, val_metrics: dict, secon
 def export_and_report(args: argparse.Namespace, split: Split, runtime: Runtime, cache) -> dict:
     """Reload the best checkpoint; one pass over every split yields the heatmaps and the test metrics."""
     output_dir = Path(args.output_dir)
-    checkpoint = load_checkpoint(checkpoint_path(output_dir, args.arch), args.arch)
+    checkpoint_file = checkpoint_path(output_dir, args.arch)
+    checkpoint = load_checkpoint(checkpoint_file, args.arch)
     if checkpoint["split_digest"] != split.digest:
-        raise PipelineError(f"{checkpoint_path(output_dir, args.arch)} was trained on another split than "
+        raise PipelineError(f"{checkpoint_file} was trained on another split than "
                             f"{output_dir / SPLIT_FILE_NAME}; retrain it in this output dir")
     model = model_from_checkpoint(checkpoint)
+    # The background writer has finished (fit waits for it), so this is the file the model was just loaded from.
     arrays = export_heatmaps(model, args.arch, split, heatmap_path(output_dir, args.arch),
                              image_size=checkpoint["image_size"], batch_size=args.batch_size, workers=args.workers,
                              device=runtime.device, cache=cache, target_rule=args.cam_target,
+                             checkpoint_sha256=sha256_of_file(checkpoint_file),
                              overlay_dir=output_dir / "overlays" / args.arch, overlay_count=args.overlays)
     probabilities = softmax(arrays["logits"])[:, 1]
     results = {"arch": args.arch, "split_protocol": describe_protocol(split.protocol),

@@ -1,17 +1,20 @@
 """Shared fixtures: a tiny synthetic BreaKHis tree made once per test session (no real data, no downloads)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 from common.demo import make_demo_dataset  # noqa: E402
+from common.fileio import save_torch  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +47,21 @@ def pipeline_run(tmp_path_factory, demo_dir) -> Path:
                               cwd=base, capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, f"run_pipeline.py failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}"
     return run_dir
+
+
+@pytest.fixture
+def run_copy(pipeline_run, tmp_path) -> Path:
+    """A copy of the pipeline run to change, made of symbolic links to its files (its checkpoints take hundreds of
+    MB). The scripts write by renaming a new file over the link, so the original stays as it was; a test must do
+    the same (save anew, or unlink first), never write into a file in place."""
+    return Path(shutil.copytree(pipeline_run, tmp_path / "run", copy_function=os.symlink))
+
+
+@pytest.fixture
+def retrain():
+    """A function that replaces a model's checkpoint by another valid one, as a rerun of its model script does
+    (a new file renamed over the old one, so a `run_copy` link is replaced, not written through)."""
+    def replace(path: Path) -> None:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        save_torch({**checkpoint, "epoch": checkpoint["epoch"] + 1}, path)
+    return replace

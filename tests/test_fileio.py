@@ -23,7 +23,7 @@ import common.fileio as fileio
 import common.train as train_module
 from common.errors import PipelineError, run_main
 from common.fileio import (STALE_AFTER_SECONDS, BackgroundWriter, atomic_path, cpu_snapshot,
-                           remove_stale_temporaries, save_npz, save_torch, scratch_file, write_text)
+                           remove_stale_temporaries, save_npz, save_torch, scratch_file, write_text, written_together)
 from common.train import run_model_script
 
 
@@ -36,6 +36,28 @@ def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
             raise RuntimeError("interrupted")
     assert torch.load(target, weights_only=True)["value"] == 1
     assert os.listdir(tmp_path) == ["result.pth"]  # no temporary file left
+
+
+def test_files_written_together_replace_the_old_ones_in_order_and_only_when_all_are_written(tmp_path, monkeypatch):
+    targets = [tmp_path / "classifier.pth", tmp_path / "predictions.npz", tmp_path / "results.json"]
+    for target in targets:
+        target.write_text("old")
+    with pytest.raises(OSError, match="disk full"):
+        with written_together(targets) as temp_paths:
+            temp_paths[0].write_text("new")
+            raise OSError("disk full")
+    assert [target.read_text() for target in targets] == ["old"] * 3
+    assert sorted(os.listdir(tmp_path)) == sorted(target.name for target in targets)  # no temporary file left
+
+    renamed = []
+    rename = os.replace
+    monkeypatch.setattr(os, "replace", lambda source, target: (renamed.append(Path(target)), rename(source, target)))
+    with written_together(targets) as temp_paths:
+        assert [path.suffix for path in temp_paths] == [".pth", ".npz", ".json"]  # numpy keeps an .npz name as it is
+        for path in temp_paths:
+            path.write_text("new")
+    assert renamed == targets  # the last one (the record of the others) last
+    assert [target.read_text() for target in targets] == ["new"] * 3
 
 
 def test_snapshot_is_a_deep_copy_that_later_steps_cannot_reach():

@@ -9,6 +9,9 @@ about two minutes, mostly VGG-16.
 """
 
 import json
+import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +21,7 @@ import pytest
 import torch
 
 import cancer_class_further
+import predict
 from common.data import load_split
 from common.errors import PipelineError
 from common.fileio import save_npz, sha256_of_file
@@ -25,6 +29,7 @@ from common.fusion import (MODEL_ORDER, SCRIPT_OF, Standardizer, build_features,
                            mlp_logits, stack_maps, train_mlp)
 from common.heatmaps import HEATMAP_FORMAT_VERSION, HEATMAP_KEYS, heatmap_path, load_heatmaps
 from common.metrics import binary_metrics, metrics_table, softmax
+from common.report import load_run
 from common.train import checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +71,7 @@ def write_heatmap_file(path: Path, arch: str, rows: dict[str, np.ndarray], *, dr
               "logits": rng.normal(size=(n, 2)).astype(np.float32), **rows,
               "arch": np.array(arch), "target_layer": np.array("layer"), "target_class_rule": np.array("predicted"),
               "split_digest": np.array("digest-of-the-split"), "image_size": np.array(224),
-              "format_version": np.array(HEATMAP_FORMAT_VERSION)}
+              "format_version": np.array(HEATMAP_FORMAT_VERSION), "checkpoint_sha256": np.array("0" * 64)}
     arrays.update(overrides)
     assert set(HEATMAP_KEYS) <= set(arrays)
     save_npz(path, **{key: value for key, value in arrays.items() if key not in drop})
@@ -145,7 +150,7 @@ def test_missing_heatmap_file_names_it_and_its_script(heatmap_dir, arch):
 
 
 @pytest.mark.parametrize("change", [{"drop": ("target_class_rule",)}, {"drop": ("format_version",)},
-                                    {"format_version": np.array(0)}])
+                                    {"format_version": np.array(0)}, {"drop": ("checkpoint_sha256",)}])
 def test_heatmap_file_of_an_older_format_is_refused(heatmap_dir, change):
     write_heatmap_file(heatmap_path(heatmap_dir, "resnet50"), "resnet50", synthetic_rows(), **change)
     with pytest.raises(PipelineError, match=r"heatmaps_resnet50\.npz is from an older format"):
@@ -457,3 +462,83 @@ def test_results_and_classifier_name_the_files_they_were_made_from(run_dir):
     for arch in MODEL_ORDER:
         assert results["sources"][arch]["heatmaps_sha256"] == sha256_of_file(run_dir / f"heatmaps_{arch}.npz")
         assert results["sources"][arch]["checkpoint_sha256"] == sha256_of_file(run_dir / f"fine_tuned_{arch}.pth")
+
+
+# ------------------------------------------------------------------- stale inputs; the files of one run
+
+
+def one_line_error(finished: subprocess.CompletedProcess) -> str:
+    assert finished.returncode == 2, finished.stderr
+    lines = finished.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in finished.stderr
+    return lines[0]
+
+
+def test_heatmaps_of_another_checkpoint_are_refused_with_the_command_that_regenerates_them(run_copy, retrain):
+    """A model script rerun that wrote its new checkpoint and then stopped (a failed export, a full disk) leaves the
+    old maps beside the new model. The error names the stale file and a command that, run as printed, fixes it."""
+    retrain(checkpoint_path(run_copy, "densenet121"))
+    further = ("cancer_class_further.py", "--output-dir", str(run_copy), "--device", "cpu")
+    message = one_line_error(run_script(*further))
+    assert f"{heatmap_path(run_copy, 'densenet121')} is stale" in message
+    _python, *command = shlex.split(re.search(r"regenerate it with (python .* --heatmaps-only)", message).group(1))
+    assert command[0] == MODEL_SCRIPTS["densenet121"] and f"--output-dir {run_copy}" in shlex.join(command)
+    regenerated = run_script(*command)  # in the repository, with this interpreter
+    assert regenerated.returncode == 0, regenerated.stderr
+    finished = run_script(*further)
+    assert finished.returncode == 0, finished.stderr
+
+
+def test_a_truncated_checkpoint_is_refused(run_copy):
+    checkpoint = checkpoint_path(run_copy, "densenet121")
+    content = checkpoint.read_bytes()
+    checkpoint.unlink()  # a link to the original run's file: replace it, never write through it
+    checkpoint.write_bytes(content[:len(content) // 2])
+    with pytest.raises(PipelineError) as error:
+        cancer_class_further.main(["--output-dir", str(run_copy), "--device", "cpu"])
+    assert f"checkpoint {checkpoint} is unreadable" in str(error.value) and "\n" not in str(error.value)
+    assert (run_copy / "results.json").is_symlink()  # nothing was written
+
+
+RUN_FILES = ("final_classifier.pth", "final_classifier_heatmaps_logits.pth", "test_predictions.npz", "results.md",
+             "results.json")
+
+
+def test_a_failure_while_writing_leaves_the_previous_results_intact(run_copy, monkeypatch):
+    before = {name: sha256_of_file(run_copy / name) for name in RUN_FILES}
+
+    def full_disk(target, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cancer_class_further, "write_text", full_disk)  # results.md, written after the classifiers
+    with pytest.raises(OSError, match="No space left"):
+        cancer_class_further.main(["--output-dir", str(run_copy), "--device", "cpu", "--seed", "1"])
+    assert {name: sha256_of_file(run_copy / name) for name in RUN_FILES} == before
+    assert not [path.name for path in run_copy.iterdir() if path.name.startswith(".")]  # no temporary file left
+
+
+class Killed(Exception):
+    pass
+
+
+def test_readers_refuse_a_classifier_without_its_results(run_copy, monkeypatch):
+    """Killed after the new classifiers were renamed into place and before results.json was: predict.py and the
+    report refuse to pair them (or the new test predictions) with the old results."""
+    rename = os.replace
+
+    def killed_before_results(source, target):
+        if Path(target).name == "results.json":
+            raise Killed
+        rename(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", killed_before_results)
+        with pytest.raises(Killed):
+            cancer_class_further.main(["--output-dir", str(run_copy), "--device", "cpu", "--seed", "1"])
+    assert not (run_copy / "final_classifier.pth").is_symlink() and (run_copy / "results.json").is_symlink()
+    for read, name in ((predict.load_classifier, "final_classifier.pth"), (load_run, "test_predictions.npz")):
+        with pytest.raises(PipelineError) as error:
+            read(run_copy)
+        message = str(error.value)
+        assert f"{run_copy / name} does not belong to the results.json beside it" in message and "\n" not in message
+        assert f"rerun python cancer_class_further.py --output-dir {run_copy}" in message

@@ -22,6 +22,7 @@ from PIL import Image
 import predict
 from common.data import load_split
 from common.errors import run_main
+from common.fileio import save_npz, sha256_of_file
 from common.fusion import MODEL_ORDER
 from common.heatmaps import heatmap_path, load_heatmaps
 from common.metrics import softmax
@@ -260,18 +261,34 @@ def test_run_dir_without_final_classifier(images, tmp_path, capsys):
 
 
 def test_run_dir_without_a_cnn_checkpoint(run_dir, images, tmp_path, capsys):
-    shutil.copy(run_dir / "final_classifier.pth", tmp_path / "final_classifier.pth")
+    for name in ("final_classifier.pth", "results.json"):
+        shutil.copy(run_dir / name, tmp_path / name)
     status, stderr = predict_in_process(["--output-dir", str(tmp_path), "--device", "cpu", str(images["odd_size"])],
                                         capsys)
     assert_one_line_error(status, stderr, str(checkpoint_path(tmp_path, MODEL_ORDER[0])))
 
 
-def test_cnn_checkpoint_changed_after_the_mlp_was_trained(run_dir, images, capsys, monkeypatch):
-    """A CNN retrained after cancer_class_further.py no longer matches the MLP's heatmap features."""
-    monkeypatch.setattr(predict, "sha256_of_file", lambda path: "0" * 64)
-    status, stderr = predict_in_process(["--output-dir", str(run_dir), "--device", "cpu", str(images["odd_size"])],
+def test_cnn_checkpoint_changed_after_the_mlp_was_trained(run_copy, retrain, images, capsys):
+    """A CNN retrained (and its maps remade) after cancer_class_further.py no longer matches the MLP's features."""
+    checkpoint, heatmap_file = checkpoint_path(run_copy, MODEL_ORDER[0]), heatmap_path(run_copy, MODEL_ORDER[0])
+    retrain(checkpoint)
+    save_npz(heatmap_file, **{**load_heatmaps(heatmap_file), "checkpoint_sha256": np.array(sha256_of_file(checkpoint))})
+    status, stderr = predict_in_process(["--output-dir", str(run_copy), "--device", "cpu", str(images["odd_size"])],
                                         capsys)
-    assert_one_line_error(status, stderr, str(checkpoint_path(run_dir, MODEL_ORDER[0])), "cancer_class_further.py")
+    assert_one_line_error(status, stderr, f"{checkpoint} changed after final_classifier.pth",
+                          f"rerun cancer_class_further.py --output-dir {run_copy}")
+
+
+def test_heatmaps_of_another_checkpoint_are_refused(run_copy, retrain, demo_dir, images, capsys):
+    """A model script rerun that stopped after writing its checkpoint, before its heatmap export: the stale maps
+    must be remade before the MLP is retrained on them."""
+    retrain(checkpoint_path(run_copy, "resnet50"))
+    status, stderr = predict_in_process(["--output-dir", str(run_copy), "--device", "cpu", str(images["odd_size"])],
+                                        capsys)
+    assert_one_line_error(status, stderr, f"{heatmap_path(run_copy, 'resnet50')} is stale",
+                          f"python cancer_class_resnet_50.py --data-dir {demo_dir} --output-dir {run_copy}",
+                          "--heatmaps-only",
+                          f"then rerun python cancer_class_further.py --output-dir {run_copy}")
 
 
 def test_a_full_disk_while_writing_overlays_is_one_line_and_keeps_the_earlier_results(run_dir, images, tmp_path,

@@ -16,11 +16,12 @@ import pytest
 
 from common.data import index_dataset, make_split, save_split
 from common.errors import PipelineError
-from common.fileio import save_npz, sha256_of_file, write_json
+from common.fileio import save_npz, save_torch, sha256_of_file, write_json
 from common.fusion import MODEL_ORDER
 from common.heatmaps import HEATMAP_FORMAT_VERSION
 from common.metrics import binary_metrics, per_patient_rates, softmax
 from common.report import build_report
+from common.train import checkpoint_path
 
 DISPLAY_NAMES = {"densenet121": "DenseNet-121", "resnet50": "ResNet-50", "vgg16": "VGG-16",
                  "soft_vote": "Soft vote (mean probability)", "mlp_heatmaps": "MLP on heatmaps",
@@ -31,8 +32,15 @@ PROTOCOL = {"method": "patient", "fold_file": None, "val_fraction": 0.25, "test_
 VOID_TAGS = {"meta", "img", "br", "hr", "input", "link", "source", "wbr"}
 
 
+def write_checkpoints(run_dir: Path, data_dir: Path) -> None:
+    """Stand-ins for fine_tuned_<arch>.pth: the report hashes them and reads a stale one's config, nothing else."""
+    for arch in MODEL_ORDER:
+        save_torch({"model": {}, "arch": arch, "epoch": 1, "config": {"data_dir": str(data_dir), **PROTOCOL}},
+                   checkpoint_path(run_dir, arch))
+
+
 def write_heatmaps(run_dir: Path, split, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """heatmaps_<arch>.npz in the exported format; returns each CNN's logits."""
+    """heatmaps_<arch>.npz in the exported format, made by the checkpoints beside them; returns each CNN's logits."""
     logits = {}
     for arch in MODEL_ORDER:
         side = CAM_SIDES[arch]
@@ -44,7 +52,8 @@ def write_heatmaps(run_dir: Path, split, rng: np.random.Generator) -> dict[str, 
                  magnifications=np.array([r.magnification for r in split.records]), splits=np.array(split.splits),
                  arch=np.array(arch), target_layer=np.array("layer"), target_class_rule=np.array("predicted"),
                  split_digest=np.array(split.digest), image_size=np.array(32),
-                 format_version=np.array(HEATMAP_FORMAT_VERSION))
+                 format_version=np.array(HEATMAP_FORMAT_VERSION),
+                 checkpoint_sha256=np.array(sha256_of_file(checkpoint_path(run_dir, arch))))
     return logits
 
 
@@ -74,16 +83,17 @@ def write_results(run_dir: Path, split, logits: dict[str, np.ndarray], rng: np.r
                    for key in DISPLAY_NAMES}
     history = [{"epoch": epoch, "fit_loss": 1 / epoch, "select_loss": 0.6, "select_balanced_accuracy": 0.5 + epoch / 20,
                 "select_accuracy": 0.6, **({"best_so_far": True} if epoch < 4 else {})} for epoch in range(1, 6)]
+    save_npz(run_dir / "test_predictions.npz", paths=np.array([split.records[i].path for i in test]), labels=labels,
+             patients=patients, magnifications=magnifications,
+             **{f"prob_{key.replace('+', '_')}": probabilities[key].astype(np.float32) for key in DISPLAY_NAMES})
     write_json(run_dir / "results.json", {
         "split_protocol": "patient-level split (synthetic run)", "fit_split": "train", "final_features": "heatmaps",
         "test_images": len(test), "test_patients": sorted(set(patients)), "display_names": DISPLAY_NAMES,
         "rows": rows, "per_patient": per_patient,
         "mlp_training": {"heatmaps": history, "heatmaps+logits": history[:4]},
         "sources": {arch: {"heatmaps": str(run_dir / f"heatmaps_{arch}.npz"),
-                           "heatmaps_sha256": sha256_of_file(run_dir / f"heatmaps_{arch}.npz")} for arch in MODEL_ORDER}})
-    save_npz(run_dir / "test_predictions.npz", paths=np.array([split.records[i].path for i in test]), labels=labels,
-             patients=patients, magnifications=magnifications,
-             **{f"prob_{key.replace('+', '_')}": probabilities[key].astype(np.float32) for key in DISPLAY_NAMES})
+                           "heatmaps_sha256": sha256_of_file(run_dir / f"heatmaps_{arch}.npz")} for arch in MODEL_ORDER},
+        "outputs": {"test_predictions.npz": sha256_of_file(run_dir / "test_predictions.npz")}})
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +104,7 @@ def run_dir(demo_dir, tmp_path_factory) -> Path:
     split = make_split(dataset.records, dataset.root, PROTOCOL)
     save_split(run_dir / "split.json", split)
     rng = np.random.default_rng(0)
+    write_checkpoints(run_dir, demo_dir)
     logits = write_heatmaps(run_dir, split, rng)
     write_train_logs(run_dir, rng)
     write_results(run_dir, split, logits, rng)
@@ -247,6 +258,20 @@ def test_heatmaps_changed_after_the_mlp_ran_are_refused(run_dir, tmp_path):
     save_npz(heatmap_file, **arrays)
     with pytest.raises(PipelineError, match=r"heatmaps_resnet50\.npz changed after cancer_class_further\.py ran"):
         build_report(copy)
+
+
+def test_heatmaps_of_another_checkpoint_are_refused(run_dir, tmp_path, demo_dir, retrain):
+    """A model script rerun that wrote its checkpoint and stopped before its heatmap export: the old maps would be
+    shown as the new model's."""
+    copy = shutil.copytree(run_dir, tmp_path / "run")
+    retrain(copy / "fine_tuned_vgg16.pth")
+    with pytest.raises(PipelineError) as error:
+        build_report(copy)
+    message = str(error.value)
+    assert f"{copy / 'heatmaps_vgg16.npz'} is stale" in message and "\n" not in message
+    assert (f"regenerate it with python cancer_class_vgg_16.py --data-dir {demo_dir} --output-dir {copy} "
+            "--val-fraction 0.25 --test-fraction 0.25 --heatmaps-only, then rerun python cancer_class_further.py "
+            f"--output-dir {copy}") in message
 
 
 def test_report_of_a_real_pipeline_run(pipeline_run):
