@@ -52,6 +52,7 @@ HERE = Path(__file__).resolve().parent
 ARCH_SCRIPTS = {importlib.import_module(Path(script).stem).ARCH: script for script in MODEL_SCRIPTS}
 MIN_STAGE_SECONDS = 20  # a stage is not started with less of the time budget left
 LOG_TAIL_LINES = 15  # of a failed stage's output, kept in gpu_check.json
+NVIDIA_SMI_QUERY = ("nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "--id=0")
 
 
 @dataclass(frozen=True)
@@ -95,18 +96,16 @@ DRY_RUN = Settings(device="cpu", data=dict(patients_per_class=4, images_per_pati
 class GpuSampler(threading.Thread):
     """Samples utilization.gpu and memory.used with nvidia-smi every `interval` s, tagged with the running stage."""
 
-    def __init__(self, interval: float = 0.5):
+    def __init__(self, interval: float = 0.5, command: tuple = NVIDIA_SMI_QUERY):
         super().__init__(daemon=True)
-        self.interval, self.stage, self.samples, self.problem = interval, None, [], None
+        self.interval, self.command, self.stage, self.samples, self.problem = interval, command, None, [], None
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        command = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-                   "--id=0"]
         while not self.stopped.wait(self.interval):
             stage = self.stage
             try:
-                line = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True).stdout
+                line = subprocess.run(self.command, capture_output=True, text=True, timeout=10, check=True).stdout
                 utilisation, memory = (float(value) for value in line.strip().split(","))
             except (OSError, subprocess.SubprocessError, ValueError) as error:
                 self.problem = f"nvidia-smi failed ({type(error).__name__}: {error}); sampling stopped"

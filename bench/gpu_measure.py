@@ -89,13 +89,18 @@ def environment(device_option: str) -> dict:
     return info
 
 
+def nccl_version() -> str:
+    version = torch.cuda.nccl.version()  # a tuple in recent torch, an int such as 21803 in older ones
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
 def cuda_details() -> dict:
     device = torch.device("cuda", 0)
     properties = torch.cuda.get_device_properties(device)
     return {"gpu": properties.name, "gpu_memory_gib": round(properties.total_memory / 2**30, 1),
             "compute_capability": f"{properties.major}.{properties.minor}", "cudnn": torch.backends.cudnn.version(),
             "bf16_supported": torch.cuda.is_bf16_supported(), "autocast_dtype": str(autocast_dtype(device, True)),
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+            "nccl": nccl_version(),
             "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
 
 

@@ -2,8 +2,10 @@
 a short GPU loan depends on cannot rot unnoticed. One run (a few minutes on 2 CPU cores), several assertions."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -21,6 +23,8 @@ def dry_run(repo_root, tmp_path_factory):
                               capture_output=True, text=True, timeout=1500)
     summary_path = out_dir / "gpu_check.json"
     assert summary_path.is_file(), f"no summary written:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}"
+    for state in (out_dir / "run").rglob("training_state_*.pth"):  # --resume states, ~2 GB with VGG-16's; unused
+        state.unlink()
     return finished, json.loads(summary_path.read_text()), out_dir
 
 
@@ -56,3 +60,82 @@ def test_dry_run_reports_each_figure(dry_run):
     assert figures["data"]["images"] == 48
     markdown = (out_dir / "gpu_check.md").read_text()
     assert "| densenet121 |" in markdown and "0 failure(s)" in markdown
+
+
+# ------------------------------------------------------------------ the stage runner and the sampler, in seconds
+
+
+@pytest.fixture(scope="module")
+def gpu_check(repo_root):
+    sys.path.insert(0, str(repo_root / "bench"))
+    import gpu_check
+    return gpu_check
+
+
+def new_stages(gpu_check, tmp_path, *, budget=60.0, limit=30.0):
+    return gpu_check.Stages(tmp_path, deadline=time.monotonic() + budget, limit=limit, sampler=None)
+
+
+def test_failed_stage_is_recorded_and_only_its_dependants_are_skipped(gpu_check, tmp_path):
+    stages = new_stages(gpu_check, tmp_path)
+    stages.run("broken", [sys.executable, "-c", "import sys; print('step 1'); sys.exit('error: no GPU here')"])
+    stages.run("needs-broken", [sys.executable, "-c", "pass"], needs=["broken"])
+    stages.run("independent", [sys.executable, "-c", "print('fine')"])
+    broken = stages.results["broken"]
+    assert broken["status"] == "failed" and broken["exit_status"] == 1
+    assert broken["log_tail"] == ["step 1", "error: no GPU here"]
+    assert stages.results["needs-broken"]["status"] == "skipped: needs broken"
+    assert stages.results["independent"]["status"] == "passed"
+
+
+def test_stage_past_its_limit_is_killed_with_its_children_and_recorded(gpu_check, tmp_path):
+    stages = new_stages(gpu_check, tmp_path, limit=2.0)
+    child_pid_file = tmp_path / "child.pid"
+    # A launcher whose own child would outlive it (as torchrun's workers would) unless the whole group is killed.
+    launcher = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
+                "'import time; time.sleep(60)']); open(sys.argv[1], 'w').write(str(child.pid)); time.sleep(60)")
+    stages.run("slow", [sys.executable, "-c", launcher, str(child_pid_file)])
+    assert stages.results["slow"]["status"] == "timed out after 2 s"
+    child_pid = int(child_pid_file.read_text())
+    for _ in range(50):  # the killed child is reaped by init shortly after
+        if not os.path.exists(f"/proc/{child_pid}") or "Z" in open(f"/proc/{child_pid}/stat").read().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the stage's child process survived the timeout")
+
+
+def test_no_stage_starts_once_the_budget_is_spent(gpu_check, tmp_path):
+    stages = new_stages(gpu_check, tmp_path, budget=gpu_check.MIN_STAGE_SECONDS - 1)
+    assert not stages.run("late", [sys.executable, "-c", "pass"])
+    assert stages.results["late"]["status"] == "skipped: time budget spent"
+    assert stages.run_here("late-here", lambda: 1) is None
+
+
+def test_in_process_stage_records_its_exception(gpu_check, tmp_path):
+    stages = new_stages(gpu_check, tmp_path)
+    assert stages.run_here("data", lambda: 1 / 0) is None
+    assert stages.results["data"]["status"] == "failed"
+    assert "ZeroDivisionError" in stages.results["data"]["error"]
+
+
+def test_gpu_sampler_without_nvidia_smi_records_why_and_stops(gpu_check):
+    sampler = gpu_check.GpuSampler(interval=0.01, command=("no-such-nvidia-smi-here",))
+    sampler.start()
+    sampler.join(timeout=10)
+    assert not sampler.is_alive()
+    assert sampler.problem.startswith("nvidia-smi failed (FileNotFoundError")
+
+
+def test_gpu_sampler_tags_samples_with_the_running_stage(gpu_check):
+    fake_nvidia_smi = (sys.executable, "-c", "print('57, 1234')")  # utilisation %, memory MiB, as nvidia-smi prints
+    sampler = gpu_check.GpuSampler(interval=0.01, command=fake_nvidia_smi)
+    sampler.stage = "train:resnet50"
+    sampler.start()
+    while len(sampler.samples) < 2 and sampler.is_alive():
+        time.sleep(0.05)
+    sampler.stopped.set()
+    sampler.join(timeout=10)
+    assert sampler.summary("train:resnet50") == {"utilisation_mean": 57.0, "utilisation_max": 57.0,
+                                                 "memory_max_mib": 1234.0, "samples": len(sampler.samples)}
+    assert sampler.summary("report") is None and sampler.problem is None
