@@ -132,6 +132,7 @@ class Stages:
     deadline: float  # time.monotonic() after which no stage starts
     limit: float
     sampler: GpuSampler | None
+    progress_path: Path | None = None  # the stages so far, rewritten after each: a killed check still tells
     started: float = field(default_factory=time.monotonic)
     results: dict = field(default_factory=dict)
 
@@ -188,6 +189,8 @@ class Stages:
 
     def _record(self, name: str, result: dict) -> bool:
         self.results[name] = result
+        if self.progress_path:
+            write_json(self.progress_path, {"partial": True, "stages": self.results})
         tail = "".join(f"\n      {line}" for line in result.get("log_tail", [])[-5:])
         print(f"        {name}: {result['status']} ({result['seconds']} s){tail}", flush=True)
         return result["status"] == "passed"
@@ -323,7 +326,7 @@ def measurement_stages(stages: Stages, settings: Settings, layout: Layout) -> No
 # ------------------------------------------------------------------------------------------------- main
 
 
-def run_check(settings: Settings, layout: Layout, *, mode: str) -> dict:
+def run_check(settings: Settings, layout: Layout, *, mode: str, progress_path: Path) -> dict:
     started = time.monotonic()
     shutil.rmtree(layout.work_dir / "runs", ignore_errors=True)  # a fresh run each time; the data is reused
     shutil.rmtree(layout.predictions, ignore_errors=True)
@@ -332,7 +335,7 @@ def run_check(settings: Settings, layout: Layout, *, mode: str) -> dict:
     if sampler:
         sampler.start()
     stages = Stages(layout.logs, deadline=started + settings.budget_seconds, limit=settings.stage_limit_seconds,
-                    sampler=sampler)
+                    sampler=sampler, progress_path=progress_path)
     stages.run("environment", [sys.executable, str(HERE / "gpu_measure.py"), "environment",
                                str(layout.work_dir / "environment.json"), "--device", settings.device])
     data_figures = stages.run_here("data", lambda: make_data(layout.data, settings.data))
@@ -343,13 +346,17 @@ def run_check(settings: Settings, layout: Layout, *, mode: str) -> dict:
         expect_device=settings.device, cam_images=settings.cam_check_images, predictions_dir=layout.predictions))
     if sampler:
         sampler.stopped.set()
+    try:
+        figures = collect_figures(layout.work_dir, repeat_archs=settings.repeat_archs, epochs=settings.epochs,
+                                  torchrun_arch=settings.torchrun_arch, data=data_figures)
+    except Exception as error:  # the stages' and checks' results must still be written
+        figures = {"error": f"{type(error).__name__}: {error}"}
     summary = {
         "mode": mode, "settings": asdict(settings), "total_seconds": round(time.monotonic() - started, 1),
         "machine": read_json(layout.work_dir / "environment.json"),
         "gpu_sampling": "off (CPU)" if sampler is None else sampler.problem or f"{len(sampler.samples)} samples",
         "stages": stages.results,
-        "figures": collect_figures(layout.work_dir, repeat_archs=settings.repeat_archs, epochs=settings.epochs,
-                                   torchrun_arch=settings.torchrun_arch, data=data_figures),
+        "figures": figures,
         "checks": checks or {},
     }
     summary["failures"] = [f"stage {name}: {result['status']}" for name, result in stages.results.items()
@@ -370,7 +377,8 @@ def main() -> None:
         settings = replace(settings, budget_seconds=args.budget_seconds)
     out_dir = Path(args.out_dir)
     layout = Layout(Path(args.work_dir) if args.work_dir else out_dir / "run")
-    summary = run_check(settings, layout, mode="dry run (CPU)" if args.dry_run else "GPU")
+    summary = run_check(settings, layout, mode="dry run (CPU)" if args.dry_run else "GPU",
+                        progress_path=out_dir / "gpu_check.json")
     write_json(out_dir / "gpu_check.json", summary)
     markdown = markdown_summary(summary)
     write_text(out_dir / "gpu_check.md", markdown)

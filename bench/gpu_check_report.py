@@ -126,6 +126,9 @@ def check_rows(summary: dict) -> list[list[str]]:
 
 def markdown_summary(summary: dict) -> str:
     figures, settings = summary["figures"], summary["settings"]
+    if "error" in figures:
+        figures = {"error": figures["error"], "epoch_measured": settings["epochs"], "data": None, "models": {},
+                   "torchrun": {"arch": settings["torchrun_arch"], "images_per_second": None}}
     data = figures.get("data") or {}
     lines = [f"# GPU check ({summary['mode']}): {len(summary['failures'])} failure(s), {summary['total_seconds']} s",
              "", machine_line(summary), "",
@@ -135,6 +138,7 @@ def markdown_summary(summary: dict) -> str:
              f"{settings['workers']} workers; GPU sampling: {summary['gpu_sampling']}.", "", "## Stages", "",
              *table(["stage", "status", "seconds", "CPU seconds", "GPU util mean / max %", "GPU memory max MiB"],
                     stage_rows(summary)),
+             *([f"Figures could not be read: {figures['error']}", ""] if "error" in figures else []),
              "", f"## Training throughput (images/s, epoch {figures['epoch_measured']}; torchrun "
              f"{figures['torchrun']['arch']}: {cell(figures['torchrun']['images_per_second'])})", "",
              *table(["model", "cached (--cache disk)", "plain path (--cache none)", "torchvision loop",

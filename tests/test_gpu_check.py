@@ -139,3 +139,30 @@ def test_gpu_sampler_tags_samples_with_the_running_stage(gpu_check):
     assert sampler.summary("train:resnet50") == {"utilisation_mean": 57.0, "utilisation_max": 57.0,
                                                  "memory_max_mib": 1234.0, "samples": len(sampler.samples)}
     assert sampler.summary("report") is None and sampler.problem is None
+
+
+def test_summary_renders_failed_parts_as_their_errors(gpu_check, tmp_path):
+    import gpu_check_report
+
+    log = tmp_path / "runs" / "main" / "train_log_resnet50.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text("".join(json.dumps({"epoch": epoch, "train_images_per_second": rate}) + "\n"
+                           for epoch, rate in ((1, 900.0), (2, 2400.0))))
+    (tmp_path / "measure_resnet50.json").write_text(json.dumps({
+        "plain_loop": {"error": "RuntimeError: CUDA error: out of memory"}, "data_only": {"error": "x"},
+        "gradcam": {"error": "RuntimeError: cuDNN error"}}))
+    figures = gpu_check_report.collect_figures(tmp_path, repeat_archs=("resnet50",), epochs=2,
+                                               torchrun_arch="resnet50", data=None)
+    assert figures["models"]["resnet50"]["cached_images_per_second"] == 2400.0  # epoch 2, after warm-up
+    assert figures["models"]["resnet50"]["torchvision_loop_images_per_second"] is None
+    summary = {"mode": "GPU", "total_seconds": 1.0, "machine": None, "gpu_sampling": "off", "figures": figures,
+               "settings": {"image_size": 224, "batch_size": 32, "epochs": 2, "workers": 8,
+                            "torchrun_arch": "resnet50"},
+               "stages": {"train:resnet50": {"status": "failed", "seconds": 3.0, "cpu_seconds": 1.0}},
+               "checks": {"finite": {"passed": False, "error": "KeyError: 'cams'"}},
+               "failures": ["stage train:resnet50: failed", "check finite"]}
+    markdown = gpu_check_report.markdown_summary(summary)
+    assert "RuntimeError: cuDNN error" in markdown and "- check finite" in markdown
+    assert "| resnet50 | 2,400 |" in markdown
+    summary["figures"] = {"error": "KeyError: 'models'"}
+    assert "Figures could not be read: KeyError: 'models'" in gpu_check_report.markdown_summary(summary)
