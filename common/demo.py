@@ -19,6 +19,7 @@ BENIGN_TYPES = {"A": "adenosis", "F": "fibroadenoma", "PT": "phyllodes_tumor", "
 MALIGNANT_TYPES = {"DC": "ductal_carcinoma", "LC": "lobular_carcinoma", "MC": "mucinous_carcinoma",
                    "PC": "papillary_carcinoma"}
 MAGNIFICATION_SCALE = {"40": 0.6, "100": 0.8, "200": 1.0, "400": 1.3}
+NUCLEUS_REACH = 1.15  # radii; a little over sqrt(1.3), where a nucleus's weight falls to 0
 
 
 def render_tissue(rng: np.random.Generator, *, malignant: bool, width: int, height: int, scale: float,
@@ -39,21 +40,28 @@ def render_tissue(rng: np.random.Generator, *, malignant: bool, width: int, heig
         cy, cx = rng.uniform(0, height), rng.uniform(0, width)
         ry = max(1.0, rng.normal(radius_mean, radius_mean * (0.35 if malignant else 0.2)))
         rx = ry * rng.uniform(0.6, 1.4) if malignant else ry * rng.uniform(0.85, 1.15)
-        blob = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+        # A nucleus changes only pixels with blob < 1.3, i.e. within sqrt(1.3) = 1.14 radii of its centre: work
+        # on that box alone (the same pixels as the whole image gives; 20-40x faster at BreaKHis's 700x460).
+        rows = slice(max(0, int(cy - NUCLEUS_REACH * ry)), max(0, int(cy + NUCLEUS_REACH * ry) + 2))
+        columns = slice(max(0, int(cx - NUCLEUS_REACH * rx)), max(0, int(cx + NUCLEUS_REACH * rx) + 2))
+        blob = ((yy[rows, columns] - cy) / ry) ** 2 + ((xx[rows, columns] - cx) / rx) ** 2
         weight = (np.clip(1.3 - blob, 0, 1) * (darkness + rng.normal(0, 0.08)))[..., None]
-        image = image * (1 - weight) + nucleus_colour * weight
+        image[rows, columns] = image[rows, columns] * (1 - weight) + nucleus_colour * weight
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
 def make_demo_dataset(out_dir: str | Path, *, patients_per_class: int = 4, images_per_patient: int = 6,
                       magnifications: tuple[str, ...] = ("40", "100", "200", "400"), width: int = 96,
-                      height: int = 64, seed: int = 0) -> Path:
-    """Write the BreaKHis-like tree under `out_dir` and return the `BreaKHis_v1` folder."""
+                      height: int = 64, seed: int = 0, first_patient: int = 0) -> Path:
+    """Write the BreaKHis-like tree under `out_dir` and return the `BreaKHis_v1` folder.
+
+    `first_patient` numbers the patients from there on: calls with disjoint patient ranges (and their own seeds)
+    can write parts of one tree in parallel processes."""
     rng = np.random.default_rng(seed)
     breast = Path(out_dir) / "BreaKHis_v1" / "histology_slides" / "breast"
     for class_name, types in (("benign", BENIGN_TYPES), ("malignant", MALIGNANT_TYPES)):
         code = class_name[0].upper()
-        for patient_index in range(patients_per_class):
+        for patient_index in range(first_patient, first_patient + patients_per_class):
             subtype = list(types)[patient_index % len(types)]
             patient = f"14-{10000 + 100 * patient_index + (50 if code == 'M' else 0)}{'AB' if code == 'B' else ''}"
             patient_bias = rng.uniform(-0.25, 0.25)
