@@ -19,48 +19,11 @@ import argparse
 
 import _timing  # noqa: F401  (puts the repository root on sys.path)
 import torch
-import torch.nn.functional as F
 from _timing import interleaved_medians, table
 
-from common.cam import grad_cam, target_classes
+from common.cam import grad_cam
 from common.models import ARCHS, build_model
-
-
-def target_module(model: torch.nn.Module, arch: str) -> torch.nn.Module:
-    """The module whose output is (or, for DenseNet, whose output's ReLU is) the Grad-CAM target activation."""
-    if arch == "densenet121":
-        return model.features  # norm5's output; DenseNet.forward applies F.relu after it
-    return model.get_submodule(ARCHS[arch].target_layer)
-
-
-def full_backward_grad_cam(model: torch.nn.Module, arch: str, images: torch.Tensor,
-                           target: str = "predicted") -> tuple[torch.Tensor, torch.Tensor]:
-    """Grad-CAM the way common libraries do it: hook, forward with autograd everywhere, full backward."""
-    kept = {}
-
-    def keep_activation(_module, _inputs, output):
-        if arch == "densenet121":
-            # The activation the network pools. Its forward then applies F.relu(inplace=True) again (a no-op on
-            # values >= 0); the clone keeps that in-place op away from the tensor our ReLU saved for backward.
-            output = F.relu(output).clone()
-        output.retain_grad()
-        kept["activation"] = output
-        return output
-
-    handle = target_module(model, arch).register_forward_hook(keep_activation)
-    try:
-        model.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            logits = model(images)  # (B, 2), graph through every layer
-            classes = target_classes(logits.detach(), target)
-            logits.gather(1, classes[:, None]).sum().backward()  # every parameter's .grad is computed too
-        activation = kept["activation"]
-        weights = activation.grad.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
-        cams = torch.relu((weights * activation.detach()).sum(dim=1))  # (B, h, w)
-        return cams, logits.detach()
-    finally:
-        handle.remove()
-        model.zero_grad(set_to_none=True)
+from common.reference_cam import full_backward_grad_cam
 
 
 def plain_inference(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -71,7 +34,7 @@ def plain_inference(model: torch.nn.Module, images: torch.Tensor) -> torch.Tenso
 def check_same_maps(model, arch: str, images: torch.Tensor) -> float:
     """Largest |ours - full| relative to the largest map value; stops the benchmark if the maps differ."""
     ours, _ = grad_cam(model, arch, images)
-    full, _ = full_backward_grad_cam(model, arch, images)
+    full, _, _ = full_backward_grad_cam(model, arch, images)
     if not full.max() > 0:
         raise SystemExit(f"{arch}: every map is zero; pick another seed for a meaningful comparison")
     error = float((ours - full).abs().max() / full.abs().max())

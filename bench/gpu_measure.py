@@ -32,7 +32,7 @@ from pathlib import Path
 import _timing  # noqa: F401  (puts the repository root on sys.path)
 import torch
 from _timing import interleaved_medians
-from bench_gradcam import full_backward_grad_cam, plain_inference, target_module
+from bench_gradcam import plain_inference
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, models
 from torchvision import transforms as T
@@ -41,6 +41,7 @@ from common.cam import grad_cam
 from common.data import load_split
 from common.dataset import build_cache, make_batches
 from common.fileio import write_json
+from common.reference_cam import full_backward_grad_cam, target_module
 from common.train import autocast_dtype, checkpoint_path, load_checkpoint, model_from_checkpoint
 from common.transforms import IMAGENET_MEAN, IMAGENET_STD, ROTATION_DEGREES
 
@@ -181,7 +182,7 @@ def pytorch_grad_cam_call(model, arch: str, images: torch.Tensor):
     except Exception as error:  # absent, or present without its own dependencies (opencv)
         return None, f"not importable ({error_text(error)})"
     try:
-        cam = GradCAM(model=model, target_layers=[target_module(model, arch)])
+        cam = GradCAM(model=model, target_layers=[target_module(model, arch)[0]])
         # targets=None: the predicted class. One call before the timing: a failure here spares the other contenders.
         cam(input_tensor=images, targets=None)
         return cam, "used"
@@ -194,7 +195,7 @@ def gradcam_timing(model, arch: str, *, image_size: int, batch_size: int, repeat
     model = model.to(device).eval()
     images = torch.randn(batch_size, 3, image_size, image_size, device=device)
     ours, _ = grad_cam(model, arch, images)
-    full, _ = full_backward_grad_cam(model, arch, images)
+    full, _, _ = full_backward_grad_cam(model, arch, images)
     map_error = float((ours - full).abs().max() / full.abs().max().clamp_min(1e-12))
 
     def synced(call):

@@ -9,11 +9,11 @@ Random-init models, random inputs, CPU only, no downloads.
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from common.cam import grad_cam, scale_for_display
 from common.data import CLASS_NAMES
 from common.models import body, build_model, cam_shape
+from common.reference_cam import full_backward_grad_cam
 
 ARCH_NAMES = ("resnet50", "densenet121", "vgg16")
 MALIGNANT = CLASS_NAMES.index("malignant")
@@ -45,43 +45,6 @@ def images():
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
-def target_module(model, arch):
-    """The module whose forward output is (or, for DenseNet, becomes in place) the pinned Grad-CAM activation."""
-    if arch == "resnet50":
-        return model.layer4
-    if arch == "densenet121":
-        # DenseNet.forward applies F.relu(features, inplace=True) to this output; the retained gradient then
-        # belongs to the relu'd tensor (PyTorch moves retains_grad to the new version after an in-place op).
-        return model.features
-    if arch == "vgg16":
-        return model.features[29]  # ReLU(inplace=True) after the last conv; features[30] is the max-pool
-    raise ValueError(arch)
-
-
-def reference_grad_cam(model, arch, images, target):
-    """Hooks + full backward over the whole model. Returns (maps (B, h, w), logits (B, 2), activation A)."""
-    kept = {}
-
-    def keep(_module, _inputs, output):
-        output.retain_grad()
-        kept["activation"] = output
-
-    handle = target_module(model, arch).register_forward_hook(keep)
-    try:
-        images = images.clone().requires_grad_(True)  # so autograd runs through the whole network
-        logits = model(images)
-        classes = logits.argmax(1) if target == "predicted" else torch.full((len(images),), MALIGNANT)
-        model.zero_grad(set_to_none=True)
-        logits.gather(1, classes[:, None]).sum().backward()
-    finally:
-        handle.remove()
-    activation = kept["activation"]  # for DenseNet: the relu'd values (modified in place by the forward)
-    alpha = activation.grad.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
-    maps = torch.relu((alpha * activation).sum(dim=1))  # (B, h, w)
-    model.zero_grad(set_to_none=True)
-    return maps.detach(), logits.detach(), activation.detach()
-
-
 def close(ours, reference, rtol=1e-4):
     """Equal within `rtol` relative to the map's scale (elementwise relative error is meaningless near 0)."""
     scale = reference.abs().max().item()
@@ -92,7 +55,7 @@ def close(ours, reference, rtol=1e-4):
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_grad_cam_equals_full_autograd_reference(models, images, arch, target):
     model = models[arch]
-    reference_maps, reference_logits, _ = reference_grad_cam(model, arch, images, target)
+    reference_maps, reference_logits, _ = full_backward_grad_cam(model, arch, images, target)
     maps, logits = grad_cam(model, arch, images, target=target)
     assert maps.dtype == torch.float32 and maps.shape == reference_maps.shape
     assert maps.shape == (2, SIDE_AT_64[arch], SIDE_AT_64[arch])
@@ -124,7 +87,7 @@ def test_grad_cam_equals_cam_from_head_weights(models, images, arch, target):
 def test_body_is_the_hooked_activation(models, images, arch):
     """common.models.body computes exactly the activation the network's own forward passes on."""
     model = models[arch]
-    _, _, hooked = reference_grad_cam(model, arch, images, "predicted")
+    _, _, hooked = full_backward_grad_cam(model, arch, images, "predicted")
     with torch.no_grad():
         torch.testing.assert_close(body(model, arch, images), hooked, rtol=1e-5, atol=1e-6)
     assert (hooked >= 0).all()  # after the ReLU
