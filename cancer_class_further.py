@@ -30,9 +30,9 @@ from common.fileio import (remove_stale_temporaries, save_npz, save_torch, sha25
 from common.fusion import (CLASSIFIER_FORMAT_VERSION, FEATURE_SETS, MODEL_ORDER, RESULTS_FILE, Standardizer,
                            build_features, check_against_split, check_checkpoints, load_aligned_heatmaps,
                            malignant_probabilities, mlp_logits, stack_maps, train_mlp)
-from common.heatmaps import heatmap_path
 from common.metrics import binary_metrics, metrics_table, per_patient_rates, softmax
-from common.train import checkpoint_path, pick_device
+from common.runfiles import checkpoint_path, heatmap_path
+from common.runtime import pick_device
 
 DISPLAY_NAMES = {"densenet121": "DenseNet-121", "resnet50": "ResNet-50", "vgg16": "VGG-16",
                  "soft_vote": "Soft vote (mean probability)", "mlp_heatmaps": "MLP on heatmaps",

@@ -29,9 +29,11 @@ from common.fileio import disk_full_as_pipeline_error, sha256_of_file, write_tex
 from common.fusion import (FURTHER_SCRIPT, MODEL_ORDER, Standardizer, build_features, build_mlp,
                            check_listed_in_results, check_made_by_checkpoint, malignant_probabilities, mlp_logits,
                            read_results, stack_maps)
-from common.heatmaps import blend, colorize, combined_map, heatmap_path, jet, load_heatmaps
+from common.heatmaps import blend, colorize, combined_map, jet, load_heatmaps
 from common.metrics import softmax
-from common.train import checkpoint_path, load_checkpoint, model_from_checkpoint, pick_device
+from common.checkpoints import load_checkpoint, model_from_checkpoint
+from common.runfiles import checkpoint_path, heatmap_path
+from common.runtime import pick_device
 from common.transforms import build_transforms, resize_image
 
 BATCH_SIZE = 16

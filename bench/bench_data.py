@@ -47,7 +47,8 @@ from common.dataset import build_cache, make_batches
 from common.demo import make_demo_dataset
 from common.heatmaps import export_heatmaps
 from common.models import build_model
-from common.train import Runtime, train_one_epoch
+from common.runtime import Runtime
+from common.train import train_one_epoch
 
 SAMPLE = ROOT.parent / "shared" / "breakhis_sample"
 CPU = torch.device("cpu")
@@ -166,8 +167,7 @@ def bench_train_overhead(args) -> None:
 
         def epoch(batches, model=model, optimizer=optimizer, loss_fn=loss_fn):
             with contextlib.redirect_stderr(io.StringIO()):  # the loop's progress bar
-                train_one_epoch(model, batches, optimizer, loss_fn, epoch=0, runtime=runtime, amp_dtype=None,
-                                scaler=scaler, channels_last=False)
+                train_one_epoch(model, batches, optimizer, loss_fn, epoch=0, runtime=runtime, scaler=scaler)
 
         epoch(ready)  # warm-up: first-call allocations, optimizer state
         run_epoch(pipeline)

@@ -17,8 +17,9 @@ from PIL import Image
 from common.cam import grad_cam
 from common.data import load_split
 from common.dataset import load_rgb
-from common.heatmaps import heatmap_path, load_heatmaps
-from common.train import checkpoint_path, load_checkpoint, model_from_checkpoint
+from common.heatmaps import load_heatmaps
+from common.checkpoints import load_checkpoint, model_from_checkpoint
+from common.runfiles import checkpoint_path, heatmap_path
 from common.transforms import build_transforms
 
 # Stored (CUDA) vs CPU float32: cuDNN convolutions use TF32 by default (10-bit mantissa, ~5e-4 rounding per

@@ -42,7 +42,9 @@ from common.data import load_split
 from common.dataset import build_cache, make_batches
 from common.fileio import write_json
 from common.reference_cam import full_backward_grad_cam, target_module
-from common.train import autocast_dtype, checkpoint_path, load_checkpoint, model_from_checkpoint
+from common.checkpoints import load_checkpoint, model_from_checkpoint
+from common.runfiles import checkpoint_path
+from common.runtime import autocast_dtype
 from common.transforms import IMAGENET_MEAN, IMAGENET_STD, ROTATION_DEGREES
 
 

@@ -1,19 +1,30 @@
 """Shared code of the BreaKHis pipeline: data and splits, transforms, models, training, Grad-CAM, metrics.
 
-Sections, one module each:
-    common.data        index a dataset into records; patient-level splits; the split file
-    common.demo        synthetic BreaKHis-like demo data
-    common.transforms  train/eval transforms (PIL per image, and batched on the device)
-    common.dataset     batches on the device: plain DataLoader path or decoded-image cache
-    common.models      architecture table, weights loading, forward split at the Grad-CAM layer
-    common.cam         Grad-CAM at the cost of one forward pass
-    common.heatmaps    heatmap export (heatmaps_<arch>.npz) and overlays
-    common.metrics     image- and patient-level metrics
-    common.train       the shared fine-tuning loop (single process or torchrun) and checkpoints
-    common.cli         the model scripts' one argument parser
-    common.console     what the scripts show on the console: --help layout, progress of long loops
-    common.fusion      the final stage: heatmap alignment, features, the MLP
-    common.report      the static HTML report of a run
-    common.fileio      atomic writes of every result file
-    common.errors      the one-line error that scripts print instead of a traceback
+Sections, one module each, in pipeline order:
+    common.data          index a dataset into records; patient-level splits; the split file
+    common.demo          synthetic BreaKHis-like demo data
+    common.transforms    train/eval transforms (PIL per image, and batched on the device)
+    common.dataset       batches on the device: plain DataLoader path or decoded-image cache
+    common.models        the models table (one entry per CNN: constructor, weights, head, Grad-CAM layer,
+                         script, forward split at that layer) and weights loading
+    common.runtime       device, torchrun (DDP), mixed precision and memory format, seeding, the optimizer
+    common.runfiles      the run folder's file names and the decision threshold, for writers and readers
+    common.checkpoints   what fine_tuned_<arch>.pth holds; reading one back safely
+    common.train         the shared fine-tuning loop (train_one_epoch, evaluate, fit, resume)
+    common.cam           Grad-CAM at the cost of one forward pass
+    common.cam_methods   Grad-CAM++ and LayerCAM from the same pass (not yet in the export)
+    common.heatmaps      heatmap export (heatmaps_<arch>.npz) and overlays
+    common.metrics       image- and patient-level metrics
+    common.model_script  a model script from start to end: split, cache, fit, export, test metrics
+    common.cli           the model scripts' one argument parser
+    common.fusion        the final stage: heatmap alignment, features, the MLP
+    common.crossval      patient-level K-fold, fold files, cross-fitted stacking (not yet in the scripts)
+    common.stats         patient-level diagnosis, vectorised patient bootstrap, paired differences
+    common.faithfulness  deletion/insertion AUC of saliency maps against random and Gaussian baselines
+    common.attribution   LIME, Kernel SHAP, occlusion (captum); Integrated Gradients shares of the final MLP
+    common.report        the static HTML report of a run
+    common.console       what the scripts show on the console: --help layout, progress of long loops
+    common.fileio        atomic writes of every result file; leftovers of killed runs; full disks
+    common.errors        the one-line error that scripts print instead of a traceback
+    common.reference_cam the hooks + full-backward Grad-CAM that tests and benchmarks compare against
 """

@@ -18,9 +18,11 @@ from common.cli import heatmaps_only_command
 from common.console import progress
 from common.errors import PipelineError
 from common.fileio import sha256_of_file
-from common.heatmaps import heatmap_path, load_heatmaps
+from common.heatmaps import load_heatmaps
 from common.metrics import binary_metrics, selection_score, softmax
-from common.train import checkpoint_path, load_checkpoint, make_optimizer
+from common.checkpoints import load_checkpoint
+from common.runfiles import checkpoint_path, heatmap_path
+from common.runtime import make_optimizer
 
 MODEL_ORDER = ("densenet121", "resnet50", "vgg16")  # channel order of the stacked maps
 SCRIPT_OF = {"densenet121": "cancer_class_densenet_121.py", "resnet50": "cancer_class_resnet_50.py",

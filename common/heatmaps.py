@@ -35,10 +35,6 @@ HEATMAP_KEYS = ("cams", "logits", "labels", "paths", "patients", "magnifications
                 "checkpoint_sha256")
 
 
-def heatmap_path(output_dir: Path, arch: str) -> Path:
-    return Path(output_dir) / f"heatmaps_{arch}.npz"
-
-
 def export_heatmaps(model, arch: str, split: Split, out_path: Path, *, image_size: int, batch_size: int,
                     workers: int, device: torch.device, cache, target_rule: str, checkpoint_sha256: str,
                     overlay_dir: Path | None = None, overlay_count: int = 0) -> dict:

@@ -37,9 +37,9 @@ from common.errors import PipelineError
 from common.fileio import atomic_path, sha256_of_file, write_text
 from common.fusion import (FURTHER_SCRIPT, MODEL_ORDER, SCRIPT_OF, check_listed_in_results, check_made_by_checkpoint,
                            read_results)
-from common.heatmaps import blend, colorize, combined_map, heatmap_path, jet, load_heatmaps
+from common.heatmaps import blend, colorize, combined_map, jet, load_heatmaps
 from common.metrics import METRIC_COLUMNS
-from common.train import checkpoint_path
+from common.runfiles import checkpoint_path, heatmap_path
 from common.transforms import resize_image
 
 THRESHOLD = 0.5  # binary_metrics' rule: malignant when P(malignant) >= 0.5

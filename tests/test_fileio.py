@@ -24,7 +24,7 @@ import common.train as train_module
 from common.errors import PipelineError, run_main
 from common.fileio import (STALE_AFTER_SECONDS, BackgroundWriter, atomic_path, cpu_snapshot,
                            remove_stale_temporaries, save_npz, save_torch, scratch_file, write_text, written_together)
-from common.train import run_model_script
+from common.model_script import run_model_script
 
 
 def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):

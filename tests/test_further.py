@@ -27,10 +27,10 @@ from common.errors import PipelineError
 from common.fileio import save_npz, sha256_of_file
 from common.fusion import (MODEL_ORDER, SCRIPT_OF, Standardizer, build_features, build_mlp, load_aligned_heatmaps,
                            mlp_logits, stack_maps, train_mlp)
-from common.heatmaps import HEATMAP_FORMAT_VERSION, HEATMAP_KEYS, heatmap_path, load_heatmaps
+from common.heatmaps import HEATMAP_FORMAT_VERSION, HEATMAP_KEYS, load_heatmaps
 from common.metrics import binary_metrics, metrics_table, softmax
 from common.report import load_run
-from common.train import checkpoint_path
+from common.runfiles import checkpoint_path, heatmap_path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_SCRIPTS = {"densenet121": "cancer_class_densenet_121.py", "resnet50": "cancer_class_resnet_50.py",

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import cancer_class_further
-from common import train
+from common import model_script
+from common.runfiles import state_path
 from common.console import PlainProgress, progress
 from common.errors import PipelineError, run_main
 from common.fusion import train_mlp
@@ -45,18 +46,18 @@ def test_interrupted_further_says_earlier_results_are_intact(tmp_path, monkeypat
 @pytest.mark.parametrize("epochs_completed", [0, 1])
 def test_interrupted_model_script_offers_resume_only_with_a_training_state(demo_dir, tmp_path, monkeypatch, capsys,
                                                                            epochs_completed):
-    state = train.state_path(tmp_path, "resnet50")
+    state = state_path(tmp_path, "resnet50")
 
     def fit_stopped_by_ctrl_c(*_args, **_kwargs):
         if epochs_completed:
             state.write_bytes(b"the state of a completed epoch")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "build_model", lambda *args, **kwargs: None)  # fit, which would use it, is replaced
-    monkeypatch.setattr(train, "fit", fit_stopped_by_ctrl_c)
+    monkeypatch.setattr(model_script, "build_model", lambda *args, **kwargs: None)  # fit, which would use it, is replaced
+    monkeypatch.setattr(model_script, "fit", fit_stopped_by_ctrl_c)
     argv = ["--data-dir", str(demo_dir), "--output-dir", str(tmp_path), "--weights", "none", "--cache", "none",
             "--workers", "0", "--val-fraction", "0.25", "--test-fraction", "0.25"]
-    printed = interrupted_stderr(lambda: train.run_model_script(arch="resnet50", description="", argv=argv), capsys)
+    printed = interrupted_stderr(lambda: model_script.run_model_script(arch="resnet50", description="", argv=argv), capsys)
     if epochs_completed:
         assert f"{state} holds the last completed epoch; rerun with --resume" in printed
     else:
@@ -136,7 +137,7 @@ def test_max_images_above_the_dataset_size_says_so(demo_dir, tmp_path, capsys, m
     argv = ["--data-dir", str(demo_dir), "--output-dir", str(tmp_path), "--max-images", str(max_images),
             "--heatmaps-only", "--val-fraction", "0.25", "--test-fraction", "0.25"]
     with pytest.raises(PipelineError, match="does not exist"):
-        train.run_model_script(arch="resnet50", description="", argv=argv)
+        model_script.run_model_script(arch="resnet50", description="", argv=argv)
     printed = capsys.readouterr().out
     note = f"note: --max-images {max_images} is not below the dataset's 48 images: all of them are used"
     assert (note in printed) == note_expected, printed

@@ -24,9 +24,10 @@ from common.data import load_split
 from common.errors import run_main
 from common.fileio import save_npz, sha256_of_file
 from common.fusion import MODEL_ORDER
-from common.heatmaps import heatmap_path, load_heatmaps
+from common.heatmaps import load_heatmaps
 from common.metrics import softmax
-from common.train import checkpoint_path, load_checkpoint, model_from_checkpoint
+from common.checkpoints import load_checkpoint, model_from_checkpoint
+from common.runfiles import checkpoint_path, heatmap_path
 from common.transforms import build_transforms
 
 ROOT = Path(__file__).resolve().parents[1]

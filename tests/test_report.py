@@ -21,7 +21,7 @@ from common.fusion import MODEL_ORDER
 from common.heatmaps import HEATMAP_FORMAT_VERSION
 from common.metrics import binary_metrics, per_patient_rates, softmax
 from common.report import build_report
-from common.train import checkpoint_path
+from common.runfiles import checkpoint_path
 
 DISPLAY_NAMES = {"densenet121": "DenseNet-121", "resnet50": "ResNet-50", "vgg16": "VGG-16",
                  "soft_vote": "Soft vote (mean probability)", "mlp_heatmaps": "MLP on heatmaps",

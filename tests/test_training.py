@@ -270,7 +270,8 @@ class ListedBatches:
 
 def test_a_last_training_batch_of_one_image_is_skipped_not_a_crash():
     """At 32 px ResNet-50's last maps are 1x1: batch norm cannot train on a batch of one there."""
-    from common.train import Runtime, train_one_epoch
+    from common.runtime import Runtime
+    from common.train import train_one_epoch
 
     torch.manual_seed(0)
     model = build_model("resnet50", "none")
@@ -282,14 +283,14 @@ def test_a_last_training_batch_of_one_image_is_skipped_not_a_crash():
         expected = torch.nn.functional.cross_entropy(copy.deepcopy(model).train()(images[:3]), labels[:3])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     result = train_one_epoch(model, batches, optimizer, torch.nn.CrossEntropyLoss(), epoch=0,
-                             runtime=Runtime(torch.device("cpu")), amp_dtype=None,
-                             scaler=torch.amp.GradScaler("cpu", enabled=False), channels_last=False)
+                             runtime=Runtime(torch.device("cpu")), scaler=torch.amp.GradScaler("cpu", enabled=False))
     assert result["loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_batches_of_one_image_train_except_the_last():
     """--batch-size 1: every batch holds one image; only the epoch's last one is skipped (not all of them)."""
-    from common.train import Runtime, train_one_epoch
+    from common.runtime import Runtime
+    from common.train import train_one_epoch
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
@@ -301,8 +302,7 @@ def test_batches_of_one_image_train_except_the_last():
     original_step = optimizer.step
     optimizer.step = lambda *args, **kwargs: (steps.append(1), original_step(*args, **kwargs))[1]
     result = train_one_epoch(model, batches, optimizer, torch.nn.CrossEntropyLoss(), epoch=0,
-                             runtime=Runtime(torch.device("cpu")), amp_dtype=None,
-                             scaler=torch.amp.GradScaler("cpu", enabled=False), channels_last=False)
+                             runtime=Runtime(torch.device("cpu")), scaler=torch.amp.GradScaler("cpu", enabled=False))
     assert len(steps) == 2 and np.isfinite(result["loss"])
 
 

@@ -1,0 +1,114 @@
+"""What each model script does, in order: config -> split -> cache -> fine-tune (common/train.py) -> one
+evaluation pass over every image that yields the heatmaps and the test metrics.
+
+    run_model_script(arch=..., description=__doc__, **script_defaults)   # the whole of cancer_class_<arch>.py
+"""
+
+import argparse
+from pathlib import Path
+
+from common.checkpoints import SELECTION_METRIC, load_checkpoint, model_from_checkpoint
+from common.cli import parse_args, split_protocol
+from common.data import SPLIT_FILE_NAME, Split, describe_protocol, prepare_split, subsample_split, summarize_split
+from common.dataset import build_cache
+from common.errors import Interrupted, PipelineError
+from common.fileio import remove_stale_temporaries, sha256_of_file, write_json
+from common.heatmaps import export_heatmaps
+from common.metrics import binary_metrics, metrics_table, softmax
+from common.models import build_model
+from common.runfiles import CACHE_DIR, checkpoint_path, heatmap_path, metrics_path, overlay_dir, state_path
+from common.runtime import Runtime, seed_everything, setup_runtime
+from common.train import fit
+
+
+def export_and_report(args: argparse.Namespace, split: Split, runtime: Runtime, cache) -> dict:
+    """Reload the best checkpoint; one pass over every split yields the heatmaps and the test metrics."""
+    output_dir = Path(args.output_dir)
+    checkpoint_file = checkpoint_path(output_dir, args.arch)
+    checkpoint = load_checkpoint(checkpoint_file, args.arch)
+    if checkpoint["split_digest"] != split.digest:
+        raise PipelineError(f"{checkpoint_file} was trained on another split than "
+                            f"{output_dir / SPLIT_FILE_NAME}; retrain it in this output dir")
+    model = model_from_checkpoint(checkpoint)
+    # The background writer has finished (fit waits for it), so this is the file the model was just loaded from.
+    arrays = export_heatmaps(model, args.arch, split, heatmap_path(output_dir, args.arch),
+                             image_size=checkpoint["image_size"], batch_size=args.batch_size, workers=args.workers,
+                             device=runtime.device, cache=cache, target_rule=args.cam_target,
+                             checkpoint_sha256=sha256_of_file(checkpoint_file),
+                             overlay_dir=overlay_dir(output_dir, args.arch), overlay_count=args.overlays)
+    probabilities = softmax(arrays["logits"])[:, 1]
+    results = {"arch": args.arch, "split_protocol": describe_protocol(split.protocol),
+               "checkpoint_epoch": checkpoint["epoch"], "selection_metric": SELECTION_METRIC}
+    for split_name in ("val", "test"):
+        rows = arrays["splits"] == split_name
+        results[split_name] = binary_metrics(arrays["labels"][rows], probabilities[rows], arrays["patients"][rows],
+                                             arrays["magnifications"][rows])
+    write_json(metrics_path(output_dir, args.arch), results)
+    return results
+
+
+def print_results(results: dict) -> None:
+    print(f"\n{results['arch']}: best epoch {results['checkpoint_epoch']} by {results['selection_metric']}")
+    print(f"split protocol: {results['split_protocol']}")
+    print(metrics_table({f"{results['arch']} {name}": results[name] for name in ("val", "test")}, title="split"))
+    test = results["test"]
+    tn, fp = test["confusion_matrix"][0]
+    fn, tp = test["confusion_matrix"][1]
+    print(f"test confusion matrix (rows true, columns predicted): benign [{tn} {fp}]  malignant [{fn} {tp}]")
+    for magnification, accuracy in test.get("accuracy_by_magnification", {}).items():
+        print(f"test accuracy at {magnification}X: {accuracy:.3f}")
+
+
+def run_model_script(*, arch: str, description: str, argv: list[str] | None = None, **defaults) -> None:
+    """Everything a model script does: split, fine-tune, export heatmaps, report the test split once."""
+    args = parse_args(arch=arch, description=description, argv=argv, **defaults)
+    runtime = setup_runtime(args.device, amp=args.amp)
+    try:
+        seed_everything(args.seed)
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if runtime.is_main:
+            remove_stale_temporaries(output_dir)  # never another live run's (see the function)
+        # The first script to run writes the split; the others (and the other ranks) read it.
+        split = runtime.main_rank_first(lambda: prepare_split(args.data_dir, output_dir, split_protocol(args)))
+        if args.max_images:
+            if args.max_images >= len(split.records) and runtime.is_main:
+                print(f"note: --max-images {args.max_images} is not below the dataset's {len(split.records)} "
+                      "images: all of them are used")
+            split = subsample_split(split, args.max_images, args.seed)
+        if runtime.is_main:
+            print(f"split protocol: {describe_protocol(split.protocol)}\n{summarize_split(split)}")
+        if args.heatmaps_only:  # the maps must be made at the size the checkpoint was trained at
+            args.image_size = load_checkpoint(checkpoint_path(output_dir, arch), arch)["image_size"]
+        cache = prepare_cache(args, split, runtime)
+        if not args.heatmaps_only:
+            # Rank 0 first: an ImageNet download happens once, the other ranks read torchvision's cached file.
+            model = runtime.main_rank_first(lambda: build_model(arch, args.weights, split_digest=split.digest))
+            fit(model, args, split, runtime, cache)
+        if runtime.is_main:
+            print_results(export_and_report(args, split, runtime, cache))
+        runtime.barrier()
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(args)) from None
+    finally:
+        runtime.close()
+
+
+def interrupted_message(args: argparse.Namespace) -> str:
+    """After a Ctrl-C: what the run leaves behind and how to go on."""
+    output_dir = Path(args.output_dir)
+    if args.heatmaps_only:
+        return f"{checkpoint_path(output_dir, args.arch)} is unchanged; rerun the same command to export the heatmaps"
+    state = state_path(output_dir, args.arch)
+    if state.is_file():  # written after every completed epoch (on Ctrl-C the write in flight finishes first)
+        return f"{state} holds the last completed epoch; rerun with --resume to continue from it"
+    return f"no {args.arch} epoch was completed, so there is nothing to resume; rerun the same command"
+
+
+def prepare_cache(args: argparse.Namespace, split: Split, runtime: Runtime):
+    """The decoded-image cache, or None for the plain path."""
+    if args.cache == "none":
+        return None
+    return runtime.main_rank_first(lambda: build_cache(
+        split.root, split.records, image_size=args.image_size, mode=args.cache,
+        cache_dir=Path(args.output_dir) / CACHE_DIR, workers=args.workers))
