@@ -19,8 +19,11 @@ common.metrics.binary_metrics that produced results.json.
 
 import html
 import json
+import os
 import re
+import secrets
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -291,8 +294,7 @@ def gallery_panels(run: Run, test_row: int, folder: Path, rank: int) -> dict:
 
 def build_gallery(run: Run, report_dir: Path, gallery_size: int) -> list[dict]:
     folder = report_dir / "gallery"
-    shutil.rmtree(folder, ignore_errors=True)  # a smaller gallery must not leave the last build's images behind
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True)  # in a fresh staging folder (build_report): no earlier build's images
     chosen = gallery_order(run)[:gallery_size]
     return [gallery_panels(run, row, folder, rank) for rank, row in enumerate(chosen, start=1)]
 
@@ -457,10 +459,56 @@ def _plot(name: str, alt: str) -> str:
 
 
 def build_report(output_dir: Path, *, gallery_size: int = 24) -> Path:
-    """Write <output_dir>/report/index.html and its PNGs from the run's files; return the index.html path."""
+    """Write <output_dir>/report/index.html and its PNGs from the run's files; return the index.html path.
+
+    The whole report is built in a staging folder beside report/ and swapped in only when complete, so a build
+    that fails midway (a bad image, a full disk) leaves the previous report as it was."""
     run = load_run(Path(output_dir))
     report_dir = run.output_dir / "report"
-    report_dir.mkdir(parents=True, exist_ok=True)
+    staging = fresh_folder(run.output_dir, prefix=".report.staging.")
+    try:
+        write_report_files(run, staging, gallery_size=gallery_size)
+        swap_in(staging, report_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a swap; a failed build's half
+    return report_dir / "index.html"
+
+
+def swap_in(staging: Path, report_dir: Path) -> None:
+    """Replace report_dir by the complete staging folder. What a reader of report/ sees meanwhile:
+        before the first rename    the old report, complete
+        between the two renames    no report/ folder (microseconds; a reload says "not found", never a mix)
+        after the second rename    the new report, complete
+    A crash between the renames leaves the old report in .report.old.*/report (no reader ever sees half of one)."""
+    backup_parent = Path(tempfile.mkdtemp(dir=report_dir.parent, prefix=".report.old."))
+    backup = backup_parent / "report"
+    try:
+        if report_dir.exists():
+            os.replace(report_dir, backup)
+        try:
+            os.replace(staging, report_dir)
+        except BaseException:
+            if backup.exists():  # the new one could not take its place: the old one goes back
+                os.replace(backup, report_dir)
+            raise
+    finally:
+        shutil.rmtree(backup_parent, ignore_errors=True)
+
+
+def fresh_folder(parent: Path, *, prefix: str) -> Path:
+    """A new empty folder of a unique name, with the permissions mkdir gives (mkdtemp's are owner-only, and this
+    one becomes the report folder)."""
+    while True:
+        folder = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
+def write_report_files(run: Run, report_dir: Path, *, gallery_size: int) -> None:
+    """index.html, the plots and gallery/ into report_dir (an empty folder)."""
     plots = {
         "roc": plot_roc(run, report_dir / "roc.png"),
         "confusion": plot_confusion_matrices(run, report_dir / "confusion_matrices.png"),
@@ -479,6 +527,5 @@ def build_report(output_dir: Path, *, gallery_size: int = 24) -> Path:
                     + "<h3>Heatmap MLP</h3>" + _plot(plots["mlp"], "MLP training curves"),
         "Grad-CAM gallery": gallery_html(run, gallery),
     }
-    index = report_dir / "index.html"
-    write_text(index, page_html(f"BreaKHis report: {run.output_dir.name}", sections, header_html(run)))
-    return index
+    write_text(report_dir / "index.html",
+               page_html(f"BreaKHis report: {run.output_dir.name}", sections, header_html(run)))

@@ -7,6 +7,7 @@ with the same metric functions as cancer_class_further.py.
 """
 
 import json
+import os
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,6 +21,7 @@ from common.fileio import save_npz, sha256_of_file, write_json
 from common.fusion import MODEL_ORDER
 from common.heatmaps import HEATMAP_FORMAT_VERSION
 from common.metrics import binary_metrics, per_patient_rates, softmax
+from common import report as report_module
 from common.report import build_report
 
 DISPLAY_NAMES = {"densenet121": "DenseNet-121", "resnet50": "ResNet-50", "vgg16": "VGG-16",
@@ -255,3 +257,41 @@ def test_report_of_a_real_pipeline_run(pipeline_run):
     index = pipeline_run / "report" / "index.html"
     check_html_and_links(index)
     check_comparison_table(index, pipeline_run)
+
+
+def test_failed_rebuild_leaves_the_old_report_complete(run_dir, tmp_path, monkeypatch):
+    """A build that fails midway (here the gallery's third image) must not touch the report being replaced:
+    the new one is built beside it and swapped in only when complete."""
+    copy = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("report"))
+    index = build_report(copy)
+    before = {path.relative_to(copy): path.read_bytes() for path in (copy / "report").rglob("*") if path.is_file()}
+    written = []
+
+    def panels_then_failure(*args, **kwargs):
+        if len(written) == 2:
+            raise OSError("No space left on device")
+        written.append(real_panels(*args, **kwargs))
+        return written[-1]
+
+    real_panels = report_module.gallery_panels
+    monkeypatch.setattr(report_module, "gallery_panels", panels_then_failure)
+    with pytest.raises(OSError, match="No space left"):
+        build_report(copy, gallery_size=4)
+    after = {path.relative_to(copy): path.read_bytes() for path in (copy / "report").rglob("*") if path.is_file()}
+    assert after == before  # the old report, every file as it was
+    check_html_and_links(index)  # and complete: every image index.html links exists
+    assert sorted(path.name for path in copy.iterdir() if path.name.startswith(".")) == []  # no staging left
+
+
+def test_rebuild_replaces_the_whole_report_folder(run_dir, tmp_path):
+    copy = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("report"))
+    build_report(copy)
+    (copy / "report" / "stale.png").write_bytes(b"from an older build")
+    index = build_report(copy, gallery_size=1)
+    assert not (copy / "report" / "stale.png").exists()
+    assert len(parse(index).cards) == 1
+    check_html_and_links(index)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (copy / "report").stat().st_mode & 0o777 == 0o777 & ~umask  # not the owner-only mode of a temp dir
+    assert [path.name for path in copy.iterdir() if path.name.startswith(".")] == []
