@@ -12,6 +12,7 @@ import argparse
 import csv
 import io
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +29,8 @@ from common.fileio import sha256_of_file, write_text
 from common.fusion import (MODEL_ORDER, Standardizer, build_features, build_mlp, malignant_probabilities,
                            mlp_logits, stack_maps)
 from common.heatmaps import blend, colorize, combined_map, jet
-from common.metrics import softmax
-from common.train import checkpoint_path, load_checkpoint, model_from_checkpoint, pick_device
+from common.metrics import DECISION_THRESHOLD, format_probability, softmax
+from common.train import checkpoint_path, load_checkpoint, model_from_checkpoint, pick_device, training_caveats
 from common.transforms import build_transforms, resize_image
 
 BATCH_SIZE = 16
@@ -70,6 +71,20 @@ def load_cnns(output_dir: Path, classifier: dict, device: torch.device) -> dict[
                                 f"cancer_class_further.py --output-dir {output_dir}")
         models[arch] = (model_from_checkpoint(checkpoint).to(device), checkpoint["image_size"])
     return models
+
+
+def warn_about_training(output_dir: Path) -> None:
+    """A prominent warning on stderr when the run's checkpoints say its models cannot speak about real tissue
+    (random initialisation, synthetic demo data): their confident-looking probabilities mean nothing."""
+    paths = {arch: checkpoint_path(output_dir, arch) for arch in MODEL_ORDER}
+    # A missing checkpoint is reported where the models are loaded, after the final classifier's.
+    checkpoints = {arch: load_checkpoint(path, arch) for arch, path in paths.items() if path.is_file()}
+    caveats = training_caveats(checkpoints)
+    if caveats:
+        banner = "!" * 100
+        lines = [banner, f"WARNING: the models of {output_dir} say nothing about real tissue; these probabilities "
+                         "only test the pipeline:", *(f"WARNING:   {line}" for line in caveats), banner]
+        print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def predict_batches(image_paths: list[Path], output_dir: Path, device: torch.device,
@@ -138,6 +153,7 @@ def main(argv=None) -> None:
     out_dir = Path(args.out) if args.out else output_dir / "predictions"
 
     image_paths = collect_images(args.inputs)
+    warn_about_training(output_dir)
     columns = list(MODEL_ORDER) + ["soft_vote", "final_mlp"]
     rows = [["image"] + [f"p_malignant_{name}" for name in columns] + ["prediction", "overlay"]]
     names = overlay_names(image_paths)
@@ -153,10 +169,13 @@ def main(argv=None) -> None:
                 overlay_name = next(overlay_names_in_order)
                 overlay_strip(batch["images"][row], {arch: batch["cams"][arch][row] for arch in MODEL_ORDER}).save(
                     Path(staging) / overlay_name, format="PNG")
-                verdict = "malignant" if probabilities["final_mlp"][row] >= 0.5 else "benign"
+                verdict = "malignant" if probabilities["final_mlp"][row] >= DECISION_THRESHOLD else "benign"
                 values = [probabilities[name][row] for name in columns]
-                print(f"{path.name[-40:]:<40} " + " ".join(f"{value:>12.3f}" for value in values) + f"  {verdict}")
-                rows.append([str(path)] + [f"{value:.6f}" for value in values] + [verdict, str(out_dir / overlay_name)])
+                # format_probability: never 0.500 beside "benign" (more digits where rounding would say so)
+                print(f"{path.name[-40:]:<40} " + " ".join(f"{format_probability(value):>12}" for value in values)
+                      + f"  {verdict}")
+                rows.append([str(path)] + [format_probability(value, digits=6) for value in values]
+                            + [verdict, str(out_dir / overlay_name)])
         out_dir.mkdir(exist_ok=True)
         for name in names:
             os.replace(Path(staging) / name, out_dir / name)

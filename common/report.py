@@ -40,11 +40,12 @@ from common.errors import PipelineError
 from common.fileio import atomic_path, sha256_of_file, write_text
 from common.fusion import MODEL_ORDER, SCRIPT_OF
 from common.heatmaps import blend, colorize, combined_map, heatmap_path, jet, load_heatmaps
-from common.metrics import METRIC_COLUMNS
+from common.metrics import DECISION_THRESHOLD, METRIC_COLUMNS, format_probability
+from common.train import checkpoint_path, load_checkpoint, training_caveats
 from common.transforms import resize_image
 
 FURTHER_SCRIPT = "cancer_class_further.py"
-THRESHOLD = 0.5  # binary_metrics' rule: malignant when P(malignant) >= 0.5
+THRESHOLD = DECISION_THRESHOLD  # binary_metrics' rule: malignant when P(malignant) >= 0.5
 THUMBNAIL = 128  # gallery image side, pixels
 METRIC_NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "precision": "Precision",
                 "sensitivity": "Sensitivity (recall)", "specificity": "Specificity", "f1": "F1 score",
@@ -61,6 +62,7 @@ class Run:
     heatmaps: dict[str, dict]  # arch -> heatmaps_<arch>.npz arrays
     data_root: Path  # split.json's: test image paths are relative to it
     train_logs: dict[str, list[dict]]  # arch -> one row per epoch of the last training run ([] when absent)
+    caveats: list[str]  # why the CNNs say nothing about real tissue (training_caveats), [] when nothing is known
 
     @property
     def keys(self) -> list[str]:
@@ -132,7 +134,11 @@ def load_run(output_dir: Path) -> Run:
                                 f"--output-dir {output_dir}")
     split = load_split(_require(output_dir / SPLIT_FILE_NAME, SCRIPT_OF[MODEL_ORDER[0]]))
     train_logs = {arch: read_train_log(output_dir / f"train_log_{arch}.jsonl") for arch in MODEL_ORDER}
-    return Run(output_dir, results, predictions, heatmaps, split.root, train_logs)
+    # The checkpoints say how each CNN was trained (read lazily: memory-mapped); a run copied without them
+    # still gets its report, without the caveats.
+    checkpoints = {results["display_names"].get(arch, arch): load_checkpoint(checkpoint_path(output_dir, arch), arch)
+                   for arch in MODEL_ORDER if checkpoint_path(output_dir, arch).is_file()}
+    return Run(output_dir, results, predictions, heatmaps, split.root, train_logs, training_caveats(checkpoints))
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -189,6 +195,34 @@ def plot_confusion_matrices(run: Run, target: Path) -> str:
     return save_figure(figure, target)
 
 
+def clip_outlying_losses(axes) -> None:
+    """Fit the y-range to the bulk of the loss curves drawn so far; points far above it (a first epoch of loss
+    21.5 beside 0.7s, which would flatten every other point) are drawn on the top edge as triangles labelled
+    with their value.
+
+    Far above: beyond Tukey's far-out fence (third quartile + 3 interquartile ranges) and beyond twice the
+    median, so an ordinary falling curve (first epoch 2-3x the last) keeps its natural scale."""
+    lines = [line for line in axes.get_lines() if line.get_transform() == axes.transData]
+    values = np.concatenate([np.asarray(line.get_ydata(), float) for line in lines]) if lines else np.zeros(0)
+    values = values[np.isfinite(values)]
+    if len(values) < 3:
+        return
+    first_quartile, median, third_quartile = np.percentile(values, [25, 50, 75])
+    limit = max(third_quartile + 3 * (third_quartile - first_quartile), 2 * median)
+    kept = values[values <= limit]
+    if len(kept) == len(values):
+        return
+    margin = 0.08 * max(kept.max() - kept.min(), 1e-3)
+    top = kept.max() + margin
+    axes.set_ylim(kept.min() - margin, top)
+    for line in lines:
+        epochs, losses = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+        for epoch, loss in zip(epochs[losses > limit], losses[losses > limit]):
+            axes.plot([epoch], [top], marker="^", color=line.get_color(), markersize=8, clip_on=False)
+            axes.annotate(f"{loss:.3g} (off scale)", (epoch, top), xytext=(6, -10), textcoords="offset points",
+                          fontsize=7, color=line.get_color())
+
+
 def _best_epochs(rows: list[dict]) -> list[int]:
     return [row["epoch"] for row in rows if row.get("best_so_far")]
 
@@ -207,6 +241,7 @@ def plot_cnn_training(run: Run, target: Path) -> str:
         epochs = [row["epoch"] for row in log]
         loss_axes.plot(epochs, [row["train_loss"] for row in log], "o-", label="train loss")
         loss_axes.plot(epochs, [row["val_loss"] for row in log], "o-", label="val loss")
+        clip_outlying_losses(loss_axes)
         accuracy_axes.plot(epochs, [row["train_accuracy"] for row in log], "o-", label="train accuracy")
         accuracy_axes.plot(epochs, [row["val_accuracy"] for row in log], "o-", label="val accuracy")
         accuracy_axes.plot(epochs, [row["val_balanced_accuracy"] for row in log], "s--",
@@ -236,6 +271,7 @@ def plot_mlp_training(run: Run, target: Path) -> str:
         for axes in (loss_axes, accuracy_axes):
             for epoch in _best_epochs(history)[-1:]:
                 axes.axvline(epoch, color=colour, linestyle=":")
+    clip_outlying_losses(loss_axes)
     loss_axes.set(xlabel="epoch", ylabel="cross-entropy", title="MLP loss")
     accuracy_axes.set(xlabel="epoch", ylabel="balanced accuracy", ylim=(-0.02, 1.02),
                       title="MLP selection rows (picks the epoch)")
@@ -326,12 +362,22 @@ def header_html(run: Run) -> str:
         "Heatmap MLP fit on": f"the {results['fit_split']} split (never on test patients)",
         "Final classifier": results["display_names"].get(run.final_key, run.final_key),
         "Test split": f"{results['test_images']} images of {len(patients)} patients ({', '.join(patients)})",
-        "Grad-CAM": f"target class rule '{reference['target_class_rule']}', CNN input "
-                    f"{int(reference['image_size'])} px",
+        "Grad-CAM": f"target class rule '{reference['target_class_rule']}'",
+        "CNN input": ", ".join(f"{results['display_names'].get(arch, arch)} {int(run.heatmaps[arch]['image_size'])} px"
+                               for arch in MODEL_ORDER),  # each model's own: they may be trained at other sizes
         "Run folder": str(run.output_dir.resolve()),
     }
     items = "".join(f"<dt>{html.escape(name)}</dt><dd>{html.escape(value)}</dd>" for name, value in facts.items())
-    return f"<h1>BreaKHis run report</h1><dl class=\"facts\">{items}</dl>"
+    return f"<h1>BreaKHis run report</h1>{caveat_html(run)}<dl class=\"facts\">{items}</dl>"
+
+
+def caveat_html(run: Run) -> str:
+    """A warning box above everything when the checkpoints say the CNNs cannot speak about real tissue."""
+    if not run.caveats:
+        return ""
+    reasons = "".join(f"<li>{html.escape(line)}</li>" for line in run.caveats)
+    return ('<div class="caveat" id="caveat"><strong>Caveat: these models say nothing about real tissue; read the '
+            f"numbers and maps below as a test of the pipeline only.</strong><ul>{reasons}</ul></div>")
 
 
 def comparison_html(run: Run) -> str:
@@ -364,9 +410,10 @@ def _prediction_rows(run: Run, test_row: int) -> str:
         predicted = int(probability >= THRESHOLD)
         verdict = "right" if predicted == label else "wrong"
         final = " final" if key == run.final_key else ""
-        lines.append(f'<tr class="{verdict}{final}"><td>{html.escape(run.name(key))}</td><td>{probability:.3f}</td>'
-                     f"<td>{CLASS_NAMES[predicted]}</td><td>{'&#10003;' if verdict == 'right' else '&#10007;'}"
-                     "</td></tr>")
+        # format_probability: the digits shown never contradict the decision (0.4996, not 0.500, beside benign)
+        lines.append(f'<tr class="{verdict}{final}"><td>{html.escape(run.name(key))}</td>'
+                     f"<td>{format_probability(probability)}</td><td>{CLASS_NAMES[predicted]}</td>"
+                     f"<td>{'&#10003;' if verdict == 'right' else '&#10007;'}</td></tr>")
     return ("<table class=\"predictions\"><thead><tr><th>Model</th><th>P(malignant)</th><th>Predicted</th><th></th>"
             f"</tr></thead><tbody>{''.join(lines)}</tbody></table>")
 
@@ -440,6 +487,8 @@ figure { margin: 0; text-align: center; } figcaption { font-size: 0.75em; color:
 figure img { image-rendering: auto; border: 1px solid #ccc; }
 table.predictions { margin: 0; font-size: 0.8em; }
 tr.wrong td { color: #b00020; } tr.right td:last-child { color: #1b7f2a; }
+div.caveat { border: 2px solid #b00020; background: #fdecee; padding: 0.5em 1em; margin: 0.5em 0 1em; }
+div.caveat ul { margin: 0.3em 0 0; }
 span.malignant { color: #b00020; } span.benign { color: #1b5fb0; } span.low { color: #b00020; font-weight: 600; }
 """
 

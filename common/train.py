@@ -28,6 +28,7 @@ from common.cli import parse_args, split_protocol
 from common.data import (CLASS_NAMES, SPLIT_FILE_NAME, Split, describe_protocol, prepare_split, subsample_split,
                          summarize_split)
 from common.dataset import build_cache, make_batches
+from common.demo import is_synthetic_dataset
 from common.errors import PipelineError
 from common.fileio import BackgroundWriter, write_json
 from common.heatmaps import export_heatmaps, heatmap_path
@@ -215,6 +216,8 @@ def best_checkpoint(weights: dict[str, torch.Tensor], args: argparse.Namespace, 
         "config": vars(args).copy(),
         "split_digest": split.digest,
         "split_protocol": split.protocol,
+        # Recorded now, while the images are at hand: predict.py and the report warn about such a model.
+        "synthetic_data": is_synthetic_dataset(split.root, [record.path for record in split.records]),
     }
 
 
@@ -234,6 +237,23 @@ def load_checkpoint(path: Path, arch: str | None = None, *, made_by: str = "its 
     if arch is not None and checkpoint.get("arch") != arch:
         raise PipelineError(f"checkpoint {path} holds {checkpoint.get('arch')}, not {arch}")
     return checkpoint
+
+
+def training_caveats(checkpoints: dict[str, dict]) -> list[str]:
+    """Why the models' probabilities say nothing about real tissue: one line per reason, naming the models it
+    applies to ([] when nothing is known against them). `checkpoints`: model name -> checkpoint dict."""
+    reasons = {
+        "trained from random initialisation (--weights none)":
+            lambda checkpoint: checkpoint.get("config", {}).get("weights") == "none",
+        "trained on synthetic demo data (common/demo.py), not on BreaKHis":
+            lambda checkpoint: bool(checkpoint.get("synthetic_data")),
+    }
+    lines = []
+    for reason, applies in reasons.items():
+        names = [name for name, checkpoint in checkpoints.items() if applies(checkpoint)]
+        if names:
+            lines.append(f"{', '.join(names)}: {reason}")
+    return lines
 
 
 def model_from_checkpoint(checkpoint: dict) -> nn.Module:
