@@ -5,7 +5,8 @@
 For each image (any RGB size; it is resized like the training images) prints P(malignant) of DenseNet-121,
 ResNet-50, VGG-16, their mean (soft vote) and the final MLP, and writes to --out (default
 <output-dir>/predictions/): predictions.csv and one overlay PNG per image (image, each model's Grad-CAM, the
-combined map). Grad-CAM explains the class chosen by the rule the MLP was trained with.
+combined map). Grad-CAM explains the class chosen by the rule the MLP was trained with. A run whose checkpoints
+were trained from random initialisation or on the synthetic demo data gets a warning on stderr first.
 """
 
 import argparse

@@ -4,17 +4,20 @@
 
 The report folder is self-contained (index.html, PNG plots, gallery/ thumbnails; relative links, inline CSS, no
 JavaScript): it opens from disk and can be zipped or copied as it is. Sections:
-    header        split protocol, the MLP's fit split, test images and patients   (results.json, heatmaps)
+    header        split protocol, the MLP's fit split, test images and patients, each CNN's input size
+                  (results.json, heatmaps); a caveat box when a checkpoint says random init or demo data
     comparison    every row of results.json, in display_names order, 3 decimals; accuracy per magnification
     per patient   each row's recognition rate per test patient (results.json per_patient)
     ROC           curves from test_predictions.npz (sklearn roc_curve); the legend's AUC is results.json's
     confusion     one 2x2 grid per row, counts from results.json
-    training      train_log_<arch>.jsonl per CNN; the MLP's selection curve from results.json's mlp_training
+    training      train_log_<arch>.jsonl per CNN; the MLP's selection curve from results.json's mlp_training;
+                  a loss far above the others (a diverged first epoch) is drawn on the top edge with its value
     gallery       test images: original, each CNN's Grad-CAM overlay (heatmaps_<arch>.npz), the combined map,
                   truth and every row's P(malignant) (test_predictions.npz); misclassified images first
 
 Nothing shown is recomputed in another way: predictions are P(malignant) >= 0.5, the rule of
-common.metrics.binary_metrics that produced results.json.
+common.metrics.binary_metrics that produced results.json, and a probability is shown with the digits that keep it
+on its side of 0.5 (format_probability). The report is built in a staging folder and swapped in whole.
 """
 
 import html
