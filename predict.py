@@ -5,13 +5,15 @@
 For each image (any RGB size; it is resized like the training images) prints P(malignant) of DenseNet-121,
 ResNet-50, VGG-16, their mean (soft vote) and the final MLP, and writes to --out (default
 <output-dir>/predictions/): predictions.csv and one overlay PNG per image (image, each model's Grad-CAM, the
-combined map). Grad-CAM explains the class chosen by the rule the MLP was trained with.
+combined map). Grad-CAM explains the class chosen by the rule the MLP was trained with. A run whose checkpoints
+were trained from random initialisation or on the synthetic demo data gets a warning on stderr first.
 """
 
 import argparse
 import csv
 import io
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,14 +27,13 @@ from common.data import IMAGE_EXTENSIONS
 from common.dataset import load_rgb
 from common.console import HelpFormatter
 from common.errors import PipelineError, run_main
+from common.checkpoints import load_checkpoint, model_from_checkpoint, training_caveats
 from common.fileio import disk_full_as_pipeline_error, sha256_of_file, write_text
-from common.fusion import (FURTHER_SCRIPT, MODEL_ORDER, Standardizer, build_features, build_mlp,
-                           check_listed_in_results, check_made_by_checkpoint, malignant_probabilities, mlp_logits,
-                           read_results, stack_maps)
+from common.fusion import (MODEL_ORDER, Standardizer, build_features, build_mlp, check_listed_in_results,
+                           check_made_by_checkpoint, malignant_probabilities, mlp_logits, read_results, stack_maps)
 from common.heatmaps import blend, colorize, combined_map, jet, load_heatmaps
-from common.metrics import softmax
-from common.checkpoints import load_checkpoint, model_from_checkpoint
-from common.runfiles import checkpoint_path, heatmap_path
+from common.metrics import DECISION_THRESHOLD, format_probability, softmax
+from common.runfiles import FURTHER_SCRIPT, checkpoint_path, heatmap_path
 from common.runtime import pick_device
 from common.transforms import build_transforms, resize_image
 
@@ -81,6 +82,20 @@ def load_cnns(output_dir: Path, classifier: dict, device: torch.device) -> dict[
                                 f"{FURTHER_SCRIPT} --output-dir {output_dir}")
         models[arch] = (model_from_checkpoint(checkpoint).to(device), checkpoint["image_size"])
     return models
+
+
+def warn_about_training(output_dir: Path) -> None:
+    """A prominent warning on stderr when the run's checkpoints say its models cannot speak about real tissue
+    (random initialisation, synthetic demo data): their confident-looking probabilities mean nothing."""
+    paths = {arch: checkpoint_path(output_dir, arch) for arch in MODEL_ORDER}
+    # A missing checkpoint is reported where the models are loaded, after the final classifier's.
+    checkpoints = {arch: load_checkpoint(path, arch) for arch, path in paths.items() if path.is_file()}
+    caveats = training_caveats(checkpoints)
+    if caveats:
+        banner = "!" * 100
+        lines = [banner, f"WARNING: the models of {output_dir} say nothing about real tissue; these probabilities "
+                         "only test the pipeline:", *(f"WARNING:   {line}" for line in caveats), banner]
+        print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def predict_batches(image_paths: list[Path], output_dir: Path, device: torch.device,
@@ -150,6 +165,7 @@ def main(argv=None) -> None:
     out_dir = Path(args.out) if args.out else output_dir / "predictions"
 
     image_paths = collect_images(args.inputs)
+    warn_about_training(output_dir)
     columns = list(MODEL_ORDER) + ["soft_vote", "final_mlp"]
     rows = [["image"] + [f"p_malignant_{name}" for name in columns] + ["prediction", "overlay"]]
     names = overlay_names(image_paths)
@@ -166,10 +182,13 @@ def main(argv=None) -> None:
                 with disk_full_as_pipeline_error(out_dir / overlay_name):
                     overlay_strip(batch["images"][row], {arch: batch["cams"][arch][row] for arch in MODEL_ORDER}
                                   ).save(Path(staging) / overlay_name, format="PNG")
-                verdict = "malignant" if probabilities["final_mlp"][row] >= 0.5 else "benign"
+                verdict = "malignant" if probabilities["final_mlp"][row] >= DECISION_THRESHOLD else "benign"
                 values = [probabilities[name][row] for name in columns]
-                print(f"{path.name[-40:]:<40} " + " ".join(f"{value:>12.3f}" for value in values) + f"  {verdict}")
-                rows.append([str(path)] + [f"{value:.6f}" for value in values] + [verdict, str(out_dir / overlay_name)])
+                # format_probability: never 0.500 beside "benign" (more digits where rounding would say so)
+                print(f"{path.name[-40:]:<40} " + " ".join(f"{format_probability(value):>12}" for value in values)
+                      + f"  {verdict}")
+                rows.append([str(path)] + [format_probability(value, digits=6) for value in values]
+                            + [verdict, str(out_dir / overlay_name)])
         out_dir.mkdir(exist_ok=True)
         for name in names:
             os.replace(Path(staging) / name, out_dir / name)

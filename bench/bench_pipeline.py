@@ -8,7 +8,7 @@
        cancer_class_{resnet_50,densenet_121,vgg_16}.py --weights none --image-size 64 --epochs 1 --workers 0
        cancer_class_further.py (if the file exists)
 2. cProfile of one model script (ResNet-50, same options, fresh output dir) run in-process through
-   common.train.run_model_script: the top functions by cumulative and by own (total) time.
+   common.model_script.run_model_script: the top functions by cumulative and by own (total) time.
 """
 
 import argparse
@@ -61,7 +61,7 @@ def bench_wall_time(data_dir: Path, output_dir: Path, generate_seconds: float) -
 
 
 def bench_profile(data_dir: Path, output_dir: Path, top: int) -> None:
-    from common.train import run_model_script  # imported here so the import is not profiled
+    from common.model_script import run_model_script  # imported here so the import is not profiled
 
     profiler = cProfile.Profile()
     started = time.perf_counter()

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from common.data import CLASS_NAMES, Split
+from common.demo import is_synthetic_dataset
 from common.errors import PipelineError
 from common.models import ARCHS, build_model
 from common.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -38,6 +39,8 @@ def best_checkpoint(weights: dict[str, torch.Tensor], args: argparse.Namespace, 
         "config": vars(args).copy(),
         "split_digest": split.digest,
         "split_protocol": split.protocol,
+        # Recorded now, while the images are at hand: predict.py and the report warn about such a model.
+        "synthetic_data": is_synthetic_dataset(split.root, [record.path for record in split.records]),
     }
 
 
@@ -63,3 +66,20 @@ def model_from_checkpoint(checkpoint: dict) -> nn.Module:
     model = build_model(checkpoint["arch"], "none")
     model.load_state_dict(checkpoint["model"])
     return model
+
+
+def training_caveats(checkpoints: dict[str, dict]) -> list[str]:
+    """Why the models' probabilities say nothing about real tissue: one line per reason, naming the models it
+    applies to ([] when nothing is known against them). `checkpoints`: model name -> checkpoint dict."""
+    reasons = {
+        "trained from random initialisation (--weights none)":
+            lambda checkpoint: checkpoint.get("config", {}).get("weights") == "none",
+        "trained on synthetic demo data (common/demo.py), not on BreaKHis":
+            lambda checkpoint: bool(checkpoint.get("synthetic_data")),
+    }
+    lines = []
+    for reason, applies in reasons.items():
+        names = [name for name, checkpoint in checkpoints.items() if applies(checkpoint)]
+        if names:
+            lines.append(f"{', '.join(names)}: {reason}")
+    return lines

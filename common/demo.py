@@ -4,6 +4,12 @@ Each image is pink stroma with purple, nucleus-like blobs. Malignant images have
 more irregular nuclei than benign ones; the class distributions overlap (per-patient and per-image jitter),
 so a model has to learn the signal rather than read one pixel. Magnification scales the nuclei.
 
+The tree holds a marker file (SYNTHETIC_MARKER) in its `breast` folder, which lies inside every folder a user can
+point --data-dir at (BreaKHis_v1, histology_slides, breast). The model scripts look for it among the folders of
+their images when they save a checkpoint and record the answer there ("synthetic_data"), so predict.py and the
+report can warn about a run on demo data even after the data is moved or deleted; a folder name ("demo_data")
+would not survive a copy, and the file names are the real dataset's.
+
     python -m common.demo demo_data --patients-per-class 4 --images-per-patient 6
 """
 
@@ -20,6 +26,26 @@ MALIGNANT_TYPES = {"DC": "ductal_carcinoma", "LC": "lobular_carcinoma", "MC": "m
                    "PC": "papillary_carcinoma"}
 MAGNIFICATION_SCALE = {"40": 0.6, "100": 0.8, "200": 1.0, "400": 1.3}
 NUCLEUS_REACH = 1.15  # radii; a little over sqrt(1.3), where a nucleus's weight falls to 0
+SYNTHETIC_MARKER = "SYNTHETIC_DEMO_DATA.txt"
+
+
+def breast_folder(out_dir: str | Path) -> Path:
+    """The demo tree's `breast` folder under `out_dir` (the folder make_demo_dataset was given)."""
+    return Path(out_dir) / "BreaKHis_v1" / "histology_slides" / "breast"
+
+
+def mark_as_synthetic(out_dir: str | Path) -> None:
+    """Write the marker file into the demo tree under `out_dir` (idempotent; also for trees made before it)."""
+    (breast_folder(out_dir) / SYNTHETIC_MARKER).write_text(
+        "Synthetic images made by common/demo.py: not BreaKHis. Models trained on them say nothing about real "
+        "tissue.\n", encoding="utf-8")
+
+
+def is_synthetic_dataset(root: Path, relative_paths: list[str]) -> bool:
+    """Whether `root` or any folder between it and one of the images holds the demo marker (a few hundred
+    folders on BreaKHis: one stat each, no listing)."""
+    folders = {parent for path in relative_paths for parent in Path(path).parents}
+    return any((Path(root) / folder / SYNTHETIC_MARKER).is_file() for folder in folders)
 
 
 def render_tissue(rng: np.random.Generator, *, malignant: bool, width: int, height: int, scale: float,
@@ -58,7 +84,7 @@ def make_demo_dataset(out_dir: str | Path, *, patients_per_class: int = 4, image
     `first_patient` numbers the patients from there on: calls with disjoint patient ranges (and their own seeds)
     can write parts of one tree in parallel processes."""
     rng = np.random.default_rng(seed)
-    breast = Path(out_dir) / "BreaKHis_v1" / "histology_slides" / "breast"
+    breast = breast_folder(out_dir)
     for class_name, types in (("benign", BENIGN_TYPES), ("malignant", MALIGNANT_TYPES)):
         code = class_name[0].upper()
         for patient_index in range(first_patient, first_patient + patients_per_class):
@@ -73,6 +99,7 @@ def make_demo_dataset(out_dir: str | Path, *, patients_per_class: int = 4, image
                                            scale=MAGNIFICATION_SCALE[magnification], patient_bias=patient_bias)
                     name = f"SOB_{code}_{subtype}-{patient}-{magnification}-{sequence:03d}.png"
                     Image.fromarray(pixels).save(folder / name)
+    mark_as_synthetic(out_dir)
     return breast.parents[1]
 
 

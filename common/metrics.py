@@ -7,6 +7,8 @@ from collections import defaultdict
 
 import numpy as np
 
+DECISION_THRESHOLD = 0.5  # a prediction is malignant when P(malignant) >= this
+
 METRIC_COLUMNS = (
     ("accuracy", "Acc"), ("balanced_accuracy", "BalAcc"), ("precision", "Prec"), ("sensitivity", "Sens"),
     ("specificity", "Spec"), ("f1", "F1"), ("roc_auc", "AUC"), ("patient_recognition_rate", "PatRR"),
@@ -62,7 +64,19 @@ def per_patient_rates(labels: np.ndarray, predictions: np.ndarray, patients: np.
     return result
 
 
-def binary_metrics(labels, prob_malignant, patients, magnifications=None, threshold: float = 0.5) -> dict:
+def format_probability(probability: float, *, digits: int = 3, threshold: float = DECISION_THRESHOLD) -> str:
+    """P(malignant) as text that never contradicts its decision: `digits` decimals, more where rounding would
+    carry it onto the other side of the threshold (0.4996 shows as 0.4996, not as 0.500 beside "benign")."""
+    probability = float(probability)
+    for shown in range(digits, 8):
+        text = f"{probability:.{shown}f}"
+        if (float(text) >= threshold) == (probability >= threshold):
+            return text
+    return f"<{threshold:g}"  # below the threshold by less than 5e-8
+
+
+def binary_metrics(labels, prob_malignant, patients, magnifications=None,
+                   threshold: float = DECISION_THRESHOLD) -> dict:
     """All reported metrics for one set of predictions; a prediction is malignant when prob >= threshold."""
     labels = np.asarray(labels, dtype=np.int64)
     prob_malignant = np.asarray(prob_malignant, dtype=np.float64)

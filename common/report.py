@@ -4,23 +4,29 @@
 
 The report folder is self-contained (index.html, PNG plots, gallery/ thumbnails; relative links, inline CSS, no
 JavaScript): it opens from disk and can be zipped or copied as it is. Sections:
-    header        split protocol, the MLP's fit split, test images and patients   (results.json, heatmaps)
+    header        split protocol, the MLP's fit split, test images and patients, each CNN's input size
+                  (results.json, heatmaps); a caveat box when a checkpoint says random init or demo data
     comparison    every row of results.json, in display_names order, 3 decimals; accuracy per magnification
     per patient   each row's recognition rate per test patient (results.json per_patient)
     ROC           curves from test_predictions.npz (sklearn roc_curve); the legend's AUC is results.json's
     confusion     one 2x2 grid per row, counts from results.json
-    training      train_log_<arch>.jsonl per CNN; the MLP's selection curve from results.json's mlp_training
+    training      train_log_<arch>.jsonl per CNN; the MLP's selection curve from results.json's mlp_training;
+                  a loss far above the others (a diverged first epoch) is drawn on the top edge with its value
     gallery       test images: original, each CNN's Grad-CAM overlay (heatmaps_<arch>.npz), the combined map,
                   truth and every row's P(malignant) (test_predictions.npz); misclassified images first
 
 Nothing shown is recomputed in another way: predictions are P(malignant) >= 0.5, the rule of
-common.metrics.binary_metrics that produced results.json.
+common.metrics.binary_metrics that produced results.json, and a probability is shown with the digits that keep it
+on its side of 0.5 (format_probability). The report is built in a staging folder and swapped in whole.
 """
 
 import html
 import json
+import os
 import re
+import secrets
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -35,14 +41,15 @@ from common.data import CLASS_NAMES, SPLIT_FILE_NAME, load_split
 from common.dataset import load_rgb
 from common.errors import PipelineError
 from common.fileio import atomic_path, sha256_of_file, write_text
-from common.fusion import (FURTHER_SCRIPT, MODEL_ORDER, SCRIPT_OF, check_listed_in_results, check_made_by_checkpoint,
+from common.checkpoints import load_checkpoint, training_caveats
+from common.fusion import (MODEL_ORDER, SCRIPT_OF, check_listed_in_results, check_made_by_checkpoint,
                            read_results)
 from common.heatmaps import blend, colorize, combined_map, jet, load_heatmaps
-from common.metrics import METRIC_COLUMNS
-from common.runfiles import checkpoint_path, heatmap_path
+from common.metrics import DECISION_THRESHOLD, METRIC_COLUMNS, format_probability
+from common.runfiles import FURTHER_SCRIPT, checkpoint_path, heatmap_path
 from common.transforms import resize_image
 
-THRESHOLD = 0.5  # binary_metrics' rule: malignant when P(malignant) >= 0.5
+THRESHOLD = DECISION_THRESHOLD  # binary_metrics' rule: malignant when P(malignant) >= 0.5
 THUMBNAIL = 128  # gallery image side, pixels
 METRIC_NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "precision": "Precision",
                 "sensitivity": "Sensitivity (recall)", "specificity": "Specificity", "f1": "F1 score",
@@ -59,6 +66,7 @@ class Run:
     heatmaps: dict[str, dict]  # arch -> heatmaps_<arch>.npz arrays
     data_root: Path  # split.json's: test image paths are relative to it
     train_logs: dict[str, list[dict]]  # arch -> one row per epoch of the last training run ([] when absent)
+    caveats: list[str]  # why the CNNs say nothing about real tissue (training_caveats), [] when nothing is known
 
     @property
     def keys(self) -> list[str]:
@@ -131,7 +139,11 @@ def load_run(output_dir: Path) -> Run:
                                 f"--output-dir {output_dir}")
     split = load_split(_require(output_dir / SPLIT_FILE_NAME, SCRIPT_OF[MODEL_ORDER[0]]))
     train_logs = {arch: read_train_log(output_dir / f"train_log_{arch}.jsonl") for arch in MODEL_ORDER}
-    return Run(output_dir, results, predictions, heatmaps, split.root, train_logs)
+    # The checkpoints say how each CNN was trained (read lazily: memory-mapped); a run copied without them
+    # still gets its report, without the caveats.
+    checkpoints = {results["display_names"].get(arch, arch): load_checkpoint(checkpoint_path(output_dir, arch), arch)
+                   for arch in MODEL_ORDER if checkpoint_path(output_dir, arch).is_file()}
+    return Run(output_dir, results, predictions, heatmaps, split.root, train_logs, training_caveats(checkpoints))
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -188,6 +200,34 @@ def plot_confusion_matrices(run: Run, target: Path) -> str:
     return save_figure(figure, target)
 
 
+def clip_outlying_losses(axes) -> None:
+    """Fit the y-range to the bulk of the loss curves drawn so far; points far above it (a first epoch of loss
+    21.5 beside 0.7s, which would flatten every other point) are drawn on the top edge as triangles labelled
+    with their value.
+
+    Far above: beyond Tukey's far-out fence (third quartile + 3 interquartile ranges) and beyond twice the
+    median, so an ordinary falling curve (first epoch 2-3x the last) keeps its natural scale."""
+    lines = [line for line in axes.get_lines() if line.get_transform() == axes.transData]
+    values = np.concatenate([np.asarray(line.get_ydata(), float) for line in lines]) if lines else np.zeros(0)
+    values = values[np.isfinite(values)]
+    if len(values) < 3:
+        return
+    first_quartile, median, third_quartile = np.percentile(values, [25, 50, 75])
+    limit = max(third_quartile + 3 * (third_quartile - first_quartile), 2 * median)
+    kept = values[values <= limit]
+    if len(kept) == len(values):
+        return
+    margin = 0.08 * max(kept.max() - kept.min(), 1e-3)
+    top = kept.max() + margin
+    axes.set_ylim(kept.min() - margin, top)
+    for line in lines:
+        epochs, losses = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+        for epoch, loss in zip(epochs[losses > limit], losses[losses > limit]):
+            axes.plot([epoch], [top], marker="^", color=line.get_color(), markersize=8, clip_on=False)
+            axes.annotate(f"{loss:.3g} (off scale)", (epoch, top), xytext=(6, -10), textcoords="offset points",
+                          fontsize=7, color=line.get_color())
+
+
 def _best_epochs(rows: list[dict]) -> list[int]:
     return [row["epoch"] for row in rows if row.get("best_so_far")]
 
@@ -206,6 +246,7 @@ def plot_cnn_training(run: Run, target: Path) -> str:
         epochs = [row["epoch"] for row in log]
         loss_axes.plot(epochs, [row["train_loss"] for row in log], "o-", label="train loss")
         loss_axes.plot(epochs, [row["val_loss"] for row in log], "o-", label="val loss")
+        clip_outlying_losses(loss_axes)
         accuracy_axes.plot(epochs, [row["train_accuracy"] for row in log], "o-", label="train accuracy")
         accuracy_axes.plot(epochs, [row["val_accuracy"] for row in log], "o-", label="val accuracy")
         accuracy_axes.plot(epochs, [row["val_balanced_accuracy"] for row in log], "s--",
@@ -235,6 +276,7 @@ def plot_mlp_training(run: Run, target: Path) -> str:
         for axes in (loss_axes, accuracy_axes):
             for epoch in _best_epochs(history)[-1:]:
                 axes.axvline(epoch, color=colour, linestyle=":")
+    clip_outlying_losses(loss_axes)
     loss_axes.set(xlabel="epoch", ylabel="cross-entropy", title="MLP loss")
     accuracy_axes.set(xlabel="epoch", ylabel="balanced accuracy", ylim=(-0.02, 1.02),
                       title="MLP selection rows (picks the epoch)")
@@ -293,8 +335,7 @@ def gallery_panels(run: Run, test_row: int, folder: Path, rank: int) -> dict:
 
 def build_gallery(run: Run, report_dir: Path, gallery_size: int) -> list[dict]:
     folder = report_dir / "gallery"
-    shutil.rmtree(folder, ignore_errors=True)  # a smaller gallery must not leave the last build's images behind
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True)  # in a fresh staging folder (build_report): no earlier build's images
     chosen = gallery_order(run)[:gallery_size]
     return [gallery_panels(run, row, folder, rank) for rank, row in enumerate(chosen, start=1)]
 
@@ -326,12 +367,22 @@ def header_html(run: Run) -> str:
         "Heatmap MLP fit on": f"the {results['fit_split']} split (never on test patients)",
         "Final classifier": results["display_names"].get(run.final_key, run.final_key),
         "Test split": f"{results['test_images']} images of {len(patients)} patients ({', '.join(patients)})",
-        "Grad-CAM": f"target class rule '{reference['target_class_rule']}', CNN input "
-                    f"{int(reference['image_size'])} px",
+        "Grad-CAM": f"target class rule '{reference['target_class_rule']}'",
+        "CNN input": ", ".join(f"{results['display_names'].get(arch, arch)} {int(run.heatmaps[arch]['image_size'])} px"
+                               for arch in MODEL_ORDER),  # each model's own: they may be trained at other sizes
         "Run folder": str(run.output_dir.resolve()),
     }
     items = "".join(f"<dt>{html.escape(name)}</dt><dd>{html.escape(value)}</dd>" for name, value in facts.items())
-    return f"<h1>BreaKHis run report</h1><dl class=\"facts\">{items}</dl>"
+    return f"<h1>BreaKHis run report</h1>{caveat_html(run)}<dl class=\"facts\">{items}</dl>"
+
+
+def caveat_html(run: Run) -> str:
+    """A warning box above everything when the checkpoints say the CNNs cannot speak about real tissue."""
+    if not run.caveats:
+        return ""
+    reasons = "".join(f"<li>{html.escape(line)}</li>" for line in run.caveats)
+    return ('<div class="caveat" id="caveat"><strong>Caveat: these models say nothing about real tissue; read the '
+            f"numbers and maps below as a test of the pipeline only.</strong><ul>{reasons}</ul></div>")
 
 
 def comparison_html(run: Run) -> str:
@@ -364,9 +415,10 @@ def _prediction_rows(run: Run, test_row: int) -> str:
         predicted = int(probability >= THRESHOLD)
         verdict = "right" if predicted == label else "wrong"
         final = " final" if key == run.final_key else ""
-        lines.append(f'<tr class="{verdict}{final}"><td>{html.escape(run.name(key))}</td><td>{probability:.3f}</td>'
-                     f"<td>{CLASS_NAMES[predicted]}</td><td>{'&#10003;' if verdict == 'right' else '&#10007;'}"
-                     "</td></tr>")
+        # format_probability: the digits shown never contradict the decision (0.4996, not 0.500, beside benign)
+        lines.append(f'<tr class="{verdict}{final}"><td>{html.escape(run.name(key))}</td>'
+                     f"<td>{format_probability(probability)}</td><td>{CLASS_NAMES[predicted]}</td>"
+                     f"<td>{'&#10003;' if verdict == 'right' else '&#10007;'}</td></tr>")
     return ("<table class=\"predictions\"><thead><tr><th>Model</th><th>P(malignant)</th><th>Predicted</th><th></th>"
             f"</tr></thead><tbody>{''.join(lines)}</tbody></table>")
 
@@ -440,6 +492,8 @@ figure { margin: 0; text-align: center; } figcaption { font-size: 0.75em; color:
 figure img { image-rendering: auto; border: 1px solid #ccc; }
 table.predictions { margin: 0; font-size: 0.8em; }
 tr.wrong td { color: #b00020; } tr.right td:last-child { color: #1b7f2a; }
+div.caveat { border: 2px solid #b00020; background: #fdecee; padding: 0.5em 1em; margin: 0.5em 0 1em; }
+div.caveat ul { margin: 0.3em 0 0; }
 span.malignant { color: #b00020; } span.benign { color: #1b5fb0; } span.low { color: #b00020; font-weight: 600; }
 """
 
@@ -459,10 +513,56 @@ def _plot(name: str, alt: str) -> str:
 
 
 def build_report(output_dir: Path, *, gallery_size: int = 24) -> Path:
-    """Write <output_dir>/report/index.html and its PNGs from the run's files; return the index.html path."""
+    """Write <output_dir>/report/index.html and its PNGs from the run's files; return the index.html path.
+
+    The whole report is built in a staging folder beside report/ and swapped in only when complete, so a build
+    that fails midway (a bad image, a full disk) leaves the previous report as it was."""
     run = load_run(Path(output_dir))
     report_dir = run.output_dir / "report"
-    report_dir.mkdir(parents=True, exist_ok=True)
+    staging = fresh_folder(run.output_dir, prefix=".report.staging.")
+    try:
+        write_report_files(run, staging, gallery_size=gallery_size)
+        swap_in(staging, report_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a swap; a failed build's half
+    return report_dir / "index.html"
+
+
+def swap_in(staging: Path, report_dir: Path) -> None:
+    """Replace report_dir by the complete staging folder. What a reader of report/ sees meanwhile:
+        before the first rename    the old report, complete
+        between the two renames    no report/ folder (microseconds; a reload says "not found", never a mix)
+        after the second rename    the new report, complete
+    A crash between the renames leaves the old report in .report.old.*/report (no reader ever sees half of one)."""
+    backup_parent = Path(tempfile.mkdtemp(dir=report_dir.parent, prefix=".report.old."))
+    backup = backup_parent / "report"
+    try:
+        if report_dir.exists():
+            os.replace(report_dir, backup)
+        try:
+            os.replace(staging, report_dir)
+        except BaseException:
+            if backup.exists():  # the new one could not take its place: the old one goes back
+                os.replace(backup, report_dir)
+            raise
+    finally:
+        shutil.rmtree(backup_parent, ignore_errors=True)
+
+
+def fresh_folder(parent: Path, *, prefix: str) -> Path:
+    """A new empty folder of a unique name, with the permissions mkdir gives (mkdtemp's are owner-only, and this
+    one becomes the report folder)."""
+    while True:
+        folder = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
+def write_report_files(run: Run, report_dir: Path, *, gallery_size: int) -> None:
+    """index.html, the plots and gallery/ into report_dir (an empty folder)."""
     plots = {
         "roc": plot_roc(run, report_dir / "roc.png"),
         "confusion": plot_confusion_matrices(run, report_dir / "confusion_matrices.png"),
@@ -481,6 +581,5 @@ def build_report(output_dir: Path, *, gallery_size: int = 24) -> Path:
                     + "<h3>Heatmap MLP</h3>" + _plot(plots["mlp"], "MLP training curves"),
         "Grad-CAM gallery": gallery_html(run, gallery),
     }
-    index = report_dir / "index.html"
-    write_text(index, page_html(f"BreaKHis report: {run.output_dir.name}", sections, header_html(run)))
-    return index
+    write_text(report_dir / "index.html",
+               page_html(f"BreaKHis report: {run.output_dir.name}", sections, header_html(run)))

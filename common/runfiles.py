@@ -10,13 +10,12 @@
     results.md, results.json            the comparison table (results.json written last, listing the others)
     report/                             the static report                   predictions/  predict.py's default --out
 
-A prediction is malignant when P(malignant) >= DECISION_THRESHOLD, everywhere (metrics, tables, report, predict).
+(The decision rule, malignant when P(malignant) >= 0.5, is common.metrics.DECISION_THRESHOLD.)
 """
 
 from pathlib import Path
 
 
-DECISION_THRESHOLD = 0.5
 CACHE_DIR = "cache"
 FINAL_CLASSIFIER = "final_classifier.pth"
 TEST_PREDICTIONS = "test_predictions.npz"

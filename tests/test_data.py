@@ -39,7 +39,7 @@ from common.data import (
     subsample_split,
 )
 from common.dataset import ImageRecords, build_cache, load_rgb
-from common.demo import make_demo_dataset
+from common.demo import SYNTHETIC_MARKER, is_synthetic_dataset, make_demo_dataset
 from common.errors import PipelineError
 from common.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, resize_image
 
@@ -711,3 +711,20 @@ def test_protocol_line_names_a_subsample_and_options_are_checked():
     for bad in (["--max-images", "0"], ["--workers", "-1"], ["--lr", "0"], ["--overlays", "-2"]):
         with pytest.raises(SystemExit):
             parse_args(arch="resnet50", description="x", argv=["--data-dir", "d", *bad])
+
+
+@pytest.mark.parametrize("below", ["", "BreaKHis_v1", "BreaKHis_v1/histology_slides",
+                                   "BreaKHis_v1/histology_slides/breast"])
+def test_demo_tree_is_known_as_synthetic_wherever_data_dir_points(demo_dir, below):
+    """The demo writer's marker is found from every folder a user may give as --data-dir."""
+    dataset = index_dataset(demo_dir / below)
+    assert is_synthetic_dataset(dataset.root, [record.path for record in dataset.records])
+
+
+def test_tree_without_the_marker_is_not_synthetic(demo_dir, tmp_path):
+    copy = shutil.copytree(demo_dir, tmp_path / "data")
+    markers = list(copy.rglob(SYNTHETIC_MARKER))
+    assert len(markers) == 1
+    markers[0].unlink()
+    dataset = index_dataset(copy)
+    assert not is_synthetic_dataset(dataset.root, [record.path for record in dataset.records])

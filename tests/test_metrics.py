@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from common.metrics import binary_metrics, metrics_table, patient_recognition_rate, roc_auc
+from common.metrics import binary_metrics, format_probability, metrics_table, patient_recognition_rate, roc_auc
 
 # A hand-made example: 10 images of 4 patients, malignant = 1. Probabilities include ties (0.7 twice, 0.2 twice
 # across the classes) and one exactly at the 0.5 threshold (counted malignant: prob >= threshold).
@@ -118,3 +118,13 @@ def test_metrics_table_contains_the_values():
     other = [cell.strip() for cell in lines[3].strip("|").split("|")]
     assert other[7] == "n/a"  # ROC AUC undefined with one class
     assert other[1] == "0.500"
+
+
+@pytest.mark.parametrize("probability, shown", [
+    (0.4996, "0.4996"), (0.49995, "0.49995"), (0.5, "0.500"), (0.9996, "1.000"), (0.123456, "0.123"),
+    (0.0, "0.000"), (0.49999999, "<0.5"), (np.float32(0.4996), "0.4996")])
+def test_shown_probability_never_contradicts_the_decision(probability, shown):
+    """Three decimals, more where rounding would carry a benign probability to 0.500 (malignant at >= 0.5)."""
+    assert format_probability(probability) == shown
+    predicted = binary_metrics([1], [probability], ["p"])["sensitivity"] == 1.0  # binary_metrics' own rule
+    assert (shown != "<0.5" and float(shown) >= 0.5) == predicted

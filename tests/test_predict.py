@@ -22,7 +22,7 @@ from PIL import Image
 import predict
 from common.data import load_split
 from common.errors import run_main
-from common.fileio import save_npz, sha256_of_file
+from common.fileio import save_npz, save_torch, sha256_of_file
 from common.fusion import MODEL_ORDER
 from common.heatmaps import load_heatmaps
 from common.metrics import softmax
@@ -232,6 +232,49 @@ def test_cli_writes_one_overlay_per_image(cli_run):
             assert image.mode == "RGB" and image.size == (224 * (len(MODEL_ORDER) + 2), 224)
 
 
+def test_cli_warns_that_a_random_init_run_on_demo_data_says_nothing(cli_run):
+    """pipeline_run trained every CNN with --weights none on the synthetic demo tree; its checkpoints say so."""
+    stderr = cli_run["finished"].stderr
+    assert "WARNING: the models of" in stderr and "say nothing about real tissue" in stderr
+    assert "densenet121, resnet50, vgg16: trained from random initialisation (--weights none)" in stderr
+    assert "densenet121, resnet50, vgg16: trained on synthetic demo data" in stderr
+
+
+def test_no_warning_for_pretrained_models_on_real_data(tmp_path, capsys):
+    for arch in MODEL_ORDER:
+        save_torch({"model": {}, "arch": arch, "config": {"weights": "imagenet"}, "synthetic_data": False},
+                   checkpoint_path(tmp_path, arch))
+    predict.warn_about_training(tmp_path)
+    assert capsys.readouterr().err == ""
+    save_torch({"model": {}, "arch": "resnet50", "config": {"weights": "imagenet"}, "synthetic_data": True},
+               checkpoint_path(tmp_path, "resnet50"))
+    predict.warn_about_training(tmp_path)
+    assert "WARNING:   resnet50: trained on synthetic demo data" in capsys.readouterr().err
+
+
+def test_printed_probability_beside_the_threshold_agrees_with_the_verdict(tmp_path, capsys, monkeypatch):
+    """A final MLP at 0.4996 is benign: predict.py must not print 0.500 beside it (nor 0.500000 in the CSV)."""
+    inputs = [tmp_path / "below.png", tmp_path / "at.png"]
+    for path in inputs:
+        Image.new("RGB", (8, 8)).save(path)
+    final = np.array([0.4996, 0.5])
+
+    def two_images(image_paths, output_dir, device):
+        yield {"paths": image_paths, "cams": {arch: np.ones((2, 2, 2), np.float32) for arch in MODEL_ORDER},
+               "probabilities": {**{name: np.full(2, 0.49999) for name in COLUMNS[:-1]}, "final_mlp": final},
+               "images": [Image.new("RGB", (predict.OVERLAY_SIZE, predict.OVERLAY_SIZE))] * 2}
+
+    monkeypatch.setattr(predict, "predict_batches", two_images)
+    predict.main(["--output-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--device", "cpu",
+                  *map(str, inputs)])
+    printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.endswith(("benign", "malignant"))]
+    assert [line[1:] for line in printed] == [["0.49999"] * 4 + ["0.4996", "benign"],
+                                             ["0.49999"] * 4 + ["0.500", "malignant"]]
+    with open(tmp_path / "out" / "predictions.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))[1:]
+    assert [row[len(COLUMNS):len(COLUMNS) + 2] for row in rows] == [["0.499600", "benign"], ["0.500000", "malignant"]]
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 
 
@@ -335,3 +378,21 @@ def test_run_pipeline_needs_exactly_one_of_demo_and_data_dir(arguments, tmp_path
     assert "--demo" in finished.stderr and "--data-dir" in finished.stderr
     assert "Traceback" not in finished.stderr
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_demo_gives_each_model_its_own_lr_and_vgg16_a_smaller_one():
+    """VGG-16 has no batch norm: at the demo's former shared lr 1e-3 it diverged (first-epoch train loss 21.5) and
+    stayed at chance. 1e-4 with 15 epochs is what learned the demo data (see DEMO_SCRIPT_ARGS)."""
+    import importlib
+
+    import run_pipeline
+    from common.cli import parse_args
+
+    assert set(run_pipeline.DEMO_SCRIPT_ARGS) == set(run_pipeline.MODEL_SCRIPTS)
+    demo = {}
+    for script in run_pipeline.MODEL_SCRIPTS:  # the options each script really gets, parsed by its own parser
+        module = importlib.import_module(script.removesuffix(".py"))
+        argv = ["--data-dir", "demo_data", *run_pipeline.DEMO_MODEL_ARGS, *run_pipeline.DEMO_SCRIPT_ARGS[script]]
+        demo[module.ARCH] = parse_args(arch=module.ARCH, description="", argv=argv, **module.DEFAULTS)
+    assert (demo["vgg16"].lr, demo["vgg16"].epochs) == (1e-4, 15)
+    assert demo["densenet121"].lr == demo["resnet50"].lr == 1e-3

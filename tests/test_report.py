@@ -7,6 +7,8 @@ with the same metric functions as cancer_class_further.py.
 """
 
 import json
+import os
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,13 +22,15 @@ from common.fileio import save_npz, save_torch, sha256_of_file, write_json
 from common.fusion import MODEL_ORDER
 from common.heatmaps import HEATMAP_FORMAT_VERSION
 from common.metrics import binary_metrics, per_patient_rates, softmax
-from common.report import build_report
+from common import report as report_module
+from common.report import build_report, load_run, plot_cnn_training
 from common.runfiles import checkpoint_path
 
 DISPLAY_NAMES = {"densenet121": "DenseNet-121", "resnet50": "ResNet-50", "vgg16": "VGG-16",
                  "soft_vote": "Soft vote (mean probability)", "mlp_heatmaps": "MLP on heatmaps",
                  "mlp_heatmaps+logits": "MLP on heatmaps + logits"}
 CAM_SIDES = {"densenet121": 4, "resnet50": 4, "vgg16": 8}  # VGG-16's maps are twice as fine
+IMAGE_SIZES = {"densenet121": 32, "resnet50": 48, "vgg16": 64}  # each model trained at its own size
 PROTOCOL = {"method": "patient", "fold_file": None, "val_fraction": 0.25, "test_fraction": 0.25, "seed": 0,
             "magnification": "all"}
 VOID_TAGS = {"meta", "img", "br", "hr", "input", "link", "source", "wbr"}
@@ -51,7 +55,7 @@ def write_heatmaps(run_dir: Path, split, rng: np.random.Generator) -> dict[str, 
                  paths=np.array([r.path for r in split.records]), patients=np.array([r.patient for r in split.records]),
                  magnifications=np.array([r.magnification for r in split.records]), splits=np.array(split.splits),
                  arch=np.array(arch), target_layer=np.array("layer"), target_class_rule=np.array("predicted"),
-                 split_digest=np.array(split.digest), image_size=np.array(32),
+                 split_digest=np.array(split.digest), image_size=np.array(IMAGE_SIZES[arch]),
                  format_version=np.array(HEATMAP_FORMAT_VERSION),
                  checkpoint_sha256=np.array(sha256_of_file(checkpoint_path(run_dir, arch))))
     return logits
@@ -280,3 +284,123 @@ def test_report_of_a_real_pipeline_run(pipeline_run):
     index = pipeline_run / "report" / "index.html"
     check_html_and_links(index)
     check_comparison_table(index, pipeline_run)
+    # Random init on the synthetic demo tree: the header says so.
+    page = index.read_text(encoding="utf-8")
+    caveat = page[page.index('class="caveat"'):page.index("<dl")]
+    assert "DenseNet-121, ResNet-50, VGG-16: trained from random initialisation (--weights none)" in caveat
+    assert "DenseNet-121, ResNet-50, VGG-16: trained on synthetic demo data" in caveat
+
+
+def test_failed_rebuild_leaves_the_old_report_complete(run_dir, tmp_path, monkeypatch):
+    """A build that fails midway (here the gallery's third image) must not touch the report being replaced:
+    the new one is built beside it and swapped in only when complete."""
+    copy = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("report"))
+    index = build_report(copy)
+    before = {path.relative_to(copy): path.read_bytes() for path in (copy / "report").rglob("*") if path.is_file()}
+    written = []
+
+    def panels_then_failure(*args, **kwargs):
+        if len(written) == 2:
+            raise OSError("No space left on device")
+        written.append(real_panels(*args, **kwargs))
+        return written[-1]
+
+    real_panels = report_module.gallery_panels
+    monkeypatch.setattr(report_module, "gallery_panels", panels_then_failure)
+    with pytest.raises(OSError, match="No space left"):
+        build_report(copy, gallery_size=4)
+    after = {path.relative_to(copy): path.read_bytes() for path in (copy / "report").rglob("*") if path.is_file()}
+    assert after == before  # the old report, every file as it was
+    check_html_and_links(index)  # and complete: every image index.html links exists
+    assert sorted(path.name for path in copy.iterdir() if path.name.startswith(".")) == []  # no staging left
+
+
+def test_rebuild_replaces_the_whole_report_folder(run_dir, tmp_path):
+    copy = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("report"))
+    build_report(copy)
+    (copy / "report" / "stale.png").write_bytes(b"from an older build")
+    index = build_report(copy, gallery_size=1)
+    assert not (copy / "report" / "stale.png").exists()
+    assert len(parse(index).cards) == 1
+    check_html_and_links(index)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (copy / "report").stat().st_mode & 0o777 == 0o777 & ~umask  # not the owner-only mode of a temp dir
+    assert [path.name for path in copy.iterdir() if path.name.startswith(".")] == []
+
+
+def header_facts(index: Path) -> dict[str, str]:
+    page = index.read_text(encoding="utf-8")
+    header = page[page.index("<h1>"):page.index("<nav>")]
+    return dict(re.findall(r"<dt>(.*?)</dt><dd>(.*?)</dd>", header))
+
+
+def test_header_shows_each_models_own_image_size(report):
+    assert header_facts(report)["CNN input"] == "DenseNet-121 32 px, ResNet-50 48 px, VGG-16 64 px"
+
+
+def prediction_cells(index: Path, image_path: str) -> dict[str, tuple[str, str]]:
+    """One gallery card's prediction table: model name -> (P(malignant) as shown, predicted class)."""
+    page = index.read_text(encoding="utf-8")
+    card = page[page.index(f'data-path="{image_path}"'):]
+    card = card[:card.index("</table>")]
+    rows = re.findall(r"<tr[^>]*><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td>", card)
+    return {name: (probability, predicted) for name, probability, predicted in rows}
+
+
+def test_probability_beside_the_threshold_is_shown_on_its_side(run_dir, tmp_path):
+    """VGG-16 at 0.4996 is benign (malignant at >= 0.5): the card must not read 0.500 -> benign."""
+    copy = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("report"))
+    with np.load(copy / "test_predictions.npz", allow_pickle=False) as content:
+        arrays = {key: content[key] for key in content.files}
+    arrays["prob_vgg16"][0], arrays["prob_resnet50"][0] = 0.4996, 0.5
+    save_npz(copy / "test_predictions.npz", **arrays)
+    cells = prediction_cells(build_report(copy, gallery_size=len(arrays["labels"])), str(arrays["paths"][0]))
+    assert cells["VGG-16"] == ("0.4996", "benign")
+    assert cells["ResNet-50"] == ("0.500", "malignant")
+    for probability, predicted in cells.values():
+        assert (float(probability) >= 0.5) == (predicted == "malignant"), cells
+
+
+def fake_checkpoint(arch: str, *, weights: str, synthetic_data: bool) -> dict:
+    """What the report reads of a checkpoint: how its model was trained (no weights needed)."""
+    return {"model": {}, "arch": arch, "image_size": IMAGE_SIZES[arch], "config": {"weights": weights},
+            "synthetic_data": synthetic_data}
+
+
+def test_header_warns_about_random_init_and_synthetic_data(run_dir, tmp_path):
+    copy = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("report"))
+    assert 'class="caveat"' not in build_report(copy).read_text()  # no checkpoints: nothing known against them
+    for arch in MODEL_ORDER:
+        save_torch(fake_checkpoint(arch, weights="imagenet", synthetic_data=False), copy / f"fine_tuned_{arch}.pth")
+    assert 'class="caveat"' not in build_report(copy).read_text()  # pretrained, real data: no caveat
+    save_torch(fake_checkpoint("vgg16", weights="none", synthetic_data=True), copy / "fine_tuned_vgg16.pth")
+    save_torch(fake_checkpoint("resnet50", weights="imagenet", synthetic_data=True), copy / "fine_tuned_resnet50.pth")
+    page = build_report(copy).read_text()
+    caveat = page[page.index('class="caveat"'):page.index("<dl")]
+    assert page.index('class="caveat"') < page.index("<nav>")  # in the header, above every number
+    assert "VGG-16: trained from random initialisation (--weights none)" in caveat
+    assert "ResNet-50, VGG-16: trained on synthetic demo data" in caveat
+    assert "DenseNet-121" not in caveat
+
+
+def test_off_scale_first_epoch_loss_does_not_flatten_the_other_epochs(run_dir, tmp_path, monkeypatch):
+    """VGG-16's first demo epoch at train loss 21.5 beside losses of about 0.7: the y-range fits the others and
+    the outlier is marked on the edge with its value."""
+    copy = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("report"))
+    losses = [21.5, 0.72, 0.70, 0.69, 0.68]
+    rows = [{"epoch": epoch, "train_loss": loss, "train_accuracy": 0.5, "val_loss": 0.69 - 0.01 * epoch,
+             "val_accuracy": 0.5, "val_balanced_accuracy": 0.5, "best_so_far": epoch == 1}
+            for epoch, loss in enumerate(losses, start=1)]
+    (copy / "train_log_vgg16.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    figures = []
+    monkeypatch.setattr(report_module, "save_figure", lambda figure, target: figures.append(figure) or target.name)
+    plot_cnn_training(load_run(copy), tmp_path / "training_cnns.png")
+    vgg_loss_axes = figures[0].axes[MODEL_ORDER.index("vgg16")]  # the top row: loss per CNN
+    low, high = vgg_loss_axes.get_ylim()
+    others = losses[1:] + [row["val_loss"] for row in rows]
+    assert low <= min(others) and max(others) <= high
+    assert (max(others) - min(others)) / (high - low) > 0.5  # the other epochs fill the plot
+    assert any("21.5" in text.get_text() for text in vgg_loss_axes.texts)  # the clipped point says its value
+    densenet_loss_axes = figures[0].axes[MODEL_ORDER.index("densenet121")]  # an ordinary curve: not clipped
+    assert len(densenet_loss_axes.texts) == 0 and densenet_loss_axes.get_ylim()[1] >= 0.6
