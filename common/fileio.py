@@ -44,8 +44,9 @@ def _current_umask() -> int:
     return mask
 
 
-def disk_full_message(error: BaseException, target: Path) -> str | None:
-    """The one-line message for a write of `target` that failed for want of space; None for any other failure."""
+def disk_full_message(error: BaseException, target: Path, *, what: str | None = None) -> str | None:
+    """The one-line message for a write of `target` that failed for want of space; None for any other failure.
+    `what` names the files when the write was one of several (default: `target` itself)."""
     if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
         reason = error.strerror
     elif isinstance(error, RuntimeError) and any(marker in str(error) for marker in TORCH_WRITE_FAILURES):
@@ -53,17 +54,18 @@ def disk_full_message(error: BaseException, target: Path) -> str | None:
         reason = f"torch: {first_line}; most likely no space left on the device"
     else:
         return None
-    return (f"the disk is full: cannot write {target} ({reason}); the previous {target.name}, if any, and all "
-            "earlier results are intact; free space and rerun")
+    previous = f"the previous {target.name}, if any," if what is None else "the previous ones, if any,"
+    return (f"the disk is full: cannot write {what or target} ({reason}); {previous} and all earlier results are "
+            "intact; free space and rerun")
 
 
 @contextlib.contextmanager
-def disk_full_as_pipeline_error(target: Path) -> Iterator[None]:
+def disk_full_as_pipeline_error(target: Path, *, what: str | None = None) -> Iterator[None]:
     """Turn a failed write of `target` for want of space into a PipelineError; other errors pass unchanged."""
     try:
         yield
     except (OSError, RuntimeError) as error:
-        message = disk_full_message(error, target)
+        message = disk_full_message(error, target, what=what)
         if message is None:
             raise
         raise PipelineError(message) from error
@@ -188,7 +190,11 @@ def written_together(targets: list[Path]) -> Iterator[list[Path]]:
     with contextlib.ExitStack() as stack:
         # ExitStack leaves its contexts last in, first out: entered in reverse, they rename in the given order.
         temps = [stack.enter_context(atomic_path(target, suffix=Path(target).suffix)) for target in reversed(targets)]
-        yield temps[::-1]
+        # Named here, innermost: each atomic_path would name its own target, whichever of the files failed.
+        folder = Path(targets[0]).parent
+        names = ", ".join(Path(target).name for target in targets)
+        with disk_full_as_pipeline_error(folder, what=f"{names} in {folder} (one of them)"):
+            yield temps[::-1]
 
 
 def save_torch(obj: dict, target: str | os.PathLike) -> None:
