@@ -27,22 +27,20 @@ from common.console import HelpFormatter
 from common.errors import PipelineError, run_main
 from common.fileio import (remove_stale_temporaries, save_npz, save_torch, sha256_of_file, write_json,
                            write_text, written_together)
-from common.fusion import (CLASSIFIER_FORMAT_VERSION, FEATURE_SETS, MODEL_ORDER, RESULTS_FILE, Standardizer,
-                           build_features, check_against_split, check_checkpoints, load_aligned_heatmaps,
-                           malignant_probabilities, mlp_logits, stack_maps, train_mlp)
-from common.metrics import binary_metrics, metrics_table, per_patient_rates, softmax
-from common.runfiles import checkpoint_path, heatmap_path
+from common.fusion import (CLASSIFIER_FORMAT_VERSION, FEATURE_SETS, ROW_NAMES, Standardizer, build_features,
+                           check_against_split, check_checkpoints, load_aligned_heatmaps, malignant_probabilities,
+                           mlp_logits, stack_maps, train_mlp)
+from common.metrics import DECISION_THRESHOLD, binary_metrics, metrics_table, per_patient_rates, softmax
+from common.models import MODEL_ORDER
+from common.runfiles import (RESULTS_JSON, RESULTS_MD, TEST_PREDICTIONS, checkpoint_path, classifier_name,
+                             heatmap_path, probability_key)
 from common.runtime import pick_device
-
-DISPLAY_NAMES = {"densenet121": "DenseNet-121", "resnet50": "ResNet-50", "vgg16": "VGG-16",
-                 "soft_vote": "Soft vote (mean probability)", "mlp_heatmaps": "MLP on heatmaps",
-                 "mlp_heatmaps+logits": "MLP on heatmaps + logits"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output-dir", default="runs/breakhis", help="the model scripts' output dir")
-    parser.add_argument("--heatmaps", nargs=3, metavar=("DENSENET", "RESNET", "VGG"),
+    parser.add_argument("--heatmaps", nargs=len(MODEL_ORDER), metavar=tuple(arch.upper() for arch in MODEL_ORDER),
                         help="heatmap files to use instead of the output dir's (default: its heatmaps_<arch>.npz)")
     parser.add_argument("--grid-size", type=int, default=14, help="maps are resized to S x S (VGG-16 gives 14x14 "
                                                                   "at 224 px, the other two 7x7)")
@@ -131,9 +129,7 @@ def train_mlps(args, heatmaps: dict, inputs: dict, rows: dict,
             weight_decay=args.weight_decay, optimizer=args.optimizer, seed=args.seed, device=device,
             desc=f"MLP on {feature_set}")
         probabilities[f"mlp_{feature_set}"] = softmax(mlp_logits(mlp, features, device))[:, 1]
-        name = "final_classifier.pth" if feature_set == args.features else \
-            f"final_classifier_{feature_set.replace('+', '_')}.pth"
-        classifiers[name] = {
+        classifiers[classifier_name(feature_set, args.features)] = {
             "format_version": CLASSIFIER_FORMAT_VERSION, "kind": "heatmap_mlp", "features": feature_set,
             "model": {key: value.detach().cpu() for key, value in mlp.state_dict().items()},
             "input_shape": [len(MODEL_ORDER), args.grid_size, args.grid_size], "in_features": features.shape[1],
@@ -156,15 +152,15 @@ def write_run_files(output_dir: Path, classifiers: dict[str, dict], results: dic
     A process killed between two renames leaves a mix, so results.json records the SHA-256 of each file written
     with it, and readers (predict.py, the report) refuse a file it does not list. Renaming all at once would need a
     swap of the whole folder, which would change the run's layout; a digest check costs milliseconds."""
-    names = [*classifiers, "test_predictions.npz", "results.md", RESULTS_FILE]
+    names = [*classifiers, TEST_PREDICTIONS, RESULTS_MD, RESULTS_JSON]
     with written_together([output_dir / name for name in names]) as temp_paths:
         temp_of = dict(zip(names, temp_paths))
         for name, classifier in classifiers.items():
             save_torch(classifier, temp_of[name])
-        save_npz(temp_of["test_predictions.npz"], **predictions)
-        write_text(temp_of["results.md"], markdown)
-        outputs = {name: sha256_of_file(temp_of[name]) for name in names if name != RESULTS_FILE}
-        write_json(temp_of[RESULTS_FILE], {**results, "outputs": outputs})
+        save_npz(temp_of[TEST_PREDICTIONS], **predictions)
+        write_text(temp_of[RESULTS_MD], markdown)
+        outputs = {name: sha256_of_file(temp_of[name]) for name in names if name != RESULTS_JSON}
+        write_json(temp_of[RESULTS_JSON], {**results, "outputs": outputs})
 
 
 def write_comparison(args, output_dir: Path, reference: dict, probabilities: dict, histories: dict,
@@ -175,21 +171,21 @@ def write_comparison(args, output_dir: Path, reference: dict, probabilities: dic
     test_rows = np.flatnonzero(reference["splits"] == "test")
     test_patients = sorted(set(patients[test_rows]))
     rows = {key: binary_metrics(labels[test_rows], probabilities[key][test_rows], patients[test_rows],
-                                reference["magnifications"][test_rows]) for key in DISPLAY_NAMES}
-    per_patient = {key: per_patient_rates(labels[test_rows], (probabilities[key][test_rows] >= 0.5).astype(int),
-                                          patients[test_rows]) for key in DISPLAY_NAMES}
-    table = metrics_table({DISPLAY_NAMES[key]: metrics for key, metrics in rows.items()})
+                                reference["magnifications"][test_rows]) for key in ROW_NAMES}
+    per_patient = {key: per_patient_rates(labels[test_rows],
+                                          (probabilities[key][test_rows] >= DECISION_THRESHOLD).astype(int),
+                                          patients[test_rows]) for key in ROW_NAMES}
+    table = metrics_table({ROW_NAMES[key]: metrics for key, metrics in rows.items()})
     results = {
         "split_protocol": protocol, "fit_split": args.fit_split, "final_features": args.features,
-        "test_images": len(test_rows), "test_patients": test_patients, "display_names": DISPLAY_NAMES,
+        "test_images": len(test_rows), "test_patients": test_patients, "display_names": ROW_NAMES,
         "rows": rows, "per_patient": per_patient, "mlp_training": histories,
         "sources": inputs}  # the report checks that the heatmap files it shows are still these
     markdown = (f"Test split, {len(test_rows)} images of {len(test_patients)} patients. "
                 f"Split: {protocol}. MLP fit on: {args.fit_split}.\n\n{table}\n")
     predictions = {"paths": reference["paths"][test_rows], "labels": labels[test_rows],
                    "patients": patients[test_rows], "magnifications": reference["magnifications"][test_rows],
-                   **{f"prob_{key.replace('+', '_')}": probabilities[key][test_rows].astype(np.float32)
-                      for key in DISPLAY_NAMES}}
+                   **{probability_key(key): probabilities[key][test_rows].astype(np.float32) for key in ROW_NAMES}}
     write_run_files(output_dir, classifiers, results, markdown, predictions)
     return f"test split ({len(test_rows)} images, {len(test_patients)} patients; {protocol}):\n{table}"
 

@@ -29,11 +29,12 @@ from common.console import HelpFormatter
 from common.errors import PipelineError, run_main
 from common.checkpoints import load_checkpoint, model_from_checkpoint, training_caveats
 from common.fileio import disk_full_as_pipeline_error, sha256_of_file, write_text
-from common.fusion import (MODEL_ORDER, Standardizer, build_features, build_mlp, check_listed_in_results,
+from common.fusion import (Standardizer, build_features, build_mlp, check_listed_in_results,
                            check_made_by_checkpoint, malignant_probabilities, mlp_logits, read_results, stack_maps)
 from common.heatmaps import blend, colorize, combined_map, jet, load_heatmaps
 from common.metrics import DECISION_THRESHOLD, format_probability, softmax
-from common.runfiles import FURTHER_SCRIPT, checkpoint_path, heatmap_path
+from common.models import MODEL_ORDER
+from common.runfiles import FINAL_CLASSIFIER, FURTHER_SCRIPT, PREDICTIONS_DIR, checkpoint_path, heatmap_path
 from common.runtime import pick_device
 from common.transforms import build_transforms, resize_image
 
@@ -58,7 +59,7 @@ def collect_images(inputs: list[str]) -> list[Path]:
 
 def load_classifier(output_dir: Path) -> tuple[torch.nn.Module, dict]:
     """The final MLP, checked to be the one whose results.json lies beside it."""
-    path = output_dir / "final_classifier.pth"
+    path = output_dir / FINAL_CLASSIFIER
     classifier = load_checkpoint(path, made_by=FURTHER_SCRIPT)
     check_listed_in_results(read_results(output_dir), path)
     mlp = build_mlp(classifier["in_features"], classifier["hidden_sizes"], classifier["dropout"])
@@ -124,14 +125,6 @@ def predict_batches(image_paths: list[Path], output_dir: Path, device: torch.dev
                "images": [resize_image(image, OVERLAY_SIZE) for image in images]}
 
 
-def predict_images(image_paths: list[Path], output_dir: Path, device: torch.device) -> dict:
-    """`predict_batches` gathered into whole arrays (held in memory: for a few images, or from Python)."""
-    parts = list(predict_batches(image_paths, output_dir, device))
-    whole = {key: {name: np.concatenate([part[key][name] for part in parts]) for name in parts[0][key]}
-             for key in ("logits", "cams", "probabilities")}
-    return {**whole, "images": [image for part in parts for image in part["images"]]}
-
-
 def overlay_strip(image: Image.Image, cams: dict[str, np.ndarray]) -> Image.Image:
     """Image | each model's Grad-CAM blended over it | the combined map (mean of the display-scaled maps)."""
     size = image.size
@@ -162,7 +155,7 @@ def main(argv=None) -> None:
                         help="auto: CUDA if present, else MPS, else the CPU")
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
-    out_dir = Path(args.out) if args.out else output_dir / "predictions"
+    out_dir = Path(args.out) if args.out else output_dir / PREDICTIONS_DIR
 
     image_paths = collect_images(args.inputs)
     warn_about_training(output_dir)

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from common.console import HelpFormatter
 from common.demo import make_demo_dataset, mark_as_synthetic
+from common.models import ARCHS
+from common.runfiles import FURTHER_SCRIPT, REPORT_DIR
 
 HERE = Path(__file__).resolve().parent
-MODEL_SCRIPTS = ("cancer_class_densenet_121.py", "cancer_class_resnet_50.py", "cancer_class_vgg_16.py")
 # Small enough for 2 CPU cores in a few minutes, yet enough for randomly initialised CNNs to learn the synthetic
 # signal (128 px source images keep the per-image nucleus counts from being mere noise; several epochs give
 # batch norm enough steps). 8 patients per class so that val holds 2 per class (--fit-split val).
@@ -31,9 +32,9 @@ DEMO_MODEL_ARGS = ["--weights", "none", "--image-size", "64", "--batch-size", "8
 # VGG-16 (no batch norm) diverges at 1e-3 (first-epoch train loss 21.5 to 56, at chance after) and dies at 3e-4
 # and 2e-4; at 1e-4 its ranking improves within 3 epochs (val AUC 0.96) but it predicts one class until epoch 9,
 # so it gets 15 epochs (measured on the demo data: val accuracy 0.875 from epoch 14; ~6 s per epoch on 2 cores).
-DEMO_SCRIPT_ARGS = {"cancer_class_densenet_121.py": ["--lr", "1e-3", "--epochs", "5"],
-                    "cancer_class_resnet_50.py": ["--lr", "1e-3", "--epochs", "5"],
-                    "cancer_class_vgg_16.py": ["--lr", "1e-4", "--epochs", "15"]}
+DEMO_ARCH_ARGS = {"densenet121": ["--lr", "1e-3", "--epochs", "5"],
+                  "resnet50": ["--lr", "1e-3", "--epochs", "5"],
+                  "vgg16": ["--lr", "1e-4", "--epochs", "15"]}
 
 
 def run_stage(command: list[str]) -> None:
@@ -67,14 +68,14 @@ def main() -> None:
     else:
         data_dir = Path(args.data_dir)
     python = sys.executable
-    for script in MODEL_SCRIPTS:
+    for arch, spec in ARCHS.items():
         # The caller's options come last: they override the demo's.
-        model_args = (DEMO_MODEL_ARGS + DEMO_SCRIPT_ARGS[script] if args.demo else []) + extra_args
-        run_stage([python, str(HERE / script), "--data-dir", str(data_dir), "--output-dir", str(output_dir),
+        model_args = (DEMO_MODEL_ARGS + DEMO_ARCH_ARGS.get(arch, []) if args.demo else []) + extra_args
+        run_stage([python, str(HERE / spec.script), "--data-dir", str(data_dir), "--output-dir", str(output_dir),
                    *model_args])
-    run_stage([python, str(HERE / "cancer_class_further.py"), "--output-dir", str(output_dir)])
+    run_stage([python, str(HERE / FURTHER_SCRIPT), "--output-dir", str(output_dir)])
     run_stage([python, str(HERE / "make_report.py"), "--output-dir", str(output_dir)])
-    print(f"\npipeline finished in {time.perf_counter() - started:.0f} s; open {output_dir / 'report' / 'index.html'}")
+    print(f"\npipeline finished in {time.perf_counter() - started:.0f} s; open {output_dir / REPORT_DIR / 'index.html'}")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,10 @@ import _timing  # noqa: F401  (puts the repository root on sys.path)
 from _timing import ROOT, table
 
 from common.demo import make_demo_dataset
+from common.models import ARCHS
+from common.runfiles import FURTHER_SCRIPT
 
-MODEL_SCRIPTS = ("cancer_class_resnet_50.py", "cancer_class_densenet_121.py", "cancer_class_vgg_16.py")
-FURTHER_SCRIPT = "cancer_class_further.py"
+MODEL_SCRIPTS = tuple(spec.script for spec in ARCHS.values())
 
 
 def model_options(data_dir: Path, output_dir: Path) -> list[str]:

@@ -24,7 +24,6 @@ stages have the GPU to themselves); where nvidia-smi is missing or fails, that i
 """
 
 import argparse
-import importlib
 import json
 import os
 import resource
@@ -45,11 +44,11 @@ from gpu_check_report import collect_figures, markdown_summary, read_json
 from common.cli import DEFAULTS
 from common.demo import make_demo_dataset
 from common.fileio import write_json, write_text
-from run_pipeline import MODEL_SCRIPTS
+from common.models import ARCHS
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
-ARCH_SCRIPTS = {importlib.import_module(Path(script).stem).ARCH: script for script in MODEL_SCRIPTS}
+ARCH_SCRIPTS = {arch: spec.script for arch, spec in ARCHS.items()}
 MIN_STAGE_SECONDS = 20  # a stage is not started with less of the time budget left
 LOG_TAIL_LINES = 15  # of a failed stage's output, kept in gpu_check.json
 NVIDIA_SMI_QUERY = ("nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "--id=0")

@@ -21,7 +21,7 @@ from captum.attr import IntegratedGradients, KernelShap, Lime, Occlusion
 from torch import nn
 
 from common.cam import target_classes
-from common.fusion import MODEL_ORDER
+from common.models import MODEL_ORDER
 
 DEFAULT_GRID = 8  # patches per side: 64 features for LIME and Kernel SHAP
 DEFAULT_SAMPLES = 200  # perturbed images drawn by LIME and Kernel SHAP

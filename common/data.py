@@ -50,7 +50,6 @@ class Record:
 @dataclass(frozen=True)
 class IndexedDataset:
     root: Path  # image paths in records are relative to this folder
-    layout: str  # 'breakhis', 'folders' or 'manifest'
     records: list[Record]
     skipped: list[str]  # files that looked like images but could not be parsed
 
@@ -116,7 +115,7 @@ def _index_breakhis(data_dir: Path, slides: Path) -> IndexedDataset:
             skipped.append(relative)
             continue
         records.append(Record(relative, parsed.label, parsed.subtype, parsed.patient, parsed.magnification))
-    return IndexedDataset(data_dir, "breakhis", sorted(records, key=lambda r: r.path), sorted(skipped))
+    return IndexedDataset(data_dir, sorted(records, key=lambda r: r.path), sorted(skipped))
 
 
 def _index_folders(data_dir: Path) -> IndexedDataset:
@@ -133,7 +132,7 @@ def _index_folders(data_dir: Path) -> IndexedDataset:
                 # No patient information: each image is its own group, which is only honest when images are
                 # independent. A manifest with a patient column gives real groups.
                 records.append(Record(relative, label, "", f"{NO_PATIENT_PREFIX}{relative}", ""))
-    return IndexedDataset(data_dir, "folders", sorted(records, key=lambda r: r.path), [])
+    return IndexedDataset(data_dir, sorted(records, key=lambda r: r.path), [])
 
 
 def _parse_label(value: str, where: str) -> int:
@@ -174,7 +173,7 @@ def _index_manifest(manifest: Path) -> IndexedDataset:
             patient=(row.get("patient") or "").strip() or f"{NO_PATIENT_PREFIX}{relative}",
             magnification=magnification,
         ))
-    return IndexedDataset(root, "manifest", sorted(records, key=lambda r: r.path), [])
+    return IndexedDataset(root, sorted(records, key=lambda r: r.path), [])
 
 
 def index_dataset(data_dir: str | os.PathLike) -> IndexedDataset:

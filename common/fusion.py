@@ -21,18 +21,18 @@ from common.fileio import sha256_of_file
 from common.heatmaps import load_heatmaps
 from common.metrics import binary_metrics, selection_score, softmax
 from common.checkpoints import load_checkpoint
-from common.runfiles import checkpoint_path, heatmap_path
+from common.models import ARCHS, MODEL_ORDER
+from common.runfiles import FURTHER_SCRIPT, RESULTS_JSON, checkpoint_path, heatmap_path
 from common.runtime import make_optimizer
 
-MODEL_ORDER = ("densenet121", "resnet50", "vgg16")  # channel order of the stacked maps
-SCRIPT_OF = {"densenet121": "cancer_class_densenet_121.py", "resnet50": "cancer_class_resnet_50.py",
-             "vgg16": "cancer_class_vgg_16.py"}
 FEATURE_SETS = ("heatmaps", "heatmaps+logits")
+# The rows of every comparison table, in order, with the names people read: each CNN, then the combinations.
+ROW_NAMES = {**{arch: ARCHS[arch].display_name for arch in MODEL_ORDER},
+             "soft_vote": "Soft vote (mean probability)", "mlp_heatmaps": "MLP on heatmaps",
+             "mlp_heatmaps+logits": "MLP on heatmaps + logits"}
 # Same images, order, labels and splits, and maps made by the same target-class rule.
 ALIGNED_KEYS = ("paths", "labels", "splits", "patients", "magnifications", "target_class_rule")
 CLASSIFIER_FORMAT_VERSION = 1
-FURTHER_SCRIPT = "cancer_class_further.py"
-RESULTS_FILE = "results.json"  # written last by FURTHER_SCRIPT, with the digests of the files written with it
 
 
 def load_aligned_heatmaps(output_dir: Path, paths: dict[str, Path] | None = None) -> dict[str, dict]:
@@ -41,7 +41,7 @@ def load_aligned_heatmaps(output_dir: Path, paths: dict[str, Path] | None = None
     loaded = {}
     for arch in MODEL_ORDER:
         if not Path(paths[arch]).is_file():
-            raise PipelineError(f"heatmap file {paths[arch]} is missing: run {SCRIPT_OF[arch]} --output-dir "
+            raise PipelineError(f"heatmap file {paths[arch]} is missing: run {ARCHS[arch].script} --output-dir "
                                 f"{output_dir} first (or --heatmaps-only if its checkpoint exists)")
         loaded[arch] = load_heatmaps(paths[arch])
         if str(loaded[arch]["arch"]) != arch:
@@ -71,10 +71,10 @@ def check_made_by_checkpoint(arch: str, heatmap_file: Path, heatmaps: dict, chec
     if str(heatmaps["checkpoint_sha256"]) == checkpoint_sha256:
         return
     output_dir = Path(checkpoint_file).parent  # where --heatmaps-only reads the checkpoint and writes the maps
-    command = heatmaps_only_command(SCRIPT_OF[arch], load_checkpoint(checkpoint_file, arch)["config"], output_dir)
+    command = heatmaps_only_command(ARCHS[arch].script, load_checkpoint(checkpoint_file, arch)["config"], output_dir)
     then = f", then rerun python {FURTHER_SCRIPT} --output-dir {output_dir}" if rerun_further else ""
     raise PipelineError(f"{heatmap_file} is stale: it was made by another checkpoint than {checkpoint_file} (a rerun "
-                        f"of {SCRIPT_OF[arch]} that stopped before its heatmap export finished?); regenerate it with "
+                        f"of {ARCHS[arch].script} that stopped before its heatmap export finished?); regenerate it with "
                         f"{command}{then}")
 
 
@@ -84,7 +84,7 @@ def check_checkpoints(output_dir: Path, heatmap_files: dict[str, Path], heatmaps
     digests = {}
     for arch in MODEL_ORDER:
         checkpoint_file = checkpoint_path(output_dir, arch)
-        load_checkpoint(checkpoint_file, arch, made_by=SCRIPT_OF[arch])  # a truncated file is an error, not a digest
+        load_checkpoint(checkpoint_file, arch, made_by=ARCHS[arch].script)  # a truncated file is an error, not a digest
         digests[arch] = sha256_of_file(checkpoint_file)
         check_made_by_checkpoint(arch, heatmap_files[arch], heatmaps[arch], checkpoint_file, digests[arch])
     return digests
@@ -92,7 +92,7 @@ def check_checkpoints(output_dir: Path, heatmap_files: dict[str, Path], heatmaps
 
 def read_results(output_dir: Path) -> dict:
     """FURTHER_SCRIPT's results.json, or an error saying how to make it."""
-    path = Path(output_dir) / RESULTS_FILE
+    path = Path(output_dir) / RESULTS_JSON
     if not path.is_file():
         raise PipelineError(f"{path} is missing: run {FURTHER_SCRIPT} --output-dir {output_dir} first")
     try:
@@ -107,7 +107,7 @@ def check_listed_in_results(results: dict, path: Path) -> None:
     listed = results.get("outputs", {}).get(Path(path).name)
     if listed is None or listed != sha256_of_file(path):
         reason = "is not the file it lists" if listed else "lists no such file (written by an older version)"
-        raise PipelineError(f"{path} does not belong to the {RESULTS_FILE} beside it ({RESULTS_FILE} {reason}); "
+        raise PipelineError(f"{path} does not belong to the {RESULTS_JSON} beside it ({RESULTS_JSON} {reason}); "
                             f"rerun python {FURTHER_SCRIPT} --output-dir {Path(path).parent}")
 
 

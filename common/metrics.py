@@ -115,7 +115,8 @@ def selection_score(metrics: dict) -> tuple[float, float]:
     return (metrics["accuracy"] if balanced is None else balanced, -metrics["loss"])
 
 
-def _cell(value) -> str:
+def format_metric(value) -> str:
+    """A metric as every table shows it: three decimals, or n/a when undefined (e.g. AUC with one class)."""
     return "n/a" if value is None else f"{value:.3f}"
 
 
@@ -125,5 +126,5 @@ def metrics_table(rows: dict[str, dict], title: str = "model") -> str:
     rule = "|" + "---|" * (len(METRIC_COLUMNS) + 1)
     lines = [header, rule]
     for name, metrics in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(metrics.get(key)) for key, _ in METRIC_COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(format_metric(metrics.get(key)) for key, _ in METRIC_COLUMNS) + " |")
     return "\n".join(lines)

@@ -42,11 +42,13 @@ from common.dataset import load_rgb
 from common.errors import PipelineError
 from common.fileio import atomic_path, sha256_of_file, write_text
 from common.checkpoints import load_checkpoint, training_caveats
-from common.fusion import (MODEL_ORDER, SCRIPT_OF, check_listed_in_results, check_made_by_checkpoint,
+from common.fusion import (check_listed_in_results, check_made_by_checkpoint,
                            read_results)
 from common.heatmaps import blend, colorize, combined_map, jet, load_heatmaps
-from common.metrics import DECISION_THRESHOLD, METRIC_COLUMNS, format_probability
-from common.runfiles import FURTHER_SCRIPT, checkpoint_path, heatmap_path
+from common.metrics import DECISION_THRESHOLD, METRIC_COLUMNS, format_metric, format_probability
+from common.models import ARCHS, MODEL_ORDER
+from common.runfiles import (FURTHER_SCRIPT, REPORT_DIR, TEST_PREDICTIONS, checkpoint_path, heatmap_path,
+                             probability_key, train_log_path)
 from common.transforms import resize_image
 
 THRESHOLD = DECISION_THRESHOLD  # binary_metrics' rule: malignant when P(malignant) >= 0.5
@@ -77,7 +79,7 @@ class Run:
         return self.results["display_names"][key]
 
     def probabilities(self, key: str) -> np.ndarray:
-        return self.predictions[f"prob_{key.replace('+', '_')}"]  # the npz names of cancer_class_further.py
+        return self.predictions[probability_key(key)]
 
     @property
     def final_key(self) -> str:
@@ -112,17 +114,17 @@ def read_train_log(path: Path) -> list[dict]:
 def load_run(output_dir: Path) -> Run:
     output_dir = Path(output_dir)
     results = read_results(output_dir)
-    predictions_file = _require(output_dir / "test_predictions.npz", FURTHER_SCRIPT)
+    predictions_file = _require(output_dir / TEST_PREDICTIONS, FURTHER_SCRIPT)
     check_listed_in_results(results, predictions_file)  # not one of another (or an interrupted) run
     try:
         with np.load(predictions_file, allow_pickle=False) as content:
             predictions = {key: content[key] for key in content.files}
     except Exception as error:  # truncated or foreign file
         raise PipelineError(f"{predictions_file} is unreadable ({type(error).__name__}); rerun {FURTHER_SCRIPT}") from None
-    heatmap_files = {arch: _require(heatmap_path(output_dir, arch), SCRIPT_OF[arch]) for arch in MODEL_ORDER}
+    heatmap_files = {arch: _require(heatmap_path(output_dir, arch), ARCHS[arch].script) for arch in MODEL_ORDER}
     heatmaps = {arch: load_heatmaps(path) for arch, path in heatmap_files.items()}
     for arch, path in heatmap_files.items():  # maps of the models beside them (a rerun may have stopped before)
-        checkpoint_file = _require(checkpoint_path(output_dir, arch), SCRIPT_OF[arch])
+        checkpoint_file = _require(checkpoint_path(output_dir, arch), ARCHS[arch].script)
         check_made_by_checkpoint(arch, path, heatmaps[arch], checkpoint_file, sha256_of_file(checkpoint_file),
                                  rerun_further=True)
     # The report mixes the three files; a model script rerun after cancer_class_further.py would make them disagree.
@@ -137,8 +139,8 @@ def load_run(output_dir: Path) -> Run:
             raise PipelineError(f"{path} changed after {FURTHER_SCRIPT} ran (its model was retrained or it was given "
                                 f"other --heatmaps), so the maps would not match the results; rerun {FURTHER_SCRIPT} "
                                 f"--output-dir {output_dir}")
-    split = load_split(_require(output_dir / SPLIT_FILE_NAME, SCRIPT_OF[MODEL_ORDER[0]]))
-    train_logs = {arch: read_train_log(output_dir / f"train_log_{arch}.jsonl") for arch in MODEL_ORDER}
+    split = load_split(_require(output_dir / SPLIT_FILE_NAME, ARCHS[MODEL_ORDER[0]].script))
+    train_logs = {arch: read_train_log(train_log_path(output_dir, arch)) for arch in MODEL_ORDER}
     # The checkpoints say how each CNN was trained (read lazily: memory-mapped); a run copied without them
     # still gets its report, without the caveats.
     checkpoints = {results["display_names"].get(arch, arch): load_checkpoint(checkpoint_path(output_dir, arch), arch)
@@ -343,10 +345,6 @@ def build_gallery(run: Run, report_dir: Path, gallery_size: int) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ HTML
 
 
-def _number(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def _table(header: list[str], rows: list[list[str]], *, table_id: str = "", row_classes=None) -> str:
     """An HTML table; cells are already-escaped HTML."""
     head = "".join(f"<th>{cell}</th>" for cell in header)
@@ -387,7 +385,7 @@ def caveat_html(run: Run) -> str:
 
 def comparison_html(run: Run) -> str:
     header = ["Model"] + [f'<abbr title="{METRIC_NAMES.get(key, key)}">{short}</abbr>' for key, short in METRIC_COLUMNS]
-    rows = [[html.escape(run.name(key))] + [_number(run.results["rows"][key].get(metric))
+    rows = [[html.escape(run.name(key))] + [format_metric(run.results["rows"][key].get(metric))
                                             for metric, _ in METRIC_COLUMNS] for key in run.keys]
     classes = ["final" if key == run.final_key else "" for key in run.keys]
     note = (f"<p>Test split only, read from results.json; a prediction is malignant when P(malignant) &ge; "
@@ -402,7 +400,7 @@ def magnification_html(run: Run) -> str:
     if not magnifications:
         return ""
     header = ["Model"] + [f"{html.escape(mag)}X" for mag in magnifications]
-    rows = [[html.escape(run.name(key))] + [_number((by_key[key] or {}).get(mag)) for mag in magnifications]
+    rows = [[html.escape(run.name(key))] + [format_metric((by_key[key] or {}).get(mag)) for mag in magnifications]
             for key in run.keys]
     return "<h3>Test accuracy by magnification</h3>" + _table(header, rows, table_id="by-magnification")
 
@@ -462,7 +460,7 @@ def per_patient_html(run: Run) -> str:
         for key in run.keys:
             entry = per_patient[key][patient]
             css = "low" if entry["rate"] < 0.5 else ""
-            cells.append(f'<span class="{css}">{_number(entry["rate"])}</span> '
+            cells.append(f'<span class="{css}">{format_metric(entry["rate"])}</span> '
                          f'<small>({entry["correct"]}/{entry["images"]})</small>')
         rows.append(cells)
     note = ("<p>Recognition rate of each test patient: correctly classified images / images of that patient "
@@ -518,7 +516,7 @@ def build_report(output_dir: Path, *, gallery_size: int = 24) -> Path:
     The whole report is built in a staging folder beside report/ and swapped in only when complete, so a build
     that fails midway (a bad image, a full disk) leaves the previous report as it was."""
     run = load_run(Path(output_dir))
-    report_dir = run.output_dir / "report"
+    report_dir = run.output_dir / REPORT_DIR
     staging = fresh_folder(run.output_dir, prefix=".report.staging.")
     try:
         write_report_files(run, staging, gallery_size=gallery_size)

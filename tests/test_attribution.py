@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.fusion import MODEL_ORDER, build_mlp
+from common.fusion import build_mlp
+from common.models import MODEL_ORDER
 
 pytest.importorskip("captum")
 from common.attribution import (as_saliency_method, grid_feature_mask, heatmap_shares,  # noqa: E402

@@ -105,7 +105,6 @@ def test_parse_breakhis_name_rejects_other_names(name):
 def test_index_finds_the_tree_from_any_folder_above_it(demo_dir, start):
     data_dir = (demo_dir / start).resolve()
     dataset = index_dataset(data_dir)
-    assert dataset.layout == "breakhis"
     assert dataset.root == data_dir
     assert dataset.skipped == []
     assert len(dataset.records) == 48
@@ -167,7 +166,6 @@ def _folder_pair(demo_dir: Path, tmp_path: Path, benign: int, malignant: int) ->
 def test_index_plain_folder_pair_each_image_its_own_patient(demo_dir, tmp_path):
     data = _folder_pair(demo_dir, tmp_path, benign=4, malignant=3)
     dataset = index_dataset(data)
-    assert dataset.layout == "folders"
     assert [r.path for r in dataset.records] == [
         "benign/img00.png", "benign/img02.png", "benign/sub/img01.png", "benign/sub/img03.png",
         "malignant/img00.png", "malignant/img02.png", "malignant/sub/img01.png"]
@@ -199,7 +197,6 @@ def test_index_csv_manifest(demo_dir, tmp_path):
         "images/2.png,MALIGNANT,,400\n"
         f"{absolute},1,p2,\n")
     dataset = index_dataset(folder / "list.csv")
-    assert dataset.layout == "manifest"
     assert dataset.root == folder.resolve()
     assert [(r.path, r.label, r.patient, r.magnification) for r in dataset.records] == [
         ("images/0.png", 0, "p1", "100"),

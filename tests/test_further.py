@@ -25,10 +25,11 @@ import predict
 from common.data import load_split
 from common.errors import PipelineError
 from common.fileio import save_npz, sha256_of_file
-from common.fusion import (MODEL_ORDER, SCRIPT_OF, Standardizer, build_features, build_mlp, load_aligned_heatmaps,
+from common.fusion import (Standardizer, build_features, build_mlp, load_aligned_heatmaps,
                            mlp_logits, stack_maps, train_mlp)
 from common.heatmaps import HEATMAP_FORMAT_VERSION, HEATMAP_KEYS, load_heatmaps
 from common.metrics import binary_metrics, metrics_table, softmax
+from common.models import ARCHS, MODEL_ORDER
 from common.report import load_run
 from common.runfiles import checkpoint_path, heatmap_path
 
@@ -146,7 +147,7 @@ def test_missing_heatmap_file_names_it_and_its_script(heatmap_dir, arch):
     with pytest.raises(PipelineError) as error:
         load_aligned_heatmaps(heatmap_dir)
     assert str(heatmap_path(heatmap_dir, arch)) in str(error.value)
-    assert SCRIPT_OF[arch] in str(error.value) and SCRIPT_OF[arch] == MODEL_SCRIPTS[arch]
+    assert MODEL_SCRIPTS[arch] in str(error.value) and ARCHS[arch].script == MODEL_SCRIPTS[arch]
 
 
 @pytest.mark.parametrize("change", [{"drop": ("target_class_rule",)}, {"drop": ("format_version",)},

@@ -23,7 +23,7 @@ import predict
 from common.data import load_split
 from common.errors import run_main
 from common.fileio import save_npz, save_torch, sha256_of_file
-from common.fusion import MODEL_ORDER
+from common.models import MODEL_ORDER
 from common.heatmaps import load_heatmaps
 from common.metrics import softmax
 from common.checkpoints import load_checkpoint, model_from_checkpoint
@@ -89,7 +89,11 @@ def images(tmp_path_factory, split) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def predicted(run_dir, images) -> dict:
-    return predict.predict_images(list(images.values()), run_dir, CPU)
+    """predict.predict_batches over `images`, gathered into whole arrays (logits, cams, probabilities, images)."""
+    parts = list(predict.predict_batches(list(images.values()), run_dir, CPU))
+    whole = {key: {name: np.concatenate([part[key][name] for part in parts]) for name in parts[0][key]}
+             for key in ("logits", "cams", "probabilities")}
+    return {**whole, "images": [image for part in parts for image in part["images"]]}
 
 
 def open_rgb(path: Path) -> Image.Image:
@@ -210,8 +214,8 @@ def test_cli_writes_one_csv_row_per_image_with_the_printed_columns(cli_run):
         assert line.split()[-1] == row[1 + len(COLUMNS)]
 
 
-def test_cli_agrees_with_predict_images(cli_run, predicted, images):
-    """The CSV's numbers are predict_images' for the same pictures (the folder holds copies of `images`)."""
+def test_cli_agrees_with_predict_batches(cli_run, predicted, images):
+    """The CSV's numbers are predict_batches' for the same pictures (the folder holds copies of `images`)."""
     _, *rows = cli_run["table"]
     names = list(images)
     sources = ["odd_size", "grey", "test_a", "odd_size", "wide"]  # cli_run's inputs, in order
@@ -387,12 +391,13 @@ def test_demo_gives_each_model_its_own_lr_and_vgg16_a_smaller_one():
 
     import run_pipeline
     from common.cli import parse_args
+    from common.models import ARCHS
 
-    assert set(run_pipeline.DEMO_SCRIPT_ARGS) == set(run_pipeline.MODEL_SCRIPTS)
+    assert set(run_pipeline.DEMO_ARCH_ARGS) == set(ARCHS)
     demo = {}
-    for script in run_pipeline.MODEL_SCRIPTS:  # the options each script really gets, parsed by its own parser
-        module = importlib.import_module(script.removesuffix(".py"))
-        argv = ["--data-dir", "demo_data", *run_pipeline.DEMO_MODEL_ARGS, *run_pipeline.DEMO_SCRIPT_ARGS[script]]
+    for spec in ARCHS.values():  # the options each script really gets, parsed by its own parser
+        module = importlib.import_module(spec.script.removesuffix(".py"))
+        argv = ["--data-dir", "demo_data", *run_pipeline.DEMO_MODEL_ARGS, *run_pipeline.DEMO_ARCH_ARGS[spec.name]]
         demo[module.ARCH] = parse_args(arch=module.ARCH, description="", argv=argv, **module.DEFAULTS)
     assert (demo["vgg16"].lr, demo["vgg16"].epochs) == (1e-4, 15)
     assert demo["densenet121"].lr == demo["resnet50"].lr == 1e-3

@@ -19,7 +19,7 @@ import pytest
 from common.data import index_dataset, make_split, save_split
 from common.errors import PipelineError
 from common.fileio import save_npz, save_torch, sha256_of_file, write_json
-from common.fusion import MODEL_ORDER
+from common.models import MODEL_ORDER
 from common.heatmaps import HEATMAP_FORMAT_VERSION
 from common.metrics import binary_metrics, per_patient_rates, softmax
 from common import report as report_module
