@@ -32,7 +32,10 @@ from common.transforms import build_transforms
 
 import predict
 
-DISPLAY_SIZE = 448  # longer side of the pictures the viewer shows, pixels (the aspect ratio is kept)
+# Longer side of the pictures the viewer shows, pixels (aspect ratio kept): about their width in the page (five
+# in a row). Each is sent as a PNG (lossless: no compression artefacts on tissue), whose encoding takes most of a
+# stored image's answer time: ~20 ms per 384x252 BreaKHis overlay, ~35 ms at 448 px.
+DISPLAY_SIZE = 384
 DEFAULT_OPACITY = OVERLAY_ALPHA
 # Map methods are named by their key in the heatmap files: `cams` is Grad-CAM; a later method stored as
 # `cams_<name>` (e.g. `cams_gradcam++`) appears under <name> with no change here.
