@@ -196,8 +196,12 @@ def results_tab(run: ViewerRun) -> None:
     gr.Markdown(results_markdown(run), elem_id="results-table")
     plots = report_plots(run)
     if plots:
-        gr.Gallery([(load_picture(path), path.name) for path in plots], label="report/*.png", columns=2,
-                   height="auto", elem_id="results-plots")
+        with gr.Column(elem_id="results-plots"):
+            for start in range(0, len(plots), 2):  # two plots a row, each shown whole
+                with gr.Row():
+                    for path in plots[start:start + 2]:
+                        gr.Image(load_picture(path), label=f"report/{path.name}", show_label=False, format="png",
+                                 interactive=False, buttons=["download", "fullscreen"])
     else:
         gr.Markdown(f"No report plots yet: `python make_report.py --output-dir {run.output_dir}` builds them.")
 

@@ -211,7 +211,7 @@ def test_browse_opens_a_stored_test_image(page, viewer):
     first_name = Path(rows[0].path).name
     table = page.locator("#browse-table")
     expect(table).to_contain_text(first_name)
-    table.get_by_text(first_name, exact=True).first.click()
+    table.get_by_text(first_name, exact=True).filter(visible=True).first.click()  # Gradio keeps a hidden copy
     expect(page.locator("#browse-probabilities")).to_contain_text(f"{first_name}:")
     expect(page.locator("#browse-probabilities")).to_contain_text("True class:")
     view = stored_view(viewer, rows[0])
