@@ -1,8 +1,9 @@
-# The two set-up commands: `make demo` (the whole pipeline on synthetic data) and `make test`.
+# The two set-up commands: `make demo` (the whole pipeline on synthetic data) and `make test`;
+# `make app` opens the demo run in the browser viewer (making the demo run first when it is missing).
 # Installs use constraints.txt: the exact versions the suite last passed with (requirements.txt keeps ranges).
 PYTHON ?= python3
 
-.PHONY: install demo test bench lock
+.PHONY: install demo test bench app lock
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt -c constraints.txt
@@ -15,6 +16,10 @@ test: install
 
 bench: install
 	$(PYTHON) bench/run_all.py
+
+app: install
+	@test -f runs/demo/final_classifier.pth || $(PYTHON) run_pipeline.py --demo
+	$(PYTHON) app.py --output-dir runs/demo
 
 # Re-resolve requirements.txt in a brand-new virtual environment and write what it installed to constraints.txt.
 # Run `make test` afterwards: the file then records versions the suite has passed with.

@@ -99,6 +99,25 @@ def warn_about_training(output_dir: Path) -> None:
         print("\n".join(lines), file=sys.stderr, flush=True)
 
 
+def classify_images(images: list[Image.Image], *, mlp: torch.nn.Module, classifier: dict,
+                    models: dict[str, tuple[torch.nn.Module, int]], device: torch.device) -> dict:
+    """Decoded RGB images through the loaded models: each CNN's logits and raw maps (one pass each), P(malignant) of
+    each CNN, the soft vote and the final MLP ('final_mlp'). The one path for new images (predict.py, the viewer)."""
+    logits, cams = {}, {}
+    for arch, (model, image_size) in models.items():
+        transform = build_transforms(train=False, image_size=image_size)
+        batch = torch.stack([transform(image) for image in images]).to(device)
+        batch_cams, batch_logits = grad_cam(model, arch, batch, target=classifier["target_class_rule"])
+        cams[arch], logits[arch] = batch_cams.cpu().numpy(), batch_logits.cpu().numpy()
+    standardize = Standardizer(classifier["feature_mean"].numpy(), classifier["feature_std"].numpy())
+    maps = stack_maps(cams, classifier["grid_size"])
+    features = standardize(build_features(maps, logits if classifier["features"] == "heatmaps+logits" else None))
+    probabilities = malignant_probabilities(logits)
+    # In eval mode batch norm uses its running statistics, so each image's P does not depend on its batch.
+    probabilities["final_mlp"] = softmax(mlp_logits(mlp, features, device))[:, 1]
+    return {"logits": logits, "cams": cams, "probabilities": probabilities}
+
+
 def predict_batches(image_paths: list[Path], output_dir: Path, device: torch.device,
                     batch_size: int = BATCH_SIZE) -> Iterator[dict]:
     """For each batch of images: each CNN's logits and raw maps, P(malignant) of each CNN, the soft vote and the
@@ -106,23 +125,11 @@ def predict_batches(image_paths: list[Path], output_dir: Path, device: torch.dev
     mlp, classifier = load_classifier(output_dir)
     mlp = mlp.to(device)
     models = load_cnns(output_dir, classifier, device)
-    standardize = Standardizer(classifier["feature_mean"].numpy(), classifier["feature_std"].numpy())
-    transforms = {arch: build_transforms(train=False, image_size=image_size) for arch, (_, image_size) in models.items()}
     for start in range(0, len(image_paths), batch_size):
         paths = image_paths[start:start + batch_size]
         images = [load_rgb(path) for path in paths]
-        logits, cams = {}, {}
-        for arch, (model, _image_size) in models.items():
-            batch = torch.stack([transforms[arch](image) for image in images]).to(device)
-            batch_cams, batch_logits = grad_cam(model, arch, batch, target=classifier["target_class_rule"])
-            cams[arch], logits[arch] = batch_cams.cpu().numpy(), batch_logits.cpu().numpy()
-        maps = stack_maps(cams, classifier["grid_size"])
-        features = standardize(build_features(maps, logits if classifier["features"] == "heatmaps+logits" else None))
-        probabilities = malignant_probabilities(logits)
-        # In eval mode batch norm uses its running statistics, so each image's P does not depend on its batch.
-        probabilities["final_mlp"] = softmax(mlp_logits(mlp, features, device))[:, 1]
-        yield {"paths": paths, "logits": logits, "cams": cams, "probabilities": probabilities,
-               "images": [resize_image(image, OVERLAY_SIZE) for image in images]}
+        result = classify_images(images, mlp=mlp, classifier=classifier, models=models, device=device)
+        yield {"paths": paths, **result, "images": [resize_image(image, OVERLAY_SIZE) for image in images]}
 
 
 def overlay_strip(image: Image.Image, cams: dict[str, np.ndarray]) -> Image.Image:

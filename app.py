@@ -1,0 +1,281 @@
+"""An interactive viewer of a finished run, in the browser: any image through all three CNNs and the final MLP.
+
+    python app.py --output-dir runs/breakhis          # then open http://127.0.0.1:7860
+    make app                                          # the demo run (runs/demo, made by `make demo`)
+
+Tabs:
+    Predict   drop images (PNG, JPEG, TIFF; any size): each CNN's P(malignant), the soft vote, the final MLP's
+              probability and decision; the image beside each model's map and the combined map, with a map
+              opacity slider and a choice of map method
+    Browse    the run's test images, filtered by true class, prediction, outcome, patient, magnification and
+              subtype, sorted by the final MLP's confidence; a click shows the same view from the stored heatmap
+              files (nothing recomputed)
+    Results   results.md (the comparison table) and the report's plots (report/*.png, when it was built)
+
+The models load once, at start-up; a run whose files do not match stops with the same one-line errors as
+predict.py and make_report.py, before the server starts. Nothing is written into the run folder: uploads and the
+pictures served go to Gradio's temporary folder (GRADIO_TEMP_DIR). Binds to 127.0.0.1 unless --host says otherwise.
+"""
+
+import argparse
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+# Gradio reads both when it is imported: no usage analytics (these machines have no network, and a local viewer
+# of medical images should not call home anyway), and its uploads and served pictures in a folder of its own.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(tempfile.gettempdir(), "breakhis_viewer"))
+
+import gradio as gr  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from common.data import CLASS_NAMES, IMAGE_EXTENSIONS  # noqa: E402
+from common.errors import PipelineError, message_of, run_main  # noqa: E402
+from common.fusion import MODEL_ORDER  # noqa: E402
+from common.train import pick_device  # noqa: E402
+from common.viewer import (DEFAULT_OPACITY, ImageView, ViewerRun, browse_rows, browse_sets, filter_rows,  # noqa: E402
+                           load_viewer_run, method_name, open_uploads, predict_views, probability_markdown,
+                           render_panels, report_plots, results_markdown, stored_view, verdict)
+
+PANEL_NAMES = ("image",) + MODEL_ORDER + ("combined",)  # the pictures of a view, left to right
+CSS = "#warning-banner {background: #fff3cd; border: 1px solid #e0b400; padding: 0.5em 1em; border-radius: 6px}"
+ORDERS = ("most confident first", "least confident first")
+# Events that only redraw from what is in memory (no model runs): answered directly, not through Gradio's queue
+# (which serialises the uploads' model passes), and without a progress overlay: ~100 ms less per click.
+REDRAW = {"queue": False, "show_progress": "hidden"}
+# Browse: each filter's common.viewer.filter_rows keyword and its label; the table's columns.
+BROWSE_FILTERS = (("truth", "true class"), ("predicted", "predicted (final MLP)"), ("outcome", "correct / wrong"),
+                  ("patient", "patient"), ("magnification", "magnification"), ("subtype", "subtype"))
+BROWSE_COLUMNS = ["image", "patient", "magnification", "subtype", "true class", "predicted (final MLP)",
+                  "P(malignant)", "confidence"]
+
+
+# ------------------------------------------------------------------------------------------- what the UI calls
+
+
+def show_view(run: ViewerRun, view: ImageView | None, method: str, opacity: float) -> list:
+    """A view's outputs: its probability table, the method choice, and one picture per panel (as updates: the
+    page's components turn them into PNGs in Gradio's temporary folder)."""
+    if view is None:
+        return [gr.update(value=""), gr.update()] + [gr.update(value=None) for _ in PANEL_NAMES]
+    methods = list(view.maps)
+    method = method if method in methods else methods[0]
+    panels = render_panels(run, view, method=method, opacity=opacity)
+    return ([probability_markdown(run, view),
+             gr.update(choices=[(method_name(key), key) for key in methods], value=method)]
+            + [gr.update(value=picture, label=caption) for picture, caption in panels])
+
+
+def predict_table(run: ViewerRun, views: list[ImageView]) -> list[list]:
+    """One row per uploaded image: every model's P(malignant) and the final decision."""
+    return [[view.title] + [round(view.probabilities[key], 3) for key in run.probability_keys]
+            + [verdict(view.probabilities[run.final_key])] for view in views]
+
+
+def predict_uploads(run: ViewerRun, files: list[str] | None, method: str, opacity: float) -> list:
+    """The Predict tab's answer to an upload: the table, the image choice, the first image's view."""
+    if not files:
+        return [[], None, gr.update(choices=[], value=None), []] + show_view(run, None, method, opacity)
+    try:
+        views = predict_views(run, open_uploads(files))
+    except PipelineError as error:  # e.g. a file that is not an image: said in the page, the server goes on
+        raise gr.Error(message_of(error)) from None
+    names = [(view.title, index) for index, view in enumerate(views)]
+    return ([views, views[0], gr.update(choices=names, value=0), predict_table(run, views)]
+            + show_view(run, views[0], method, opacity))
+
+
+def choose_upload(run: ViewerRun, views: list[ImageView], index: int, method: str, opacity: float) -> list:
+    """Another uploaded image picked in the Predict tab's list."""
+    return [views[index]] + show_view(run, views[index], method, opacity)
+
+
+def browse_table(rows) -> list[list]:
+    return [[row.path.rsplit("/", 1)[-1], row.patient, row.magnification, row.subtype, CLASS_NAMES[row.truth],
+             CLASS_NAMES[row.predicted], round(row.p_malignant, 3), round(row.confidence, 3)] for row in rows]
+
+
+def browse_filter(run: ViewerRun, set_name: str, *filters: str) -> list:
+    """The Browse tab's table for the chosen filters (in BROWSE_FILTERS order) and sort order."""
+    names = [name for name, _ in BROWSE_FILTERS] + ["order"]
+    rows = filter_rows(browse_rows(run, set_name), **dict(zip(names, filters)))
+    return [rows, browse_table(rows)]
+
+
+def browse_select(run: ViewerRun, set_name: str, rows, method: str, opacity: float, event: gr.SelectData) -> list:
+    """A click on a table row: that image's view from the stored files."""
+    view = stored_view(run, rows[event.index[0]], set_name)
+    return [view] + show_view(run, view, method, opacity)
+
+
+# --------------------------------------------------------------------------------------------- the page
+
+
+def load_picture(path: Path) -> Image.Image:
+    """A report plot read into memory (Gradio then serves its own copy, from its temporary folder)."""
+    with Image.open(path) as picture:
+        return picture.convert("RGB")
+
+
+def filter_choices(run: ViewerRun, set_name: str) -> dict[str, list[str]]:
+    rows = browse_rows(run, set_name)
+    return {"truth": list(CLASS_NAMES), "predicted": list(CLASS_NAMES), "outcome": ["correct", "wrong"],
+            "patient": sorted({row.patient for row in rows}),
+            "magnification": sorted({row.magnification for row in rows}, key=lambda value: (len(value), value)),
+            "subtype": sorted({row.subtype for row in rows})}
+
+
+@dataclass(frozen=True)
+class ViewPanel:
+    """The view shared by Predict and Browse: map method, opacity, the pictures, the probability table."""
+
+    method: gr.Radio
+    opacity: gr.Slider
+    outputs: list  # in show_view's order
+
+
+def view_panel(run: ViewerRun, prefix: str, view_state: gr.State) -> ViewPanel:
+    """Lay out a view; moving its opacity or choosing its method re-renders the view held in `view_state`."""
+    with gr.Row():
+        method = gr.Radio(label="map method", choices=[("Grad-CAM", "cams")], value="cams",
+                          elem_id=f"{prefix}-method")
+        opacity = gr.Slider(0, 1, value=DEFAULT_OPACITY, step=0.05, label="map opacity",
+                            elem_id=f"{prefix}-opacity")
+    with gr.Row():
+        pictures = [gr.Image(label=name, type="pil", format="png", interactive=False,
+                             buttons=["download", "fullscreen"], elem_id=f"{prefix}-{name}") for name in PANEL_NAMES]
+    table = gr.Markdown(elem_id=f"{prefix}-probabilities")
+    panel = ViewPanel(method, opacity, [table, method] + pictures)
+    for control in (method, opacity):
+        control.input(partial(show_view, run), [view_state, method, opacity], panel.outputs, **REDRAW)
+    return panel
+
+
+def predict_tab(run: ViewerRun) -> None:
+    upload = gr.File(file_count="multiple", file_types=list(IMAGE_EXTENSIONS), type="filepath",
+                     elem_id="predict-upload",
+                     label="images (PNG, JPEG, TIFF; any size): each goes through the three CNNs and the final MLP")
+    views, current = gr.State([]), gr.State(None)
+    summary = gr.Dataframe(headers=["image"] + [run.name(key) for key in run.probability_keys] + ["decision"],
+                           interactive=False, elem_id="predict-summary", label="P(malignant) per image")
+    chooser = gr.Dropdown(label="show image", choices=[], elem_id="predict-chooser")
+    panel = view_panel(run, "predict", current)
+    upload.change(partial(predict_uploads, run), [upload, panel.method, panel.opacity],
+                  [views, current, chooser, summary] + panel.outputs)
+    chooser.input(partial(choose_upload, run), [views, chooser, panel.method, panel.opacity],
+                  [current] + panel.outputs, **REDRAW)
+
+
+def browse_tab(run: ViewerRun) -> None:
+    sets = list(browse_sets(run))
+    set_name = gr.Dropdown(label="images", choices=sets, value=sets[0], elem_id="browse-set",
+                           interactive=len(sets) > 1)
+    choices = filter_choices(run, sets[0])
+    with gr.Row():
+        filters = [gr.Dropdown(label=label, choices=["all"] + choices[name], value="all", elem_id=f"browse-{name}")
+                   for name, label in BROWSE_FILTERS]
+        filters.append(gr.Dropdown(label="sort by the final MLP's confidence", choices=list(ORDERS),
+                                   value=ORDERS[0], elem_id="browse-order"))
+    rows, table_value = browse_filter(run, sets[0], *(["all"] * len(BROWSE_FILTERS) + [ORDERS[0]]))
+    shown_rows, current = gr.State(rows), gr.State(None)
+    table = gr.Dataframe(value=table_value, headers=BROWSE_COLUMNS, interactive=False, elem_id="browse-table",
+                         label="click an image to see it", max_height=320)
+    panel = view_panel(run, "browse", current)
+    for control in [set_name] + filters:
+        control.input(partial(browse_filter, run), [set_name] + filters, [shown_rows, table], **REDRAW)
+
+    def on_select(chosen_set: str, rows, method: str, opacity: float, event: gr.SelectData) -> list:
+        return browse_select(run, chosen_set, rows, method, opacity, event)  # Gradio fills `event` by its type
+
+    table.select(on_select, [set_name, shown_rows, panel.method, panel.opacity], [current] + panel.outputs,
+                 **REDRAW)
+
+
+def results_tab(run: ViewerRun) -> None:
+    gr.Markdown(results_markdown(run), elem_id="results-table")
+    plots = report_plots(run)
+    if plots:
+        with gr.Column(elem_id="results-plots"):
+            for start in range(0, len(plots), 2):  # two plots a row, each shown whole
+                with gr.Row():
+                    for path in plots[start:start + 2]:
+                        gr.Image(load_picture(path), label=f"report/{path.name}", show_label=False, format="png",
+                                 interactive=False, buttons=["download", "fullscreen"])
+    else:
+        gr.Markdown(f"No report plots yet: `python make_report.py --output-dir {run.output_dir}` builds them.")
+
+
+def build_app(run: ViewerRun) -> gr.Blocks:
+    with gr.Blocks(title=f"BreaKHis viewer: {run.output_dir.name}", analytics_enabled=False, fill_width=True) as app:
+        gr.Markdown(f"# Run `{run.output_dir}`\nSplit: {run.report.results['split_protocol']}. Final classifier: "
+                    f"{run.name(run.final_key)}, fit on the {run.report.results['fit_split']} split.")
+        if run.warnings:
+            gr.Markdown("\n".join(f"**Warning:** {warning}  " for warning in run.warnings), elem_id="warning-banner")
+        with gr.Tabs():
+            with gr.Tab("Predict", elem_id="tab-predict"):
+                predict_tab(run)
+            with gr.Tab("Browse", elem_id="tab-browse"):
+                browse_tab(run)
+            with gr.Tab("Results", elem_id="tab-results"):
+                results_tab(run)
+    return app
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def check_temp_dir(output_dir: Path) -> None:
+    """Gradio writes uploads and served pictures to GRADIO_TEMP_DIR; never into the run folder."""
+    temp_dir = Path(os.environ["GRADIO_TEMP_DIR"]).resolve()
+    if temp_dir == output_dir.resolve() or output_dir.resolve() in temp_dir.parents:
+        raise PipelineError(f"GRADIO_TEMP_DIR={temp_dir} is inside the run folder {output_dir}; the viewer writes "
+                            "nothing there: point GRADIO_TEMP_DIR elsewhere")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail before the models load (seconds to minutes) when the address cannot be listened on."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise PipelineError(f"cannot listen on {host}:{port} ({error.strerror}); pass another --port or --host") \
+                from None
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="runs/breakhis", help="the finished run to view")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    args = parser.parse_args(argv)
+    output_dir = Path(args.output_dir)
+    check_temp_dir(output_dir)
+    check_port_free(args.host, args.port)
+    started = time.perf_counter()
+    run = load_viewer_run(output_dir, device=pick_device(args.device))
+    app = build_app(run)
+    try:
+        # run_history=False: the page keeps no record of the images looked at (Gradio's default saves each call in
+        # the browser and offers to copy them to a Hugging Face bucket). ssr_mode=False: no Node.js server.
+        app.launch(server_name=args.host, server_port=args.port, ssr_mode=False, run_history=False, quiet=True,
+                   show_error=True, css=CSS, prevent_thread_lock=True)
+    except OSError as error:  # taken since check_port_free
+        raise PipelineError(f"cannot listen on {args.host}:{args.port} ({error}); pass another --port or --host") \
+            from None
+    print(f"viewing {output_dir} (loaded in {time.perf_counter() - started:.1f} s) on "
+          f"http://{args.host}:{args.port}; Ctrl-C stops it", flush=True)
+    try:
+        app.block_thread()
+    finally:
+        app.close()
+
+
+if __name__ == "__main__":
+    run_main(main)
