@@ -27,10 +27,11 @@ from _timing import ROOT, interleaved_medians, table
 
 import app  # noqa: E402  (after _timing put the repository root on the path)
 from common.demo import make_demo_dataset  # noqa: E402
+from common.models import ARCHS  # noqa: E402
 from common.viewer import DEFAULT_OPACITY, browse_rows, filter_rows, load_viewer_run  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "breakhis_sample"
-MODEL_SCRIPTS = ("cancer_class_densenet_121.py", "cancer_class_resnet_50.py", "cancer_class_vgg_16.py")
+MODEL_SCRIPTS = tuple(spec.script for spec in ARCHS.values())
 RUN_ARGS = ["--weights", "none", "--image-size", "224", "--epochs", "1", "--batch-size", "8", "--workers", "0",
             "--overlays", "0", "--val-fraction", "0.25", "--test-fraction", "0.25", "--device", "cpu"]
 

@@ -23,6 +23,7 @@ Sections, one module each, in pipeline order:
     common.faithfulness  deletion/insertion AUC of saliency maps against random and Gaussian baselines
     common.attribution   LIME, Kernel SHAP, occlusion (captum); Integrated Gradients shares of the final MLP
     common.report        the static HTML report of a run
+    common.viewer        the browser viewer's functions (app.py is its Gradio page)
     common.console       what the scripts show on the console: --help layout, progress of long loops
     common.fileio        atomic writes of every result file; leftovers of killed runs; full disks
     common.errors        the one-line error that scripts print instead of a traceback
