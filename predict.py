@@ -13,7 +13,6 @@ import argparse
 import csv
 import io
 import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,8 +85,9 @@ def load_cnns(output_dir: Path, classifier: dict, device: torch.device) -> dict[
 
 
 def warn_about_training(output_dir: Path) -> None:
-    """A prominent warning on stderr when the run's checkpoints say its models cannot speak about real tissue
-    (random initialisation, synthetic demo data): their confident-looking probabilities mean nothing."""
+    """A prominent warning above the table when the run's checkpoints say its models cannot speak about real
+    tissue (random initialisation, synthetic demo data): their confident-looking probabilities mean nothing.
+    On stdout, with the numbers it qualifies; stderr keeps to the one-line errors."""
     paths = {arch: checkpoint_path(output_dir, arch) for arch in MODEL_ORDER}
     # A missing checkpoint is reported where the models are loaded, after the final classifier's.
     checkpoints = {arch: load_checkpoint(path, arch) for arch, path in paths.items() if path.is_file()}
@@ -96,7 +96,7 @@ def warn_about_training(output_dir: Path) -> None:
         banner = "!" * 100
         lines = [banner, f"WARNING: the models of {output_dir} say nothing about real tissue; these probabilities "
                          "only test the pipeline:", *(f"WARNING:   {line}" for line in caveats), banner]
-        print("\n".join(lines), file=sys.stderr, flush=True)
+        print("\n".join(lines), flush=True)
 
 
 def classify_images(images: list[Image.Image], *, mlp: torch.nn.Module, classifier: dict,
@@ -165,17 +165,18 @@ def main(argv=None) -> None:
     out_dir = Path(args.out) if args.out else output_dir / PREDICTIONS_DIR
 
     image_paths = collect_images(args.inputs)
-    warn_about_training(output_dir)
     columns = list(MODEL_ORDER) + ["soft_vote", "final_mlp"]
     rows = [["image"] + [f"p_malignant_{name}" for name in columns] + ["prediction", "overlay"]]
     names = overlay_names(image_paths)
-    print(f"{'image':<40} " + " ".join(f"{name:>12}" for name in columns) + "  prediction (final MLP)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Overlays are written batch by batch (flat memory) into a staging folder that is moved into --out only when
     # every image has been read: a bad image stops the run with --out as it was.
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as staging:
         overlay_names_in_order = iter(names)
-        for batch in predict_batches(image_paths, output_dir, pick_device(args.device)):
+        for index, batch in enumerate(predict_batches(image_paths, output_dir, pick_device(args.device))):
+            if index == 0:  # the run's files passed their checks and the models loaded: now the caveats, the table
+                warn_about_training(output_dir)
+                print(f"{'image':<40} " + " ".join(f"{name:>12}" for name in columns) + "  prediction (final MLP)")
             probabilities = batch["probabilities"]
             for row, path in enumerate(batch["paths"]):
                 overlay_name = next(overlay_names_in_order)

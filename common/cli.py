@@ -108,7 +108,8 @@ def parse_args(*, arch: str, description: str, argv: list[str] | None = None, **
 
 def heatmaps_only_command(script: str, config: dict, output_dir: str | os.PathLike) -> str:
     """The command that remakes a heatmap file from the checkpoint whose saved `config` is given."""
-    words = ["python", script, "--data-dir", config["data_dir"], "--output-dir", str(output_dir)]
+    # A checkpoint whose config lacks the data dir (not made by run_model_script) gets a placeholder to fill in.
+    words = ["python", script, "--data-dir", config.get("data_dir", "DATA_DIR"), "--output-dir", str(output_dir)]
     for option in HEATMAP_DEFINING_OPTIONS:
         if config.get(option, DEFAULTS[option]) != DEFAULTS[option]:
             words += [f"--{option.replace('_', '-')}", str(config[option])]

@@ -43,7 +43,8 @@ def test_dry_run_has_every_check_passed(dry_run):
     # On the CPU, export and recomputation are both float32 on the same device: they agree far inside the tolerance.
     for arch in ("densenet121", "resnet50", "vgg16"):
         assert summary["checks"][f"cam_agreement:{arch}"]["max_map_error"] < 1e-3
-    assert summary["checks"]["files_load"]["loaded"][".pth"] >= 8  # 3 best + 3 states + final MLPs + ...
+    # 3 best checkpoints + 2 final MLPs at least (a finished run removes its training states)
+    assert summary["checks"]["files_load"]["loaded"][".pth"] >= 5
 
 
 def test_dry_run_reports_each_figure(dry_run):

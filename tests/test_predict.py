@@ -238,10 +238,11 @@ def test_cli_writes_one_overlay_per_image(cli_run):
 
 def test_cli_warns_that_a_random_init_run_on_demo_data_says_nothing(cli_run):
     """pipeline_run trained every CNN with --weights none on the synthetic demo tree; its checkpoints say so."""
-    stderr = cli_run["finished"].stderr
-    assert "WARNING: the models of" in stderr and "say nothing about real tissue" in stderr
-    assert "densenet121, resnet50, vgg16: trained from random initialisation (--weights none)" in stderr
-    assert "densenet121, resnet50, vgg16: trained on synthetic demo data" in stderr
+    stdout = cli_run["finished"].stdout
+    assert "WARNING: the models of" in stdout and "say nothing about real tissue" in stdout
+    assert stdout.index("WARNING: the models of") < stdout.index("image ")  # above the table it qualifies
+    assert "densenet121, resnet50, vgg16: trained from random initialisation (--weights none)" in stdout
+    assert "densenet121, resnet50, vgg16: trained on synthetic demo data" in stdout
 
 
 def test_no_warning_for_pretrained_models_on_real_data(tmp_path, capsys):
@@ -249,11 +250,11 @@ def test_no_warning_for_pretrained_models_on_real_data(tmp_path, capsys):
         save_torch({"model": {}, "arch": arch, "config": {"weights": "imagenet"}, "synthetic_data": False},
                    checkpoint_path(tmp_path, arch))
     predict.warn_about_training(tmp_path)
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().out == ""
     save_torch({"model": {}, "arch": "resnet50", "config": {"weights": "imagenet"}, "synthetic_data": True},
                checkpoint_path(tmp_path, "resnet50"))
     predict.warn_about_training(tmp_path)
-    assert "WARNING:   resnet50: trained on synthetic demo data" in capsys.readouterr().err
+    assert "WARNING:   resnet50: trained on synthetic demo data" in capsys.readouterr().out
 
 
 def test_printed_probability_beside_the_threshold_agrees_with_the_verdict(tmp_path, capsys, monkeypatch):

@@ -355,6 +355,7 @@ def test_probability_beside_the_threshold_is_shown_on_its_side(run_dir, tmp_path
         arrays = {key: content[key] for key in content.files}
     arrays["prob_vgg16"][0], arrays["prob_resnet50"][0] = 0.4996, 0.5
     save_npz(copy / "test_predictions.npz", **arrays)
+    relink_run(copy)
     cells = prediction_cells(build_report(copy, gallery_size=len(arrays["labels"])), str(arrays["paths"][0]))
     assert cells["VGG-16"] == ("0.4996", "benign")
     assert cells["ResNet-50"] == ("0.500", "malignant")
@@ -368,14 +369,31 @@ def fake_checkpoint(arch: str, *, weights: str, synthetic_data: bool) -> dict:
             "synthetic_data": synthetic_data}
 
 
+def relink_run(run_dir: Path) -> None:
+    """After a test replaced a checkpoint or test_predictions.npz: the digests that tie the run's files together
+    (heatmaps -> checkpoint, results.json -> heatmaps and predictions), as if the run had been remade."""
+    results = json.loads((run_dir / "results.json").read_text())
+    for arch in MODEL_ORDER:
+        heatmap_file = run_dir / f"heatmaps_{arch}.npz"
+        with np.load(heatmap_file, allow_pickle=False) as content:
+            arrays = {key: content[key] for key in content.files}
+        arrays["checkpoint_sha256"] = np.array(sha256_of_file(checkpoint_path(run_dir, arch)))
+        save_npz(heatmap_file, **arrays)
+        results["sources"][arch]["heatmaps_sha256"] = sha256_of_file(heatmap_file)
+    results["outputs"]["test_predictions.npz"] = sha256_of_file(run_dir / "test_predictions.npz")
+    write_json(run_dir / "results.json", results)
+
+
 def test_header_warns_about_random_init_and_synthetic_data(run_dir, tmp_path):
     copy = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("report"))
-    assert 'class="caveat"' not in build_report(copy).read_text()  # no checkpoints: nothing known against them
+    assert 'class="caveat"' not in build_report(copy).read_text()  # the stand-ins say nothing against them
     for arch in MODEL_ORDER:
         save_torch(fake_checkpoint(arch, weights="imagenet", synthetic_data=False), copy / f"fine_tuned_{arch}.pth")
+    relink_run(copy)
     assert 'class="caveat"' not in build_report(copy).read_text()  # pretrained, real data: no caveat
     save_torch(fake_checkpoint("vgg16", weights="none", synthetic_data=True), copy / "fine_tuned_vgg16.pth")
     save_torch(fake_checkpoint("resnet50", weights="imagenet", synthetic_data=True), copy / "fine_tuned_resnet50.pth")
+    relink_run(copy)
     page = build_report(copy).read_text()
     caveat = page[page.index('class="caveat"'):page.index("<dl")]
     assert page.index('class="caveat"') < page.index("<nav>")  # in the header, above every number
