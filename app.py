@@ -36,8 +36,8 @@ from PIL import Image  # noqa: E402
 
 from common.data import CLASS_NAMES, IMAGE_EXTENSIONS  # noqa: E402
 from common.errors import PipelineError, message_of, run_main  # noqa: E402
-from common.fusion import MODEL_ORDER  # noqa: E402
-from common.train import pick_device  # noqa: E402
+from common.models import MODEL_ORDER  # noqa: E402
+from common.runtime import pick_device  # noqa: E402
 from common.viewer import (DEFAULT_OPACITY, ImageView, ViewerRun, browse_rows, browse_sets, filter_rows,  # noqa: E402
                            load_viewer_run, method_name, open_uploads, predict_views, probability_markdown,
                            render_panels, report_plots, results_markdown, stored_view, verdict)

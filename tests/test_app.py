@@ -19,10 +19,10 @@ import app
 import predict
 from common.data import CLASS_NAMES
 from common.errors import PipelineError
-from common.fusion import MODEL_ORDER
-from common.heatmaps import blend, colorize, combined_map, heatmap_path, jet, load_heatmaps
+from common.heatmaps import blend, colorize, combined_map, jet, load_heatmaps
 from common.metrics import softmax
-from common.train import checkpoint_path
+from common.models import MODEL_ORDER
+from common.runfiles import checkpoint_path, heatmap_path
 from common.viewer import (DISPLAY_SIZE, browse_rows, filter_rows, load_viewer_run, map_methods, method_name,
                            open_uploads, predict_views, render_panels, stored_view)
 
