@@ -5,6 +5,7 @@ The page itself, in a real browser: tests/test_app_browser.py.
 """
 
 import dataclasses
+import re
 import socket
 import subprocess
 import sys
@@ -185,8 +186,13 @@ def test_random_init_and_demo_data_are_flagged(run):
 
 
 def test_checkpoint_changed_after_the_mlp_was_trained_is_refused(pipeline_run, monkeypatch):
+    """A checkpoint that is not the one the MLP and the maps were made from: the viewer refuses the run as predict.py
+    does (here the maps beside it are stale too, which the message says first, with the command that remakes them)."""
     monkeypatch.setattr(predict, "sha256_of_file", lambda path: "0" * 64)
-    with pytest.raises(PipelineError, match=f"{checkpoint_path(pipeline_run, MODEL_ORDER[0])} changed after"):
+    arch = MODEL_ORDER[0]
+    expected = (f"{heatmap_path(pipeline_run, arch)} is stale: it was made by another checkpoint than "
+                f"{checkpoint_path(pipeline_run, arch)}")
+    with pytest.raises(PipelineError, match=re.escape(expected)):
         load_viewer_run(pipeline_run, device=CPU)
 
 
