@@ -5,6 +5,7 @@ on another stored map type; predict.py --explain.
 Run-level tests use the session fixture `pipeline_run` (tests/conftest.py: the pipeline on the demo tree, 32 px).
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from common.cam_methods import (CAM_ARRAY_KEYS, CAM_METHODS, cams_and_logits, parse_cam_methods, stored_cam_methods,
                                 stored_cams)
@@ -21,9 +23,11 @@ from common.data import load_split
 from common.dataset import load_rgb
 from common.errors import PipelineError
 from common.fileio import save_npz
-from common.fusion import load_aligned_heatmaps
+from common.fusion import Standardizer, build_features, build_mlp, load_aligned_heatmaps, mlp_logits, stack_maps
 from common.heatmaps import load_heatmaps
+from common.metrics import softmax
 from common.models import MODEL_ORDER
+from common.report import build_report
 from common.runfiles import checkpoint_path, heatmap_path
 from common.transforms import build_transforms
 
@@ -89,3 +93,107 @@ def test_model_script_refuses_an_unknown_cam_method(tmp_path):
     finished = run_script("cancer_class_resnet_50.py", "--data-dir", str(tmp_path), "--cam-methods", "scorecam")
     assert finished.returncode == 2 and "--cam-methods 'scorecam': unknown method(s) scorecam" in finished.stderr
 
+
+# ------------------------------------------------------------------------------- the MLP on another map type
+
+
+def _mlp_test_probabilities(run: Path, classifier: dict, method: str) -> np.ndarray:
+    """The saved MLP applied to the run's `method` maps of the test rows (the features it should have been fit on)."""
+    heatmaps = load_aligned_heatmaps(run)
+    maps = stack_maps({arch: stored_cams(heatmaps[arch], method, "x") for arch in MODEL_ORDER}, classifier["grid_size"])
+    raw = build_features(maps, None)
+    fit_rows = np.flatnonzero(heatmaps[MODEL_ORDER[0]]["splits"] == "train")
+    np.testing.assert_allclose(classifier["feature_mean"].numpy(), Standardizer.fit(raw, fit_rows).mean,
+                               rtol=1e-5, atol=1e-7)  # standardised on this method's maps
+    mlp = build_mlp(classifier["in_features"], classifier["hidden_sizes"], classifier["dropout"])
+    mlp.load_state_dict(classifier["model"])
+    standardized = Standardizer(classifier["feature_mean"].numpy(), classifier["feature_std"].numpy())(raw)
+    test_rows = np.flatnonzero(heatmaps[MODEL_ORDER[0]]["splits"] == "test")
+    return softmax(mlp_logits(mlp, standardized, torch.device("cpu")))[:, 1][test_rows]
+
+
+def test_further_trains_on_the_chosen_cam_method(run_copy):
+    finished = run_script("cancer_class_further.py", "--output-dir", str(run_copy), "--cam-method", "layercam",
+                          "--epochs", "2", "--device", "cpu")
+    assert finished.returncode == 0, finished.stderr
+    classifier = torch.load(run_copy / "final_classifier.pth", map_location="cpu", weights_only=True)
+    assert classifier["cam_method"] == "layercam"
+    assert json.loads((run_copy / "results.json").read_text())["cam_method"] == "layercam"
+    saved = np.load(run_copy / "test_predictions.npz", allow_pickle=False)
+    np.testing.assert_allclose(_mlp_test_probabilities(run_copy, classifier, "layercam"), saved["prob_mlp_heatmaps"],
+                               rtol=0, atol=1e-5)
+
+
+def test_further_refuses_a_cam_method_its_heatmap_files_lack(run_copy):
+    path = heatmap_path(run_copy, "vgg16")
+    target = path.with_name("old.npz")
+    _without_variants(path, target)
+    target.replace(path)  # renamed over the link: the session's run stays as it was
+    finished = run_script("cancer_class_further.py", "--output-dir", str(run_copy), "--cam-method", "gradcam++",
+                          "--device", "cpu")
+    lines = finished.stderr.strip().splitlines()
+    assert finished.returncode == 2 and len(lines) == 1, finished.stderr
+    assert "heatmaps_vgg16.npz holds no gradcam++ maps" in lines[0] and "--cam-methods" in lines[0]
+
+
+# ---------------------------------------------------------------------------------- the faithfulness command
+
+TINY_FAITHFULNESS = ["--images", "2", "--perturbation-images", "1", "--samples", "8", "--steps", "4",
+                     "--figures", "1", "--device", "cpu"]
+CAM_ROWS = {"Grad-CAM", "Grad-CAM++", "LayerCAM"}
+BASELINE_ROWS = {"random (baseline)", "centred Gaussian (baseline)"}
+
+
+def test_faithfulness_command_scores_every_method_with_the_baselines(run_copy):
+    finished = run_script("-m", "common.faithfulness", "--output-dir", str(run_copy), *TINY_FAITHFULNESS)
+    assert finished.returncode == 0, finished.stderr
+    result = json.loads((run_copy / "faithfulness.json").read_text())
+    assert len(result["images"]) == 2 and result["steps"] == 4
+    split = load_split(run_copy / "split.json")
+    test_paths = {record.path for record, name in zip(split.records, split.splits) if name == "test"}
+    assert set(result["images"]) <= test_paths
+    for arch in MODEL_ORDER:
+        cams, perturbation = result["cnns"][arch]["cams"], result["cnns"][arch]["perturbation"]
+        assert set(cams["methods"]) == CAM_ROWS | BASELINE_ROWS and cams["images"] == 2
+        assert set(perturbation["methods"]) == {"LIME", "Kernel SHAP", "Occlusion"} | BASELINE_ROWS
+        assert perturbation["images"] == 1
+        for row in [*cams["methods"].values(), *perturbation["methods"].values()]:
+            assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1 and row["map_seconds_per_image"] > 0
+    assert set(result["combined"]["methods"]) == {f"combined {method}" for method in CAM_METHODS} | BASELINE_ROWS
+    shares = result["mlp_shares"]
+    assert set(shares["average"]) == set(MODEL_ORDER) and sum(shares["average"].values()) == pytest.approx(1, abs=1e-6)
+    assert len(shares["per_image"]["paths"]) == len(test_paths)
+    assert result["figures"] and all((run_copy / name).stat().st_size > 0 for name in result["figures"])
+    markdown = (run_copy / "faithfulness.md").read_text()
+    assert "4 equal steps (5 points)" in markdown and "Gaussian blur" in markdown and "LayerCAM" in markdown
+
+    index = build_report(run_copy)  # the report shows it: the tables, the figures, the MLP's shares
+    page = index.read_text()
+    assert '<section id="faithfulness">' in page and "What the final MLP looks at" in page and "Kernel SHAP" in page
+    for name in result["figures"]:
+        assert (index.parent / name).is_file() and f'src="{name}"' in page
+
+
+def test_faithfulness_command_refuses_stale_heatmaps(run_copy, retrain):
+    retrain(run_copy / "fine_tuned_resnet50.pth")
+    finished = run_script("-m", "common.faithfulness", "--output-dir", str(run_copy), *TINY_FAITHFULNESS)
+    lines = finished.stderr.strip().splitlines()
+    assert finished.returncode == 2 and len(lines) == 1 and "heatmaps_resnet50.npz is stale" in lines[0]
+    assert not (run_copy / "faithfulness.json").exists()
+
+
+# --------------------------------------------------------------------------------------- predict.py --explain
+
+
+def test_predict_explain_writes_a_figure_of_every_method(pipeline_run, tmp_path):
+    import predict
+
+    split = load_split(pipeline_run / "split.json")
+    image = split.root / split.records[split.indices("test")[0]].path
+    predict.main([str(image), "--output-dir", str(pipeline_run), "--out", str(tmp_path / "out"), "--device", "cpu",
+                  "--explain", "resnet50"])
+    figure = tmp_path / "out" / f"{image.stem}_explain.png"
+    with Image.open(figure) as picture:
+        width, height = picture.size
+    assert width > height > 0  # seven columns (image, three CAMs, LIME, SHAP, occlusion), three rows
+    assert (tmp_path / "out" / f"{image.stem}_gradcam.png").is_file()
