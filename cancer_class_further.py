@@ -23,6 +23,7 @@ import torch
 
 from common.data import (CLASS_NAMES, SPLIT_FILE_NAME, assign_groups, describe_protocol, load_split,
                          majority_labels)
+from common.cam_methods import CAM_METHODS, stored_cams
 from common.console import HelpFormatter
 from common.errors import PipelineError, run_main
 from common.fileio import (remove_stale_temporaries, save_npz, save_torch, sha256_of_file, write_json,
@@ -44,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="heatmap files to use instead of the output dir's (default: its heatmaps_<arch>.npz)")
     parser.add_argument("--grid-size", type=int, default=14, help="maps are resized to S x S (VGG-16 gives 14x14 "
                                                                   "at 224 px, the other two 7x7)")
+    parser.add_argument("--cam-method", choices=CAM_METHODS, default="gradcam",
+                        help="which stored maps the MLP reads (the model scripts' --cam-methods must have made them)")
     parser.add_argument("--features", choices=FEATURE_SETS, default="heatmaps",
                         help="input of final_classifier.pth; the other set is trained too, for the table")
     parser.add_argument("--fit-split", choices=["train", "val"], default="train",
@@ -117,7 +120,8 @@ def train_mlps(args, heatmaps: dict, inputs: dict, rows: dict,
     reference = heatmaps[MODEL_ORDER[0]]
     labels, patients = reference["labels"], reference["patients"]
     logits = {arch: heatmaps[arch]["logits"] for arch in MODEL_ORDER}
-    maps = stack_maps({arch: heatmaps[arch]["cams"] for arch in MODEL_ORDER}, args.grid_size)  # (N, 3, S, S)
+    maps = stack_maps({arch: stored_cams(heatmaps[arch], args.cam_method, inputs[arch]["heatmaps"])
+                       for arch in MODEL_ORDER}, args.grid_size)  # (N, 3, S, S)
     probabilities, histories, classifiers = {}, {}, {}
     for feature_set in FEATURE_SETS:
         features = build_features(maps, logits if feature_set == "heatmaps+logits" else None)
@@ -137,7 +141,8 @@ def train_mlps(args, heatmaps: dict, inputs: dict, rows: dict,
             "dropout": args.dropout, "feature_mean": torch.from_numpy(standardizer.mean),
             "feature_std": torch.from_numpy(standardizer.std), "fit_split": args.fit_split,
             "best_epoch": max(row["epoch"] for row in histories[feature_set] if row.get("best_so_far")),
-            "target_class_rule": str(reference["target_class_rule"]), "class_names": list(CLASS_NAMES),
+            "target_class_rule": str(reference["target_class_rule"]), "cam_method": args.cam_method,
+            "class_names": list(CLASS_NAMES),
             "split_digest": str(reference["split_digest"]), "sources": inputs,
             "config": dict(vars(args)),
         }
@@ -178,11 +183,12 @@ def write_comparison(args, output_dir: Path, reference: dict, probabilities: dic
     table = metrics_table({ROW_NAMES[key]: metrics for key, metrics in rows.items()})
     results = {
         "split_protocol": protocol, "fit_split": args.fit_split, "final_features": args.features,
+        "cam_method": args.cam_method,
         "test_images": len(test_rows), "test_patients": test_patients, "display_names": ROW_NAMES,
         "rows": rows, "per_patient": per_patient, "mlp_training": histories,
         "sources": inputs}  # the report checks that the heatmap files it shows are still these
     markdown = (f"Test split, {len(test_rows)} images of {len(test_patients)} patients. "
-                f"Split: {protocol}. MLP fit on: {args.fit_split}.\n\n{table}\n")
+                f"Split: {protocol}. MLP fit on: {args.fit_split}, {args.cam_method} maps.\n\n{table}\n")
     predictions = {"paths": reference["paths"][test_rows], "labels": labels[test_rows],
                    "patients": patients[test_rows], "magnifications": reference["magnifications"][test_rows],
                    **{probability_key(key): probabilities[key][test_rows].astype(np.float32) for key in ROW_NAMES}}

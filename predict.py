@@ -5,7 +5,8 @@
 For each image (any RGB size; it is resized like the training images) prints P(malignant) of DenseNet-121,
 ResNet-50, VGG-16, their mean (soft vote) and the final MLP, and writes to --out (default
 <output-dir>/predictions/): predictions.csv and one overlay PNG per image (image, each model's Grad-CAM, the
-combined map). Grad-CAM explains the class chosen by the rule the MLP was trained with. A run whose checkpoints
+combined map); with --explain, also <image>_explain.png: Grad-CAM, Grad-CAM++ and LayerCAM of each CNN beside
+LIME, Kernel SHAP and occlusion (captum). The maps explain the class chosen by the rule the MLP was trained with. A run whose checkpoints
 were trained from random initialisation or on the synthetic demo data gets a warning on stderr first.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.cam import grad_cam
+from common.cam_methods import cams_and_logits
 from common.data import IMAGE_EXTENSIONS
 from common.dataset import load_rgb
 from common.console import HelpFormatter
@@ -101,16 +102,20 @@ def warn_about_training(output_dir: Path) -> None:
 
 def classify_images(images: list[Image.Image], *, mlp: torch.nn.Module, classifier: dict,
                     models: dict[str, tuple[torch.nn.Module, int]], device: torch.device) -> dict:
-    """Decoded RGB images through the loaded models: each CNN's logits and raw maps (one pass each), P(malignant) of
-    each CNN, the soft vote and the final MLP ('final_mlp'). The one path for new images (predict.py, the viewer)."""
-    logits, cams = {}, {}
+    """Decoded RGB images through the loaded models: each CNN's logits and raw Grad-CAM maps (one pass each),
+    P(malignant) of each CNN, the soft vote and the final MLP ('final_mlp'), whose input are the maps of the CAM
+    method it was trained on. The one path for new images (predict.py, the viewer)."""
+    cam_method = classifier.get("cam_method", "gradcam")  # the maps the MLP was trained on (older files: Grad-CAM)
+    logits, cams, mlp_cams = {}, {}, {}
     for arch, (model, image_size) in models.items():
         transform = build_transforms(train=False, image_size=image_size)
         batch = torch.stack([transform(image) for image in images]).to(device)
-        batch_cams, batch_logits = grad_cam(model, arch, batch, target=classifier["target_class_rule"])
-        cams[arch], logits[arch] = batch_cams.cpu().numpy(), batch_logits.cpu().numpy()
+        batch_maps, batch_logits = cams_and_logits(model, arch, batch, target=classifier["target_class_rule"],
+                                                   methods=("gradcam", cam_method))
+        cams[arch], logits[arch] = batch_maps["gradcam"].cpu().numpy(), batch_logits.cpu().numpy()
+        mlp_cams[arch] = batch_maps[cam_method].cpu().numpy()
     standardize = Standardizer(classifier["feature_mean"].numpy(), classifier["feature_std"].numpy())
-    maps = stack_maps(cams, classifier["grid_size"])
+    maps = stack_maps(mlp_cams, classifier["grid_size"])
     features = standardize(build_features(maps, logits if classifier["features"] == "heatmaps+logits" else None))
     probabilities = malignant_probabilities(logits)
     # In eval mode batch norm uses its running statistics, so each image's P does not depend on its batch.
@@ -153,6 +158,23 @@ def overlay_names(image_paths: list[Path]) -> list[str]:
     return names
 
 
+def write_explanations(image_paths: list[Path], overlay_names_: list[str], output_dir: Path, folder: Path,
+                       explain: str, device: torch.device) -> list[str]:
+    """<stem>_explain.png beside each overlay (common.explain.explain_image); returns their names."""
+    from common.explain import explain_image  # here: captum is imported only when explanations are asked for
+
+    _, classifier = load_classifier(output_dir)
+    models = load_cnns(output_dir, classifier, device)
+    names = []
+    for path, overlay_name in zip(image_paths, overlay_names_):
+        name = overlay_name.removesuffix("_gradcam.png") + "_explain.png"
+        with disk_full_as_pipeline_error(folder / name):
+            explain_image(path, models, folder / name, target_rule=classifier["target_class_rule"],
+                          perturbation_archs=MODEL_ORDER if explain == "all" else (explain,))
+        names.append(name)
+    return names
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files or folders")
@@ -160,6 +182,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="where to write predictions.csv and overlays (default: <output-dir>/predictions)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="auto: CUDA if present, else MPS, else the CPU")
+    parser.add_argument("--explain", choices=["all", *MODEL_ORDER],
+                        help="also write <image>_explain.png: every CAM of each CNN side by side with LIME, Kernel "
+                             "SHAP and occlusion (captum; hundreds of forward passes per image) of this CNN or all")
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
     out_dir = Path(args.out) if args.out else output_dir / PREDICTIONS_DIR
@@ -190,6 +215,9 @@ def main(argv=None) -> None:
                       + f"  {verdict}")
                 rows.append([str(path)] + [format_probability(value, digits=6) for value in values]
                             + [verdict, str(out_dir / overlay_name)])
+        if args.explain:
+            names += write_explanations(image_paths, names, output_dir, Path(staging), args.explain,
+                                        pick_device(args.device))
         out_dir.mkdir(exist_ok=True)
         for name in names:
             os.replace(Path(staging) / name, out_dir / name)

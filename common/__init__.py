@@ -12,8 +12,8 @@ Sections, one module each, in pipeline order:
     common.checkpoints   what fine_tuned_<arch>.pth holds; reading one back safely
     common.train         the shared fine-tuning loop (train_one_epoch, evaluate, fit, resume)
     common.cam           Grad-CAM at the cost of one forward pass
-    common.cam_methods   Grad-CAM++ and LayerCAM from the same pass (not yet in the export)
-    common.heatmaps      heatmap export (heatmaps_<arch>.npz) and overlays
+    common.cam_methods   Grad-CAM++ and LayerCAM from the same pass; their arrays in the heatmap file
+    common.heatmaps      heatmap export (heatmaps_<arch>.npz: every CAM method of one pass) and overlays
     common.metrics       image- and patient-level metrics
     common.model_script  a model script from start to end: split, cache, fit, export, test metrics
     common.cli           the model scripts' one argument parser
@@ -22,7 +22,10 @@ Sections, one module each, in pipeline order:
     common.stats         patient-level diagnosis, vectorised patient bootstrap, paired differences
     common.faithfulness  deletion/insertion AUC of saliency maps against random and Gaussian baselines
     common.attribution   LIME, Kernel SHAP, occlusion (captum); Integrated Gradients shares of the final MLP
+    common.explain       one image explained by every method side by side (faithfulness figures, predict --explain)
+    common.faithfulness_run  the faithfulness command (python -m common.faithfulness --output-dir RUN)
     common.report        the static HTML report of a run
+    common.report_faithfulness  its interpretability section, from faithfulness.json
     common.viewer        the browser viewer's functions (app.py is its Gradio page)
     common.console       what the scripts show on the console: --help layout, progress of long loops
     common.fileio        atomic writes of every result file; leftovers of killed runs; full disks

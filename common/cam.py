@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from common.data import CLASS_NAMES
-from common.models import body, head
 
 TARGET_RULES = ("predicted", "malignant", "benign")
 
@@ -35,24 +34,12 @@ def grad_cam(model: nn.Module, arch: str, images: torch.Tensor, *, target: str =
 
     The model is put in eval mode for the call and its mode restored afterwards.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.autocast(images.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            with torch.no_grad():
-                activation = body(model, arch, images)  # (B, C, h, w)
-            activation = activation.detach().float().requires_grad_(True)
-            with torch.enable_grad():
-                logits = head(model, arch, activation).float()  # (B, 2)
-                classes = target_classes(logits.detach(), target)
-                # Summing over the batch is exact: image b's score depends on image b's activation only.
-                score = logits.gather(1, classes[:, None]).sum()
-                (gradient,) = torch.autograd.grad(score, activation, only_inputs=True)
-        weights = gradient.mean(dim=(2, 3), keepdim=True)  # alpha_k: (B, C, 1, 1)
-        cams = torch.relu((weights * activation.detach()).sum(dim=1))  # (B, h, w)
-        return cams.float(), logits.detach()
-    finally:
-        model.train(was_training)
+    from common.cam_methods import cams_and_logits  # here: common.cam_methods imports target_classes from this module
+
+    # The one pass lives in common.cam_methods (Grad-CAM++ and LayerCAM share it); Grad-CAM is one of its maps.
+    maps, logits = cams_and_logits(model, arch, images, target=target, methods=("gradcam",),
+                                   autocast_dtype=autocast_dtype)
+    return maps["gradcam"], logits
 
 
 def scale_for_display(cams: np.ndarray) -> np.ndarray:

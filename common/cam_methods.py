@@ -15,16 +15,48 @@ pytorch-grad-cam's `GradCAMPlusPlus` and `LayerCAM` before its min-max scaling (
 this at the same layers).
 
 Every map is raw: after the ReLU, before any min-max scaling (common.cam.scale_for_display is for display only).
+
+In heatmaps_<arch>.npz each method has its own array (`CAM_ARRAY_KEYS`: names safe in a zip member): `cams` is
+Grad-CAM (the file's original contract, always present), `cams_gradcampp` and `cams_layercam` the others, and
+`cam_methods` lists what the file holds. A file written before the variants holds Grad-CAM only.
 """
 
+import numpy as np
 import torch
 from torch import nn
 
-from common.cam import target_classes
+from common.errors import PipelineError
 from common.models import body, head
 
 CAM_METHODS = ("gradcam", "gradcam++", "layercam")
+CAM_ARRAY_KEYS = {"gradcam": "cams", "gradcam++": "cams_gradcampp", "layercam": "cams_layercam"}
+CAM_DISPLAY_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "layercam": "LayerCAM"}
 GRADCAM_PLUSPLUS_EPS = 1e-6  # pytorch-grad-cam's; it dominates 2 g^2 when the gradients are small
+
+
+def parse_cam_methods(text: str) -> tuple[str, ...]:
+    """'gradcam,layercam' -> ('gradcam', 'layercam'); Grad-CAM is always included (the heatmap file's `cams`)."""
+    named = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in named if name not in CAM_METHODS]
+    if unknown:
+        raise PipelineError(f"--cam-methods {text!r}: unknown method(s) {', '.join(unknown)}; "
+                            f"choose from {','.join(CAM_METHODS)}")
+    return tuple(name for name in CAM_METHODS if name == "gradcam" or name in named)
+
+
+def stored_cam_methods(heatmaps: dict) -> tuple[str, ...]:
+    """The CAM methods a loaded heatmap file holds (a file from before the variants: Grad-CAM only)."""
+    if "cam_methods" not in heatmaps:
+        return ("gradcam",)
+    return tuple(str(name) for name in np.atleast_1d(heatmaps["cam_methods"]))
+
+
+def stored_cams(heatmaps: dict, method: str, path) -> np.ndarray:
+    """(N, h, w) raw maps of `method` from a loaded heatmap file, or an error saying how to make them."""
+    if method not in stored_cam_methods(heatmaps) or CAM_ARRAY_KEYS[method] not in heatmaps:
+        raise PipelineError(f"heatmap file {path} holds no {method} maps (it has {', '.join(stored_cam_methods(heatmaps))}); "
+                            f"regenerate it with --heatmaps-only --cam-methods {','.join(CAM_METHODS)}")
+    return heatmaps[CAM_ARRAY_KEYS[method]]
 
 
 def _check_methods(methods) -> tuple[str, ...]:
@@ -71,6 +103,8 @@ def cams_and_logits(model: nn.Module, arch: str, images: torch.Tensor, *, target
     so that several models explain the same class). The model is put in eval mode for the call and its mode
     restored afterwards.
     """
+    from common.cam import target_classes  # here, not at the top: common.cam.grad_cam calls this function
+
     methods = _check_methods(methods)
     was_training = model.training
     model.eval()

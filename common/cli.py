@@ -5,19 +5,21 @@ import os
 import shlex
 
 from common.cam import TARGET_RULES
+from common.cam_methods import CAM_METHODS, parse_cam_methods
 from common.console import HelpFormatter
+from common.errors import PipelineError
 
 DEFAULTS = dict(
     output_dir="runs/breakhis", weights="imagenet", epochs=10, batch_size=32, lr=1e-4, weight_decay=1e-4,
     optimizer="adamw", image_size=224, magnification="all", split="patient", fold_file=None, val_fraction=0.1,
     test_fraction=0.2, seed=0, device="auto", workers=min(8, os.cpu_count() or 1), class_weights="balanced",
     cache="disk", max_images=None, cam_target="predicted", overlays=8, amp=True, patient_id="folder",
-    keep_training_state=False,
+    keep_training_state=False, cam_methods=",".join(CAM_METHODS),
 )
 # The options that decide which rows a heatmap file holds and how its maps are made: a command that regenerates
 # the file must repeat them (the split file refuses other split options). The image size comes from the checkpoint.
 HEATMAP_DEFINING_OPTIONS = ("magnification", "split", "patient_id", "fold_file", "val_fraction", "test_fraction",
-                            "seed", "max_images", "cam_target")
+                            "seed", "max_images", "cam_target", "cam_methods")
 
 
 def build_parser(*, arch: str, description: str, **script_defaults) -> argparse.ArgumentParser:
@@ -75,6 +77,8 @@ def build_parser(*, arch: str, description: str, **script_defaults) -> argparse.
                           help="skip training: recompute heatmaps and test metrics from the saved checkpoint")
     heatmaps.add_argument("--cam-target", choices=TARGET_RULES,
                           help="class whose score Grad-CAM explains (never the true label)")
+    heatmaps.add_argument("--cam-methods", help="comma-separated CAM methods computed in the same pass, each stored "
+                                                "in the heatmap file (Grad-CAM always: the file's cams)")
     heatmaps.add_argument("--overlays", type=int, help="test images saved as heatmap overlay PNGs")
 
     parser.set_defaults(**{**DEFAULTS, **script_defaults})
@@ -95,6 +99,10 @@ def parse_args(*, arch: str, description: str, argv: list[str] | None = None, **
             parser.error(f"--{option.replace('_', '-')} must not be negative")
     if args.lr <= 0:
         parser.error("--lr must be positive")
+    try:  # kept as the text given (it is saved in the checkpoint's config and repeated by heatmaps_only_command)
+        parse_cam_methods(args.cam_methods)
+    except PipelineError as error:
+        parser.error(str(error))
     if args.image_size < 32:
         parser.error("--image-size must be at least 32 (the networks downsample by 32)")
     if args.fold_file and args.split == "image":

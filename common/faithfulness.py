@@ -242,3 +242,10 @@ def score_combined(models: Sequence[tuple[str, nn.Module]], images: torch.Tensor
     return score_methods(soft_vote_probabilities([model for _, model in models]), images,
                          {f"combined {method}": combined_cam_saliency(models, method=method) for method in methods},
                          **options)
+
+
+if __name__ == "__main__":  # python -m common.faithfulness --output-dir RUN: the command lives in its own module
+    from common.errors import run_main
+    from common.faithfulness_run import main
+
+    run_main(main)

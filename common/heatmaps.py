@@ -1,10 +1,13 @@
-"""One evaluation pass over every image of every split: logits and raw Grad-CAM maps -> heatmaps_<arch>.npz.
+"""One evaluation pass over every image of every split: logits and raw CAM maps -> heatmaps_<arch>.npz.
 
 The maps are written as they are computed into a preallocated memmap, so memory stays flat as the dataset
 grows; the finished file replaces any earlier one atomically.
 
 heatmaps_<arch>.npz (np.load(path, allow_pickle=False)):
     cams (N, h, w) float32   raw Grad-CAM, after ReLU, before any scaling
+    cams_gradcampp, cams_layercam (N, h, w) float32   raw Grad-CAM++ and LayerCAM of the same pass, when asked for
+    cam_methods (M,) unicode the CAM methods stored (common.cam_methods.CAM_ARRAY_KEYS names their arrays);
+                             a file without it (written before the variants) holds Grad-CAM only
     logits (N, 2) float32    the same pass's logits
     labels (N,) int64, paths, patients, magnifications, splits (N,) unicode   rows in split-file order
     arch, target_layer, target_class_rule, split_digest (unicode scalars), image_size, format_version (int)
@@ -12,6 +15,7 @@ heatmaps_<arch>.npz (np.load(path, allow_pickle=False)):
                                          refuse maps of another checkpoint than the one beside them
 """
 
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,8 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
-from common.cam import grad_cam, scale_for_display
+from common.cam import scale_for_display
+from common.cam_methods import CAM_ARRAY_KEYS, CAM_METHODS, cams_and_logits
 from common.console import progress
 from common.data import Split
 from common.dataset import load_rgb, make_batches
@@ -37,10 +42,11 @@ HEATMAP_KEYS = ("cams", "logits", "labels", "paths", "patients", "magnifications
 
 def export_heatmaps(model, arch: str, split: Split, out_path: Path, *, image_size: int, batch_size: int,
                     workers: int, device: torch.device, cache, target_rule: str, checkpoint_sha256: str,
-                    overlay_dir: Path | None = None, overlay_count: int = 0) -> dict:
+                    overlay_dir: Path | None = None, overlay_count: int = 0, cam_methods=CAM_METHODS) -> dict:
     """Write heatmaps_<arch>.npz for every record of `split`, made by `model`, the model of the checkpoint whose
-    digest is `checkpoint_sha256` (and `overlay_count` overlay PNGs of test images
+    digest is `checkpoint_sha256` (and `overlay_count` Grad-CAM overlay PNGs of test images
     into `overlay_dir`, from the maps still on disk); return the file's small arrays (logits, labels, ...).
+    `cam_methods`: the maps computed in the same pass and stored each in its own array (Grad-CAM always).
 
     In float32 even where training used mixed precision: the maps are the final MLP's input, and predict.py
     computes them in float32 for new images, so the MLP sees the same kind of input in training and in use."""
@@ -50,16 +56,25 @@ def export_heatmaps(model, arch: str, split: Split, out_path: Path, *, image_siz
                            seed=0, cache=cache)
     cam_height, cam_width = cam_shape(model, arch, image_size)
     logits = np.zeros((len(split.records), 2), np.float32)
-    # A locked scratch file beside the heatmap file: a later run removes it if this process is killed.
-    with scratch_file(out_path.parent, out_path.name, suffix=".cams.npy") as scratch:
-        cams = create_memmap(scratch, dtype=np.float32, shape=(len(split.records), cam_height, cam_width))
-        for images, _labels, indices in progress(batches.batches(), total=len(batches), desc=f"{arch} Grad-CAM"):
-            batch_cams, batch_logits = grad_cam(model, arch, images, target=target_rule)
-            if batch_cams.shape[1:] != cams.shape[1:]:
-                raise PipelineError(f"{arch} maps are {tuple(batch_cams.shape[1:])}, expected {cams.shape[1:]}")
-            cams[indices.numpy()] = batch_cams.cpu().numpy()
+    methods = tuple(name for name in CAM_METHODS if name == "gradcam" or name in cam_methods)
+    shape = (len(split.records), cam_height, cam_width)
+    # A locked scratch file per method beside the heatmap file: a later run removes it if this process is killed.
+    with ExitStack() as scratches:
+        maps = {}  # method -> (N, h, w) memmap
+        for method in methods:
+            scratch = scratches.enter_context(scratch_file(out_path.parent, out_path.name,
+                                                           suffix=f".{CAM_ARRAY_KEYS[method]}.npy"))
+            maps[method] = create_memmap(scratch, dtype=np.float32, shape=shape)
+        cams = maps["gradcam"]
+        for images, _labels, indices in progress(batches.batches(), total=len(batches), desc=f"{arch} CAMs"):
+            batch_maps, batch_logits = cams_and_logits(model, arch, images, target=target_rule, methods=methods)
+            for method, batch_cams in batch_maps.items():
+                if batch_cams.shape[1:] != shape[1:]:
+                    raise PipelineError(f"{arch} maps are {tuple(batch_cams.shape[1:])}, expected {shape[1:]}")
+                maps[method][indices.numpy()] = batch_cams.cpu().numpy()
             logits[indices.numpy()] = batch_logits.cpu().numpy()
-        cams.flush()
+        for method_maps in maps.values():
+            method_maps.flush()
         arrays = {
             "logits": logits,
             "labels": np.array([r.label for r in split.records], np.int64),
@@ -70,12 +85,13 @@ def export_heatmaps(model, arch: str, split: Split, out_path: Path, *, image_siz
             "arch": np.array(arch), "target_layer": np.array(ARCHS[arch].target_layer),
             "target_class_rule": np.array(target_rule), "split_digest": np.array(split.digest),
             "image_size": np.array(image_size), "format_version": np.array(HEATMAP_FORMAT_VERSION),
-            "checkpoint_sha256": np.array(checkpoint_sha256),
+            "checkpoint_sha256": np.array(checkpoint_sha256), "cam_methods": np.array(methods, dtype=str),
         }
-        save_npz(out_path, cams=cams, **arrays)  # numpy streams the memmap into the zip in chunks
+        # numpy streams each memmap into the zip in chunks
+        save_npz(out_path, **{CAM_ARRAY_KEYS[method]: method_maps for method, method_maps in maps.items()}, **arrays)
         if overlay_dir is not None:
             save_overlays(split, cams, overlay_dir, count=overlay_count, image_size=image_size)
-        del cams
+        del cams, maps
     return arrays
 
 

@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from common.checkpoints import SELECTION_METRIC, load_checkpoint, model_from_checkpoint
+from common.cam_methods import parse_cam_methods
 from common.cli import parse_args, split_protocol
 from common.data import SPLIT_FILE_NAME, Split, describe_protocol, prepare_split, subsample_split, summarize_split
 from common.dataset import build_cache
@@ -35,7 +36,8 @@ def export_and_report(args: argparse.Namespace, split: Split, runtime: Runtime, 
                              image_size=checkpoint["image_size"], batch_size=args.batch_size, workers=args.workers,
                              device=runtime.device, cache=cache, target_rule=args.cam_target,
                              checkpoint_sha256=sha256_of_file(checkpoint_file),
-                             overlay_dir=overlay_dir(output_dir, args.arch), overlay_count=args.overlays)
+                             overlay_dir=overlay_dir(output_dir, args.arch), overlay_count=args.overlays,
+                             cam_methods=parse_cam_methods(args.cam_methods))
     probabilities = softmax(arrays["logits"])[:, 1]
     results = {"arch": args.arch, "split_protocol": describe_protocol(split.protocol),
                "checkpoint_epoch": checkpoint["epoch"], "selection_metric": SELECTION_METRIC}

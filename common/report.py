@@ -14,6 +14,8 @@ JavaScript): it opens from disk and can be zipped or copied as it is. Sections:
                   a loss far above the others (a diverged first epoch) is drawn on the top edge with its value
     gallery       test images: original, each CNN's Grad-CAM overlay (heatmaps_<arch>.npz), the combined map,
                   truth and every row's P(malignant) (test_predictions.npz); misclassified images first
+    faithfulness  when faithfulness.json exists: deletion/insertion of every method, images explained by every
+                  method, the final MLP's Integrated Gradients shares (common/report_faithfulness.py)
 
 Nothing shown is recomputed in another way: predictions are P(malignant) >= 0.5, the rule of
 common.metrics.binary_metrics that produced results.json, and a probability is shown with the digits that keep it
@@ -47,6 +49,7 @@ from common.fusion import (check_listed_in_results, check_made_by_checkpoint,
 from common.heatmaps import blend, colorize, combined_map, jet, load_heatmaps
 from common.metrics import DECISION_THRESHOLD, METRIC_COLUMNS, format_metric, format_probability
 from common.models import ARCHS, MODEL_ORDER
+from common.report_faithfulness import faithfulness_html
 from common.runfiles import (FURTHER_SCRIPT, REPORT_DIR, TEST_PREDICTIONS, checkpoint_path, heatmap_path,
                              probability_key, train_log_path)
 from common.transforms import resize_image
@@ -579,5 +582,8 @@ def write_report_files(run: Run, report_dir: Path, *, gallery_size: int) -> None
                     + "<h3>Heatmap MLP</h3>" + _plot(plots["mlp"], "MLP training curves"),
         "Grad-CAM gallery": gallery_html(run, gallery),
     }
+    faithfulness = faithfulness_html(run.output_dir, report_dir)  # None until python -m common.faithfulness ran
+    if faithfulness is not None:
+        sections["Faithfulness"] = faithfulness
     write_text(report_dir / "index.html",
                page_html(f"BreaKHis report: {run.output_dir.name}", sections, header_html(run)))

@@ -8,6 +8,8 @@
     final_classifier.pth                the MLP on the chosen features      final_classifier_<features>.pth  the other
     test_predictions.npz                every model's P(malignant) per test image, keys prob_<row key>
     results.md, results.json            the comparison table (results.json written last, listing the others)
+    faithfulness.json, faithfulness.md  deletion/insertion AUC of every explanation method (python -m common.faithfulness)
+    faithfulness/*.png                  test images explained by every method side by side
     report/                             the static report                   predictions/  predict.py's default --out
 
 (The decision rule, malignant when P(malignant) >= 0.5, is common.metrics.DECISION_THRESHOLD.)
@@ -22,6 +24,9 @@ TEST_PREDICTIONS = "test_predictions.npz"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 REPORT_DIR = "report"
+FAITHFULNESS_JSON = "faithfulness.json"
+FAITHFULNESS_MD = "faithfulness.md"
+FAITHFULNESS_DIR = "faithfulness"
 PREDICTIONS_DIR = "predictions"
 FURTHER_SCRIPT = "cancer_class_further.py"
 

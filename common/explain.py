@@ -1,0 +1,118 @@
+"""Every explanation method of one image side by side: the CAMs of the one-pass export (common.cam_methods) and the
+perturbation methods of captum (common.attribution: LIME, Kernel SHAP, occlusion), for the faithfulness command
+and predict.py --explain.
+
+The perturbation methods switch a grid patch "off" by putting in the same blurred copy of the image that the
+deletion/insertion metric uses as its substrate (common.faithfulness.blur_for), so a map is scored against the
+perturbation it was made with. They cost `samples` forward passes (occlusion: one per window position) per image,
+so they run on request, for chosen images only.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import nn
+
+from common.attribution import DEFAULT_SAMPLES, kernel_shap_map, lime_map, occlusion_map
+from common.cam import target_classes
+from common.cam_methods import CAM_DISPLAY_NAMES, CAM_METHODS, cams_and_logits
+from common.data import CLASS_NAMES
+from common.dataset import load_rgb
+from common.faithfulness import SaliencyMethod, blur_for
+from common.fileio import atomic_path
+from common.heatmaps import blend, colorize
+from common.models import ARCHS
+from common.transforms import build_transforms, resize_image
+
+PERTURBATION_METHODS = ("lime", "kernel_shap", "occlusion")
+METHOD_DISPLAY_NAMES = {**CAM_DISPLAY_NAMES, "lime": "LIME", "kernel_shap": "Kernel SHAP", "occlusion": "Occlusion"}
+EXPLANATION_METHODS = CAM_METHODS + PERTURBATION_METHODS
+
+
+def perturbation_map(model: nn.Module, method: str, image: torch.Tensor, target: int, *,
+                     samples: int = DEFAULT_SAMPLES, seed: int = 0) -> torch.Tensor:
+    """(H, W) signed map of one normalised image (3, H, W) for class `target`, by captum through
+    common.attribution; the "off" value of a patch is the image's blurred copy."""
+    baseline = blur_for(max(image.shape[-2:]))(image)
+    if method == "lime":
+        return lime_map(model, image, target, samples=samples, baseline=baseline, seed=seed)
+    if method == "kernel_shap":
+        return kernel_shap_map(model, image, target, samples=samples, baseline=baseline, seed=seed)
+    if method == "occlusion":
+        return occlusion_map(model, image, target, baseline=baseline)
+    raise ValueError(f"unknown perturbation method {method!r}; choose from {PERTURBATION_METHODS}")
+
+
+def perturbation_saliency(model: nn.Module, method: str, *, samples: int = DEFAULT_SAMPLES,
+                          seed: int = 0) -> SaliencyMethod:
+    """perturbation_map as a common.faithfulness saliency method (one image at a time)."""
+    def saliency(images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return torch.stack([perturbation_map(model, method, image, int(target), samples=samples, seed=seed)
+                            for image, target in zip(images, classes)])
+    return saliency
+
+
+def explanation_maps(model: nn.Module, arch: str, image: torch.Tensor, target: int, *, methods=EXPLANATION_METHODS,
+                     samples: int = DEFAULT_SAMPLES, seed: int = 0) -> dict[str, np.ndarray]:
+    """{method: map (h, w)} of one normalised image (3, H, W) for class `target`, in `methods`' order: the CAMs
+    raw from one pass (their own grid), the perturbation methods at the input size."""
+    cam_methods = tuple(method for method in methods if method in CAM_METHODS)
+    maps = {}
+    if cam_methods:
+        cams, _ = cams_and_logits(model, arch, image[None], target=torch.tensor([target]), methods=cam_methods)
+        maps.update({method: cams[method][0].cpu().numpy() for method in cam_methods})
+    for method in methods:
+        if method not in CAM_METHODS:
+            maps[method] = perturbation_map(model, method, image, target, samples=samples, seed=seed).numpy()
+    return {method: maps[method] for method in methods}
+
+
+def explanation_figure(picture: Image.Image, maps: dict[str, dict[str, np.ndarray]], target: Path, *,
+                       title: str) -> Path:
+    """A PNG grid: one row per model (`maps`: row label -> {method: map}), the picture then each method's map
+    blended over it (min-max scaled for display, jet: red = high). Written atomically."""
+    methods = list(dict.fromkeys(method for row in maps.values() for method in row))
+    figure = Figure(figsize=(1.9 * (len(methods) + 1), 2.0 * len(maps) + 0.4), layout="constrained")
+    grid = figure.subplots(len(maps), len(methods) + 1, squeeze=False)
+    for row, (label, row_maps) in enumerate(maps.items()):
+        grid[row, 0].imshow(picture)
+        grid[row, 0].set_ylabel(label, fontsize=9)
+        for column, method in enumerate(methods, start=1):
+            if method in row_maps:
+                grid[row, column].imshow(blend(picture, colorize(row_maps[method], picture.size)))
+            else:  # a method run for another model only (e.g. LIME of one chosen CNN)
+                grid[row, column].axis("off")
+            if row == 0:
+                grid[row, column].set_title(METHOD_DISPLAY_NAMES.get(method, method), fontsize=9)
+        for axes in grid[row]:
+            axes.set_xticks([])
+            axes.set_yticks([])
+    grid[0, 0].set_title("image", fontsize=9)
+    figure.suptitle(title, fontsize=9)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target, suffix=".png") as temp_path:
+        figure.savefig(temp_path, format="png", dpi=80)
+    return target
+
+
+def explain_image(path: Path, models: dict[str, tuple[nn.Module, int]], target: Path, *, target_rule: str,
+                  perturbation_archs=tuple(ARCHS), samples: int = DEFAULT_SAMPLES, seed: int = 0,
+                  title: str | None = None) -> Path:
+    """One image file explained by every CAM of every CNN (`models`: arch -> (model, input size)) and by the
+    perturbation methods of the CNNs in `perturbation_archs`; each CNN explains the class its own logits give
+    by `target_rule` (common.cam.TARGET_RULES). Writes the figure to `target` (PNG, atomically)."""
+    image = load_rgb(path)
+    maps = {}
+    for arch, (model, image_size) in models.items():
+        device = next(model.parameters()).device
+        tensor = build_transforms(train=False, image_size=image_size)(image).to(device)
+        with torch.no_grad():
+            target_class = int(target_classes(model.eval()(tensor[None]), target_rule)[0])
+        methods = EXPLANATION_METHODS if arch in perturbation_archs else CAM_METHODS
+        label = f"{ARCHS[arch].display_name}\n({CLASS_NAMES[target_class]})"
+        maps[label] = explanation_maps(model, arch, tensor, target_class, methods=methods, samples=samples, seed=seed)
+    picture = resize_image(image, max(image_size for _, image_size in models.values()))
+    return explanation_figure(picture, maps, target, title=title or Path(path).name)
