@@ -101,26 +101,31 @@ def warn_about_training(output_dir: Path) -> None:
 
 
 def classify_images(images: list[Image.Image], *, mlp: torch.nn.Module, classifier: dict,
-                    models: dict[str, tuple[torch.nn.Module, int]], device: torch.device) -> dict:
+                    models: dict[str, tuple[torch.nn.Module, int]], device: torch.device,
+                    methods: tuple[str, ...] = ("gradcam",)) -> dict:
     """Decoded RGB images through the loaded models: each CNN's logits and raw Grad-CAM maps (one pass each),
     P(malignant) of each CNN, the soft vote and the final MLP ('final_mlp'), whose input are the maps of the CAM
-    method it was trained on. The one path for new images (predict.py, the viewer)."""
+    method it was trained on; 'maps': method -> arch -> raw maps, for each of `methods` (from the same pass).
+    The one path for new images (predict.py, the viewer)."""
     cam_method = classifier.get("cam_method", "gradcam")  # the maps the MLP was trained on (older files: Grad-CAM)
-    logits, cams, mlp_cams = {}, {}, {}
+    wanted = tuple(dict.fromkeys(("gradcam", cam_method, *methods)))
+    logits, cams, mlp_cams, maps_by_method = {}, {}, {}, {method: {} for method in methods}
     for arch, (model, image_size) in models.items():
         transform = build_transforms(train=False, image_size=image_size)
         batch = torch.stack([transform(image) for image in images]).to(device)
         batch_maps, batch_logits = cams_and_logits(model, arch, batch, target=classifier["target_class_rule"],
-                                                   methods=("gradcam", cam_method))
+                                                   methods=wanted)
         cams[arch], logits[arch] = batch_maps["gradcam"].cpu().numpy(), batch_logits.cpu().numpy()
         mlp_cams[arch] = batch_maps[cam_method].cpu().numpy()
+        for method in methods:
+            maps_by_method[method][arch] = batch_maps[method].cpu().numpy()
     standardize = Standardizer(classifier["feature_mean"].numpy(), classifier["feature_std"].numpy())
     maps = stack_maps(mlp_cams, classifier["grid_size"])
     features = standardize(build_features(maps, logits if classifier["features"] == "heatmaps+logits" else None))
     probabilities = malignant_probabilities(logits)
     # In eval mode batch norm uses its running statistics, so each image's P does not depend on its batch.
     probabilities["final_mlp"] = softmax(mlp_logits(mlp, features, device))[:, 1]
-    return {"logits": logits, "cams": cams, "probabilities": probabilities}
+    return {"logits": logits, "cams": cams, "probabilities": probabilities, "maps": maps_by_method}
 
 
 def predict_batches(image_paths: list[Path], output_dir: Path, device: torch.device,

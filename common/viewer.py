@@ -21,11 +21,11 @@ from torch import nn
 from common.data import CLASS_NAMES, SPLIT_FILE_NAME, Split, load_split
 from common.dataset import load_rgb
 from common.errors import PipelineError
+from common.cam_methods import CAM_ARRAY_KEYS
 from common.heatmaps import OVERLAY_ALPHA, blend, colorize, combined_map, jet
 from common.metrics import DECISION_THRESHOLD
 from common.models import MODEL_ORDER
 from common.report import Run, load_run
-from common.transforms import build_transforms
 
 import predict
 
@@ -36,10 +36,9 @@ DISPLAY_SIZE = 384
 DEFAULT_OPACITY = OVERLAY_ALPHA
 # Map methods are named by their key in the heatmap files: `cams` is Grad-CAM; a later method stored as
 # `cams_<name>` (e.g. `cams_gradcam++`) appears under <name> with no change here.
-METHOD_NAMES = {"cams": "Grad-CAM"}
-# Maps computed for new images besides Grad-CAM (which comes from the same pass as the logits): key -> function
-# (model, arch, batch) -> (B, h, w) raw maps. Empty today; a new method registers its function here.
-EXTRA_LIVE_METHODS: dict = {}
+METHOD_NAMES = {"cams": "Grad-CAM", "cams_gradcampp": "Grad-CAM++", "cams_layercam": "LayerCAM"}
+# New images get every CAM method's map from the same pass as their logits: heatmap-file key -> method.
+LIVE_METHODS = {key: method for method, key in CAM_ARRAY_KEYS.items()}
 
 
 @dataclass(frozen=True)
@@ -144,13 +143,8 @@ def predict_views(run: ViewerRun, named_images: list[tuple[str, Image.Image]]) -
     for start in range(0, len(named_images), predict.BATCH_SIZE):
         chunk = named_images[start:start + predict.BATCH_SIZE]
         result = predict.classify_images([image for _, image in chunk], mlp=run.mlp, classifier=run.classifier,
-                                         models=run.cnns, device=run.device)
-        maps = {"cams": result["cams"], **{key: {} for key in EXTRA_LIVE_METHODS}}
-        for key, compute in EXTRA_LIVE_METHODS.items():
-            for arch, (model, image_size) in run.cnns.items():
-                transform = build_transforms(train=False, image_size=image_size)
-                batch = torch.stack([transform(image) for _, image in chunk]).to(run.device)
-                maps[key][arch] = compute(model, arch, batch).cpu().numpy()
+                                         models=run.cnns, device=run.device, methods=tuple(LIVE_METHODS.values()))
+        maps = {key: result["maps"][method] for key, method in LIVE_METHODS.items()}
         probabilities = dict(result["probabilities"])
         probabilities[run.final_key] = probabilities.pop("final_mlp")
         for offset, (name, image) in enumerate(chunk):

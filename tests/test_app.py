@@ -164,19 +164,31 @@ def test_filters_keep_only_matching_rows_sorted_by_confidence(run):
     assert filter_rows(rows, patient=patient, truth=CLASS_NAMES[1 - rows[0].truth]) == []
 
 
-def test_map_methods_other_than_grad_cam_appear_when_the_files_hold_them(run):
-    """A later heatmap format with `cams_gradcam++` beside `cams`: offered under its name, read from its array."""
-    heatmaps = {arch: {**arrays, "cams_gradcam++": arrays["cams"] * 2 + 1}
-                for arch, arrays in run.report.heatmaps.items()}
+def test_every_stored_cam_method_is_offered_for_stored_and_new_images(run, views):
+    """The export stores Grad-CAM, Grad-CAM++ and LayerCAM: Browse reads each array, uploads get each from the
+    same pass as their logits, and the page offers them by name."""
+    assert map_methods(run) == ["cams", "cams_gradcampp", "cams_layercam"]
+    assert [method_name(key) for key in map_methods(run)] == ["Grad-CAM", "Grad-CAM++", "LayerCAM"]
+    row = browse_rows(run)[0]
+    view = stored_view(run, row)
+    file_row = run.heatmap_row["vgg16"][row.path]
+    for key in map_methods(run):
+        assert np.array_equal(view.maps[key]["vgg16"], run.report.heatmaps["vgg16"][key][file_row])
+        assert set(views[0].maps[key]) == set(MODEL_ORDER)
+    _markdown, method, *_pictures = app.show_view(run, views[0], "cams_layercam", 0.45)
+    assert method["value"] == "cams_layercam" and ("LayerCAM", "cams_layercam") in method["choices"]
+
+
+def test_a_later_map_type_appears_when_the_files_hold_it(run):
+    """A later heatmap format with another `cams_<name>` array: offered under its name, read from its array."""
+    heatmaps = {arch: {**arrays, "cams_scorecam": arrays["cams"] * 2 + 1} for arch, arrays in run.report.heatmaps.items()}
     extended = dataclasses.replace(run, report=dataclasses.replace(run.report, heatmaps=heatmaps))
-    assert map_methods(run) == ["cams"] and map_methods(extended) == ["cams", "cams_gradcam++"]
-    assert [method_name(key) for key in map_methods(extended)] == ["Grad-CAM", "gradcam++"]
+    assert map_methods(extended) == ["cams", "cams_gradcampp", "cams_layercam", "cams_scorecam"]
+    assert method_name("cams_scorecam") == "scorecam"
     row = browse_rows(extended)[0]
     view = stored_view(extended, row)
     file_row = extended.heatmap_row["vgg16"][row.path]
-    assert np.array_equal(view.maps["cams_gradcam++"]["vgg16"], heatmaps["vgg16"]["cams_gradcam++"][file_row])
-    _markdown, method, *_pictures = app.show_view(extended, view, "cams_gradcam++", 0.45)
-    assert method["value"] == "cams_gradcam++" and ("gradcam++", "cams_gradcam++") in method["choices"]
+    assert np.array_equal(view.maps["cams_scorecam"]["vgg16"], heatmaps["vgg16"]["cams_scorecam"][file_row])
 
 
 def test_random_init_and_demo_data_are_flagged(run):
