@@ -89,7 +89,9 @@ def test_fold_options_are_checked(demo_dir, tmp_path, capsys):
     for extra, message in ((["--fold", "1"], "--fold k needs --folds K"),
                            (["--folds", "2", "--fold", "3"], "folds are numbered 1 to 2"),
                            (["--folds", "1"], "--folds must be at least 2"),
-                           (["--folds", "2", "--max-images", "10"], "--max-images cannot be combined with --folds")):
+                           (["--folds", "2", "--max-images", "10"], "--max-images cannot be combined with --folds"),
+                           (["--folds", "2", "--fold-file", str(tmp_path / "dsfold1.txt")],
+                            "give one --fold-file per fold")):
         with pytest.raises(SystemExit):
             fold_args(demo_dir, tmp_path, *extra)
         assert message in capsys.readouterr().err
