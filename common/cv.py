@@ -231,7 +231,8 @@ def final_classifier(oof: OutOfFoldSet, features: np.ndarray, settings: MlpSetti
             "fit_split": "out-of-fold rows of every fold", "n_folds": int(oof.protocol["n_folds"]),
             "best_epoch": max(row["epoch"] for row in history if row.get("best_so_far")),
             "class_names": list(CLASS_NAMES), "folds_digest": oof.digest, "target_class_rule": oof.target_class_rule,
-            "checkpoint_sha256": {arch: sorted(set(oof.checkpoint_sha256[arch])) for arch in MODEL_ORDER},
+            # Plain str: a numpy str_ in the file would make torch.load(weights_only=True) refuse it.
+            "checkpoint_sha256": {arch: sorted(map(str, set(oof.checkpoint_sha256[arch]))) for arch in MODEL_ORDER},
             "config": {"grid_size": settings.grid_size, "seed": settings.seed, "epochs": settings.epochs}}
 
 
@@ -391,7 +392,7 @@ def aggregate(output_dir: Path, *, settings: MlpSettings, resamples: int, device
         "stacker_rows": {key: {side: {str(fold + 1): len(found) for fold, found in by_fold.items()}
                                for side, by_fold in used.items()} for key, used in rows_used.items()},
         "mlp_settings": {**vars(settings), "hidden_sizes": list(settings.hidden_sizes)},
-        "checkpoints": {arch: sorted(set(oof.checkpoint_sha256[arch])) for arch in MODEL_ORDER},
+        "checkpoints": {arch: sorted(map(str, set(oof.checkpoint_sha256[arch]))) for arch in MODEL_ORDER},
     }
     classifier = final_classifier(oof, features["heatmaps"], settings, device)
     write_cv_files(output_dir, results, oof, probabilities, classifier)
