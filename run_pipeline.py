@@ -81,7 +81,8 @@ def run_folds(args: argparse.Namespace, data_dir: Path, output_dir: Path, n_fold
             run_stage([python, str(HERE / FURTHER_SCRIPT), "--output-dir", str(folder)])
     # `python -m common.cv` from the caller's folder: the repository goes on the module path.
     module_path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
-    run_stage([python, "-m", "common.cv", "--output-dir", str(output_dir)], env={**os.environ, "PYTHONPATH": module_path})
+    run_stage([python, "-m", "common.cv", "--output-dir", str(output_dir)],
+              env={**os.environ, "PYTHONPATH": module_path})
 
 
 def main() -> None:

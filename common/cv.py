@@ -337,7 +337,8 @@ def results_markdown(results: dict) -> str:
                  _cell(patient["sensitivity"], interval=True), _cell(patient["specificity"], interval=True)]
         lines.append(f"| {CV_ROW_NAMES[key]} | " + " | ".join(cells) + " |")
     lines += ["", "## Paired differences (heatmap MLP minus the other row; same resampled patients)", ""]
-    lines += [f"- {difference['sentence']}" for difference in results["differences"] if difference["level"] == "patient"]
+    lines += [f"- {difference['sentence']}" for difference in results["differences"]
+              if difference["level"] == "patient"]
     return "\n".join(lines) + "\n"
 
 

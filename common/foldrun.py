@@ -35,7 +35,8 @@ def check_fold_options(args: argparse.Namespace) -> str | None:
     if args.folds is not None and args.folds < 2:
         return "--folds must be at least 2"
     if args.fold_files and args.folds is not None and args.folds != len(args.fold_files):
-        return f"--folds {args.folds} but {len(args.fold_files)} --fold-file files were given: give one fold file per fold"
+        return (f"--folds {args.folds} but {len(args.fold_files)} --fold-file files were given: give one fold file "
+                "per fold")
     if args.fold_file and args.folds is not None:
         return "--folds with a single --fold-file: give one --fold-file per fold, or --folds alone"
     if args.fold is not None and n_folds is None:

@@ -21,14 +21,15 @@ import torch
 from common.cam import grad_cam
 from common.checkpoints import load_checkpoint, model_from_checkpoint
 from common.cli import heatmaps_only_command, parse_args
-from common.crossval import FOLDS_FILE_NAME, OutOfFold, load_folds
+from common.crossval import FOLDS_FILE_NAME, OutOfFold, cross_fit, load_folds
 from common.cv import (CV_ROW_NAMES, MlpSettings, cross_fitted_probabilities, feature_sets, load_out_of_fold,
                        mlp_stacker)
 from common.data import describe_protocol, index_dataset
-from common.dataset import build_cache, cache_key, make_batches
+from common.dataset import build_cache, cache_key, load_rgb, make_batches
 from common.errors import PipelineError
 from common.foldrun import fold_runs, prepare_fold_split
 from common.models import MODEL_ORDER
+from common.transforms import build_transforms
 from common.runfiles import CV_RESULTS_JSON, CV_RESULTS_MD, OOF_PREDICTIONS, REPORT_DIR, checkpoint_path, fold_dir
 from conftest import PIPELINE_ARGS, ROOT
 
@@ -207,7 +208,6 @@ def test_stackers_fit_rows_never_hold_the_outer_folds_patients(cv_run):
         return real_mlp(fit, select, predict)
 
     rows = OutOfFold(oof.folds, oof.labels, oof.patients, oof.logits, feature_sets(oof, 4)["heatmaps"])
-    from common.crossval import cross_fit
     fitted = cross_fit(rows, spying_mlp, select_fraction=0.2, seed=0)
     assert len(seen) == FOLDS and not np.isnan(fitted.prob_malignant).any()
     for fitted_on, predicted, predicted_folds, hidden_labels in seen:
@@ -218,7 +218,8 @@ def test_stackers_fit_rows_never_hold_the_outer_folds_patients(cv_run):
     for used in rows_used.values():
         for fold in range(FOLDS):
             outer = set(oof.patients[oof.folds == fold])
-            assert not outer & set(oof.patients[used["fit"][fold]]) and not outer & set(oof.patients[used["select"][fold]])
+            assert not outer & set(oof.patients[used["fit"][fold]])
+            assert not outer & set(oof.patients[used["select"][fold]])
 
 
 def test_an_interrupted_k_fold_run_resumes_with_the_folds_not_complete(cv_run, demo_dir, tmp_path):
@@ -242,9 +243,7 @@ def test_an_interrupted_k_fold_run_resumes_with_the_folds_not_complete(cv_run, d
 
 
 def test_predict_on_a_k_fold_run_bags_the_fold_models_and_says_so(cv_run, demo_dir, tmp_path, capsys):
-    import predict
-    from common.transforms import build_transforms
-    from common.dataset import load_rgb
+    import predict  # a script at the repository root (conftest puts the root on sys.path)
     image = demo_dir / index_dataset(demo_dir).records[0].path
     predict.main([str(image), "--output-dir", str(cv_run), "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert "the mean over its 2 fold models (a bagged ensemble)" in capsys.readouterr().out
