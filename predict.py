@@ -6,7 +6,9 @@ For each image (any RGB size; it is resized like the training images) prints P(m
 ResNet-50, VGG-16, their mean (soft vote) and the final MLP, and writes to --out (default
 <output-dir>/predictions/): predictions.csv and one overlay PNG per image (image, each model's Grad-CAM, the
 combined map); with --explain, also <image>_explain.png: Grad-CAM, Grad-CAM++ and LayerCAM of each CNN beside
-LIME, Kernel SHAP and occlusion (captum). The maps explain the class chosen by the rule the MLP was trained with. A run whose checkpoints
+LIME, Kernel SHAP and occlusion (captum). The maps explain the class chosen by the rule the MLP was trained with. On
+a K-fold run (run_pipeline.py --folds K) each CNN is the bagged ensemble of its K fold models and the final MLP the
+one fitted on every out-of-fold row (common/cv_predict.py; printed when it runs). A run whose checkpoints
 were trained from random initialisation or on the synthetic demo data gets a warning on stderr first.
 """
 
@@ -34,7 +36,8 @@ from common.fusion import (Standardizer, build_features, build_mlp, check_listed
 from common.heatmaps import blend, colorize, combined_map, jet, load_heatmaps
 from common.metrics import DECISION_THRESHOLD, format_probability, softmax
 from common.models import MODEL_ORDER
-from common.runfiles import FINAL_CLASSIFIER, FURTHER_SCRIPT, PREDICTIONS_DIR, checkpoint_path, heatmap_path
+from common.cv_predict import bagged_predict_batches, is_k_fold_run
+from common.runfiles import FINAL_CLASSIFIER, FURTHER_SCRIPT, PREDICTIONS_DIR, checkpoint_path, fold_dir, heatmap_path
 from common.runtime import pick_device
 from common.transforms import build_transforms, resize_image
 
@@ -195,6 +198,7 @@ def main(argv=None) -> None:
     out_dir = Path(args.out) if args.out else output_dir / PREDICTIONS_DIR
 
     image_paths = collect_images(args.inputs)
+    k_fold = is_k_fold_run(output_dir)  # bagged fold models and the out-of-fold MLP (common/cv_predict.py)
     columns = list(MODEL_ORDER) + ["soft_vote", "final_mlp"]
     rows = [["image"] + [f"p_malignant_{name}" for name in columns] + ["prediction", "overlay"]]
     names = overlay_names(image_paths)
@@ -203,9 +207,13 @@ def main(argv=None) -> None:
     # every image has been read: a bad image stops the run with --out as it was.
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as staging:
         overlay_names_in_order = iter(names)
-        for index, batch in enumerate(predict_batches(image_paths, output_dir, pick_device(args.device))):
+        device = pick_device(args.device)
+        batches = bagged_predict_batches(image_paths, output_dir, device, batch_size=BATCH_SIZE,
+                                         overlay_size=OVERLAY_SIZE) if k_fold else \
+            predict_batches(image_paths, output_dir, device)
+        for index, batch in enumerate(batches):
             if index == 0:  # the run's files passed their checks and the models loaded: now the caveats, the table
-                warn_about_training(output_dir)
+                warn_about_training(fold_dir(output_dir, 1) if k_fold else output_dir)
                 print(f"{'image':<40} " + " ".join(f"{name:>12}" for name in columns) + "  prediction (final MLP)")
             probabilities = batch["probabilities"]
             for row, path in enumerate(batch["paths"]):

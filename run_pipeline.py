@@ -4,6 +4,12 @@
     python run_pipeline.py --data-dir /data/BreaKHis_v1 --output-dir runs/breakhis   # real defaults (GPU)
     python run_pipeline.py --data-dir /data/BreaKHis_v1 --magnification 400 --epochs 20   # extra options go to
                                                                                          # the model scripts
+    python run_pipeline.py --demo --folds 3                      # patient-level 3-fold cross-validation (resumable)
+
+With --folds K (or several --fold-file), every fold runs in <output-dir>/fold_<k>/ (the three model scripts and
+cancer_class_further.py, a fold's model skipped when its checkpoint and heatmaps are complete), then
+`python -m common.cv` aggregates the out-of-fold predictions (cv_results.*) and the report gets its
+cross-validation page.
 
 Each stage is the same script a user runs by hand, started as a subprocess in order, in the caller's working
 folder (relative paths mean what they mean to the caller); the run stops at the first stage that fails, with that
@@ -11,6 +17,7 @@ stage's exit status.
 """
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -19,7 +26,7 @@ from pathlib import Path
 from common.console import HelpFormatter
 from common.demo import make_demo_dataset, mark_as_synthetic
 from common.models import ARCHS
-from common.runfiles import FURTHER_SCRIPT, REPORT_DIR
+from common.runfiles import FURTHER_SCRIPT, REPORT_DIR, RESULTS_JSON, fold_dir
 
 HERE = Path(__file__).resolve().parent
 # Small enough for 2 CPU cores in a few minutes, yet enough for randomly initialised CNNs to learn the synthetic
@@ -35,16 +42,47 @@ DEMO_MODEL_ARGS = ["--weights", "none", "--image-size", "64", "--batch-size", "8
 DEMO_ARCH_ARGS = {"densenet121": ["--lr", "1e-3", "--epochs", "5"],
                   "resnet50": ["--lr", "1e-3", "--epochs", "5"],
                   "vgg16": ["--lr", "1e-4", "--epochs", "15"]}
+# --demo --folds K trains every model K times: 48 px and fewer epochs keep it to minutes on 2 cores (placed after
+# the demo's own settings, so they win; the caller's options still come last). VGG-16 may stay near chance.
+DEMO_FOLD_ARCH_ARGS = {"densenet121": ["--image-size", "48", "--epochs", "2"],
+                       "resnet50": ["--image-size", "48", "--epochs", "2"],
+                       "vgg16": ["--image-size", "48", "--epochs", "6"]}
 
 
-def run_stage(command: list[str]) -> None:
+def run_stage(command: list[str], env: dict | None = None) -> None:
     print(f"\n$ {' '.join(command)}", flush=True)
     started = time.perf_counter()
-    status = subprocess.call(command)
+    status = subprocess.call(command, env=env)
     if status != 0:
         print(f"stage failed with exit status {status}: {' '.join(command)}", file=sys.stderr)
         sys.exit(status)
     print(f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def run_folds(args: argparse.Namespace, data_dir: Path, output_dir: Path, n_folds: int, extra_args: list[str]) -> None:
+    """Every fold's three model scripts (a model already complete in its fold is skipped, so an interrupted run
+    resumes where it stopped) and its single-split table, then the aggregation of the out-of-fold predictions."""
+    from common.cv import fold_model_complete  # imports torch: only K-fold runs need it here
+    python = sys.executable
+    fold_options = ([] if args.fold_file and len(args.fold_file) > 1 else ["--folds", str(n_folds)])
+    for fold in range(1, n_folds + 1):
+        folder = fold_dir(output_dir, fold)
+        ran = False
+        for arch, spec in ARCHS.items():
+            if fold_model_complete(folder, arch):
+                print(f"fold {fold}/{n_folds} {arch}: complete in {folder}, skipped")
+                continue
+            demo_args = DEMO_MODEL_ARGS + DEMO_ARCH_ARGS.get(arch, []) + DEMO_FOLD_ARCH_ARGS.get(arch, []) \
+                if args.demo else []
+            run_stage([python, str(HERE / spec.script), "--data-dir", str(data_dir), "--output-dir", str(output_dir),
+                       *fold_options, "--fold", str(fold), *demo_args, *extra_args])
+            ran = True
+        if ran or not (folder / RESULTS_JSON).is_file():
+            run_stage([python, str(HERE / FURTHER_SCRIPT), "--output-dir", str(folder)])
+    # `python -m common.cv` from the caller's folder: the repository goes on the module path.
+    module_path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+    run_stage([python, "-m", "common.cv", "--output-dir", str(output_dir)],
+              env={**os.environ, "PYTHONPATH": module_path})
 
 
 def main() -> None:
@@ -54,6 +92,10 @@ def main() -> None:
     parser.add_argument("--data-dir", help="the dataset (see the model scripts' --help); required unless --demo")
     parser.add_argument("--output-dir", help="where every stage reads and writes (default: runs/demo with --demo, else "
                                                  "runs/breakhis)")
+    parser.add_argument("--folds", type=int, help="patient-level K-fold cross-validation: every fold, then the "
+                                                  "aggregation (see above)")
+    parser.add_argument("--fold-file", action="append", help="official dsfoldN.txt; given K times, its test sides "
+                                                             "are the K folds")
     args, extra_args = parser.parse_known_args()
     if args.demo == bool(args.data_dir):
         parser.error("give either --demo or --data-dir")
@@ -68,12 +110,18 @@ def main() -> None:
     else:
         data_dir = Path(args.data_dir)
     python = sys.executable
-    for arch, spec in ARCHS.items():
-        # The caller's options come last: they override the demo's.
-        model_args = (DEMO_MODEL_ARGS + DEMO_ARCH_ARGS.get(arch, []) if args.demo else []) + extra_args
-        run_stage([python, str(HERE / spec.script), "--data-dir", str(data_dir), "--output-dir", str(output_dir),
-                   *model_args])
-    run_stage([python, str(HERE / FURTHER_SCRIPT), "--output-dir", str(output_dir)])
+    fold_files = args.fold_file or []
+    n_folds = len(fold_files) if len(fold_files) > 1 else args.folds
+    extra_args = [arg for path in fold_files for arg in ("--fold-file", path)] + extra_args
+    if n_folds:
+        run_folds(args, data_dir, output_dir, n_folds, extra_args)
+    else:
+        for arch, spec in ARCHS.items():
+            # The caller's options come last: they override the demo's.
+            model_args = (DEMO_MODEL_ARGS + DEMO_ARCH_ARGS.get(arch, []) if args.demo else []) + extra_args
+            run_stage([python, str(HERE / spec.script), "--data-dir", str(data_dir), "--output-dir", str(output_dir),
+                       *model_args])
+        run_stage([python, str(HERE / FURTHER_SCRIPT), "--output-dir", str(output_dir)])
     run_stage([python, str(HERE / "make_report.py"), "--output-dir", str(output_dir)])
     print(f"\npipeline finished in {time.perf_counter() - started:.0f} s; open {output_dir / REPORT_DIR / 'index.html'}")
 

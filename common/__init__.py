@@ -18,7 +18,11 @@ Sections, one module each, in pipeline order:
     common.model_script  a model script from start to end: split, cache, fit, export, test metrics
     common.cli           the model scripts' one argument parser
     common.fusion        the final stage: heatmap alignment, features, the MLP
-    common.crossval      patient-level K-fold, fold files, cross-fitted stacking (not yet in the scripts)
+    common.crossval      patient-level K-fold, fold files, cross-fitted stacking
+    common.foldrun       a model script's run of one fold (--folds K --fold k) in fold_<k>/
+    common.cv            a K-fold run's aggregation: out-of-fold set, cross-fitted stackers, cv_results.*
+    common.cv_report     the cross-validation report page
+    common.cv_predict    predict.py on a K-fold run: bagged fold models, the out-of-fold MLP
     common.stats         patient-level diagnosis, vectorised patient bootstrap, paired differences
     common.faithfulness  deletion/insertion AUC of saliency maps against random and Gaussian baselines
     common.attribution   LIME, Kernel SHAP, occlusion (captum); Integrated Gradients shares of the final MLP

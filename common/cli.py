@@ -3,18 +3,20 @@
 import argparse
 import os
 import shlex
+from pathlib import Path
 
 from common.cam import TARGET_RULES
 from common.cam_methods import CAM_METHODS, parse_cam_methods
 from common.console import HelpFormatter
 from common.errors import PipelineError
+from common.foldrun import check_fold_options
 
 DEFAULTS = dict(
     output_dir="runs/breakhis", weights="imagenet", epochs=10, batch_size=32, lr=1e-4, weight_decay=1e-4,
     optimizer="adamw", image_size=224, magnification="all", split="patient", fold_file=None, val_fraction=0.1,
     test_fraction=0.2, seed=0, device="auto", workers=min(8, os.cpu_count() or 1), class_weights="balanced",
     cache="disk", max_images=None, cam_target="predicted", overlays=8, amp=True, patient_id="folder",
-    keep_training_state=False, cam_methods=",".join(CAM_METHODS),
+    keep_training_state=False, cam_methods=",".join(CAM_METHODS), folds=None, fold=None, fold_files=None,
 )
 # The options that decide which rows a heatmap file holds and how its maps are made: a command that regenerates
 # the file must repeat them (the split file refuses other split options). The image size comes from the checkpoint.
@@ -37,9 +39,15 @@ def build_parser(*, arch: str, description: str, **script_defaults) -> argparse.
     data.add_argument("--patient-id", choices=["folder", "accession"],
                       help="folder: BreaKHis's patient folder IDs (14-22549AB; its 82 patients); accession: the "
                            "biopsy number only (14-22549), so folders sharing it (AB, CD, G) stay on one side")
-    data.add_argument("--fold-file", help="official BreaKHis dsfoldN.txt: its test side is the test split; "
-                                          "val patients are carved from its train side (default: a split by "
-                                          "--split with the fractions below)")
+    data.add_argument("--fold-file", action="append",
+                      help="official BreaKHis dsfoldN.txt: its test side is the test split; val patients are carved "
+                           "from its train side (default: a split by --split with the fractions below). Given K "
+                           "times (dsfold1..5.txt): their test sides are the K folds of a K-fold run")
+    data.add_argument("--folds", type=int, help="patient-level K-fold cross-validation: K folds of patients "
+                                                "(stratified by class and subtype) in --output-dir/folds.json; "
+                                                "fold k runs in --output-dir/fold_<k>/ (see --fold)")
+    data.add_argument("--fold", type=int, help="with --folds K: run fold k only (1..K), e.g. one fold per machine; "
+                                               "without it every fold runs in turn")
     data.add_argument("--val-fraction", type=float, help="fraction of patients (per class) for validation")
     data.add_argument("--test-fraction", type=float, help="fraction of patients (per class) for the test")
     data.add_argument("--max-images", type=int, help="quick trial: keep at most this many images, split kept (default: all)")
@@ -105,6 +113,13 @@ def parse_args(*, arch: str, description: str, argv: list[str] | None = None, **
         parser.error(str(error))
     if args.image_size < 32:
         parser.error("--image-size must be at least 32 (the networks downsample by 32)")
+    if args.fold_file and len(args.fold_file) > 1:  # several files: the K folds of a K-fold run
+        args.fold_files, args.fold_file = [os.path.abspath(os.path.expanduser(path)) for path in args.fold_file], None
+    elif args.fold_file:
+        args.fold_file = args.fold_file[0]
+    fold_problem = check_fold_options(args)
+    if fold_problem:
+        parser.error(fold_problem)
     if args.fold_file and args.split == "image":
         parser.error("--fold-file defines a patient-level split; it cannot be combined with --split image")
     # Absolute, so the config saved in the checkpoint names these files wherever a later command is started.
@@ -118,6 +133,11 @@ def heatmaps_only_command(script: str, config: dict, output_dir: str | os.PathLi
     """The command that remakes a heatmap file from the checkpoint whose saved `config` is given."""
     # A checkpoint whose config lacks the data dir (not made by run_model_script) gets a placeholder to fill in.
     words = ["python", script, "--data-dir", config.get("data_dir", "DATA_DIR"), "--output-dir", str(output_dir)]
+    if config.get("fold"):  # a fold's folder: the command names the K-fold run's folder and the fold
+        words[-1] = str(Path(output_dir).parent)
+        words += [arg for path in config["fold_files"] for arg in ("--fold-file", path)] if config.get("fold_files") \
+            else ["--folds", str(config["folds"])]
+        words += ["--fold", str(config["fold"])]
     for option in HEATMAP_DEFINING_OPTIONS:
         if config.get(option, DEFAULTS[option]) != DEFAULTS[option]:
             words += [f"--{option.replace('_', '-')}", str(config[option])]

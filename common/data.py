@@ -375,6 +375,11 @@ def describe_protocol(protocol: dict) -> str:
         where += ", patients by accession number"
     if protocol.get("max_images"):
         where += f", subsampled to at most {protocol['max_images']} images (--max-images)"
+    if protocol["method"] == "kfold":  # one fold of a K-fold run (common/foldrun.py)
+        made_by = (f"the test sides of {protocol['n_folds']} fold files" if protocol.get("fold_method") == "fold_files"
+                   else f"patient-level {protocol['n_folds']}-fold cross-validation")
+        return (f"{made_by}, fold {protocol['fold']} of {protocol['n_folds']} (test = fold {protocol['fold']}'s "
+                f"patients; val carved from the other folds' patients), seed {protocol['seed']}, {where}")
     if protocol["method"] == "fold":
         return f"official fold {Path(protocol['fold_file']).name} (val patients from its train side), {where}"
     kind = "patient-level" if protocol["method"] == "patient" else "IMAGE-level (patients leak across splits)"

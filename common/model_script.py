@@ -17,7 +17,8 @@ from common.fileio import remove_stale_temporaries, sha256_of_file, write_json
 from common.heatmaps import export_heatmaps
 from common.metrics import binary_metrics, metrics_table, softmax
 from common.models import build_model
-from common.runfiles import CACHE_DIR, checkpoint_path, heatmap_path, metrics_path, overlay_dir, state_path
+from common.foldrun import cache_dir_of, fold_runs, prepare_fold_split
+from common.runfiles import checkpoint_path, heatmap_path, metrics_path, overlay_dir, state_path
 from common.runtime import Runtime, seed_everything, setup_runtime
 from common.train import fit
 
@@ -62,38 +63,47 @@ def print_results(results: dict) -> None:
 
 
 def run_model_script(*, arch: str, description: str, argv: list[str] | None = None, **defaults) -> None:
-    """Everything a model script does: split, fine-tune, export heatmaps, report the test split once."""
+    """Everything a model script does: split, fine-tune, export heatmaps, report the test split once; in a K-fold
+    run (--folds K), that for each fold asked for, in its own fold_<k>/ folder (common/foldrun.py)."""
     args = parse_args(arch=arch, description=description, argv=argv, **defaults)
     runtime = setup_runtime(args.device, amp=args.amp)
     try:
-        seed_everything(args.seed)
-        output_dir = Path(args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if runtime.is_main:
-            remove_stale_temporaries(output_dir)  # never another live run's (see the function)
-        # The first script to run writes the split; the others (and the other ranks) read it.
-        split = runtime.main_rank_first(lambda: prepare_split(args.data_dir, output_dir, split_protocol(args)))
-        if args.max_images:
-            if args.max_images >= len(split.records) and runtime.is_main:
-                print(f"note: --max-images {args.max_images} is not below the dataset's {len(split.records)} "
-                      "images: all of them are used")
-            split = subsample_split(split, args.max_images, args.seed)
-        if runtime.is_main:
-            print(f"split protocol: {describe_protocol(split.protocol)}\n{summarize_split(split)}")
-        if args.heatmaps_only:  # the maps must be made at the size the checkpoint was trained at
-            args.image_size = load_checkpoint(checkpoint_path(output_dir, arch), arch)["image_size"]
-        cache = prepare_cache(args, split, runtime)
-        if not args.heatmaps_only:
-            # Rank 0 first: an ImageNet download happens once, the other ranks read torchvision's cached file.
-            model = runtime.main_rank_first(lambda: build_model(arch, args.weights, split_digest=split.digest))
-            fit(model, args, split, runtime, cache)
-        if runtime.is_main:
-            print_results(export_and_report(args, split, runtime, cache))
-        runtime.barrier()
+        for run_args in fold_runs(args):
+            args = run_args  # the Ctrl-C message below names the fold that was running
+            run_one_split(args, runtime)
     except KeyboardInterrupt:
         raise Interrupted(interrupted_message(args)) from None
     finally:
         runtime.close()
+
+
+def run_one_split(args: argparse.Namespace, runtime: Runtime) -> None:
+    """Split, fine-tune, export and report in args.output_dir (a single split, or one fold's folder)."""
+    seed_everything(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if runtime.is_main:
+        remove_stale_temporaries(output_dir)  # never another live run's (see the function)
+    # The first script to run writes the split; the others (and the other ranks) read it.
+    split = runtime.main_rank_first(lambda: prepare_fold_split(args) if getattr(args, "cv_dir", None)
+                                    else prepare_split(args.data_dir, output_dir, split_protocol(args)))
+    if args.max_images:
+        if args.max_images >= len(split.records) and runtime.is_main:
+            print(f"note: --max-images {args.max_images} is not below the dataset's {len(split.records)} "
+                  "images: all of them are used")
+        split = subsample_split(split, args.max_images, args.seed)
+    if runtime.is_main:
+        print(f"split protocol: {describe_protocol(split.protocol)}\n{summarize_split(split)}")
+    if args.heatmaps_only:  # the maps must be made at the size the checkpoint was trained at
+        args.image_size = load_checkpoint(checkpoint_path(output_dir, args.arch), args.arch)["image_size"]
+    cache = prepare_cache(args, split, runtime)
+    if not args.heatmaps_only:
+        # Rank 0 first: an ImageNet download happens once, the other ranks read torchvision's cached file.
+        model = runtime.main_rank_first(lambda: build_model(args.arch, args.weights, split_digest=split.digest))
+        fit(model, args, split, runtime, cache)
+    if runtime.is_main:
+        print_results(export_and_report(args, split, runtime, cache))
+    runtime.barrier()
 
 
 def interrupted_message(args: argparse.Namespace) -> str:
@@ -113,4 +123,4 @@ def prepare_cache(args: argparse.Namespace, split: Split, runtime: Runtime):
         return None
     return runtime.main_rank_first(lambda: build_cache(
         split.root, split.records, image_size=args.image_size, mode=args.cache,
-        cache_dir=Path(args.output_dir) / CACHE_DIR, workers=args.workers))
+        cache_dir=cache_dir_of(args), workers=args.workers))

@@ -50,7 +50,7 @@ from common.heatmaps import blend, colorize, combined_map, jet, load_heatmaps
 from common.metrics import DECISION_THRESHOLD, METRIC_COLUMNS, format_metric, format_probability
 from common.models import ARCHS, MODEL_ORDER
 from common.report_faithfulness import faithfulness_html
-from common.runfiles import (FURTHER_SCRIPT, REPORT_DIR, TEST_PREDICTIONS, checkpoint_path, heatmap_path,
+from common.runfiles import (CV_RESULTS_JSON, FURTHER_SCRIPT, REPORT_DIR, TEST_PREDICTIONS, checkpoint_path, heatmap_path,
                              probability_key, train_log_path)
 from common.transforms import resize_image
 
@@ -517,7 +517,11 @@ def build_report(output_dir: Path, *, gallery_size: int = 24) -> Path:
     """Write <output_dir>/report/index.html and its PNGs from the run's files; return the index.html path.
 
     The whole report is built in a staging folder beside report/ and swapped in only when complete, so a build
-    that fails midway (a bad image, a full disk) leaves the previous report as it was."""
+    that fails midway (a bad image, a full disk) leaves the previous report as it was. A K-fold run's folder
+    (cv_results.json) gets the cross-validation page instead (common/cv_report.py)."""
+    if (Path(output_dir) / CV_RESULTS_JSON).is_file():
+        from common.cv_report import build_cv_report  # it imports this module's helpers
+        return build_cv_report(Path(output_dir))
     run = load_run(Path(output_dir))
     report_dir = run.output_dir / REPORT_DIR
     staging = fresh_folder(run.output_dir, prefix=".report.staging.")

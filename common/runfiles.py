@@ -12,6 +12,10 @@
     faithfulness/*.png                  test images explained by every method side by side
     report/                             the static report                   predictions/  predict.py's default --out
 
+A K-fold run (--folds K) holds folds.json (common/crossval.py), one fold_<k>/ per fold laid out as above, the shared
+cache/, and the aggregation's files (common/cv.py): cv_results.json, cv_results.md, oof_predictions.csv and
+final_classifier.pth (the MLP fitted on every out-of-fold row, for predict.py).
+
 (The decision rule, malignant when P(malignant) >= 0.5, is common.metrics.DECISION_THRESHOLD.)
 """
 
@@ -29,6 +33,14 @@ FAITHFULNESS_MD = "faithfulness.md"
 FAITHFULNESS_DIR = "faithfulness"
 PREDICTIONS_DIR = "predictions"
 FURTHER_SCRIPT = "cancer_class_further.py"
+CV_RESULTS_JSON = "cv_results.json"
+CV_RESULTS_MD = "cv_results.md"
+OOF_PREDICTIONS = "oof_predictions.csv"
+
+
+def fold_dir(output_dir: str | Path, fold: int) -> Path:
+    """Fold k's run folder (k from 1) in a K-fold run."""
+    return Path(output_dir) / f"fold_{fold}"
 
 
 def checkpoint_path(output_dir: str | Path, arch: str) -> Path:

@@ -1,0 +1,259 @@
+"""K-fold runs end to end (common/foldrun.py, common/cv.py, run_pipeline.py --folds): the fold splits the model
+scripts write, the out-of-fold set, cross-fitting on it, the files, the report page, and resuming an interrupted run.
+
+One K-fold pipeline run (K=2, 32 px, one epoch, random init) is made once per session by the `cv_run` fixture.
+"""
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.cam import grad_cam
+from common.checkpoints import load_checkpoint, model_from_checkpoint
+from common.cli import heatmaps_only_command, parse_args
+from common.crossval import FOLDS_FILE_NAME, OutOfFold, cross_fit, load_folds
+from common.cv import (CV_ROW_NAMES, MlpSettings, cross_fitted_probabilities, feature_sets, load_out_of_fold,
+                       mlp_stacker)
+from common.data import describe_protocol, index_dataset
+from common.dataset import build_cache, cache_key, load_rgb, make_batches
+from common.errors import PipelineError
+from common.foldrun import fold_runs, prepare_fold_split
+from common.models import MODEL_ORDER
+from common.transforms import build_transforms
+from common.runfiles import CV_RESULTS_JSON, CV_RESULTS_MD, OOF_PREDICTIONS, REPORT_DIR, checkpoint_path, fold_dir
+from conftest import PIPELINE_ARGS, ROOT
+
+FOLDS = 2
+
+
+def run_cv_pipeline(base: Path, demo_dir: Path, name: str) -> subprocess.CompletedProcess:
+    finished = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "--data-dir", str(demo_dir),
+                               "--output-dir", name, "--folds", str(FOLDS), *PIPELINE_ARGS],
+                              cwd=base, capture_output=True, text=True, timeout=1500)
+    assert finished.returncode == 0, f"run_pipeline.py --folds failed:\n{finished.stdout[-3000:]}\n" \
+                                     f"{finished.stderr[-3000:]}"
+    return finished
+
+
+@pytest.fixture(scope="session")
+def cv_run(tmp_path_factory, demo_dir) -> Path:
+    """run_pipeline.py --folds 2 on the demo tree (every fold's three models and table, the aggregation, the
+    report), once. Started from another folder than the repository, as a user would."""
+    base = tmp_path_factory.getbasetemp()
+    run_cv_pipeline(base, demo_dir, "cv_run")
+    return base / "cv_run"
+
+
+def fold_args(demo_dir: Path, output_dir: Path, *extra: str) -> list[argparse.Namespace]:
+    args = parse_args(arch="resnet50", description="", argv=["--data-dir", str(demo_dir), "--output-dir",
+                                                             str(output_dir), *PIPELINE_ARGS, *extra])
+    return fold_runs(args)
+
+
+# ------------------------------------------------------------------------------------------ the folds' splits
+
+
+def test_fold_splits_cover_every_image_once_share_one_cache_and_say_what_they_are(demo_dir, tmp_path):
+    runs = fold_args(demo_dir, tmp_path, "--folds", "2")
+    assert [run.output_dir for run in runs] == [str(fold_dir(tmp_path, 1)), str(fold_dir(tmp_path, 2))]
+    splits = [prepare_fold_split(run) for run in runs]
+    assert (tmp_path / FOLDS_FILE_NAME).is_file() and (fold_dir(tmp_path, 1) / "split.json").is_file()
+    times_tested, folds_of_patient = defaultdict(int), defaultdict(set)
+    for fold, split in enumerate(splits, start=1):
+        for record, name in zip(split.records, split.splits):
+            times_tested[record.path] += name == "test"
+            if name == "test":
+                folds_of_patient[record.patient].add(fold)
+    assert sorted(times_tested) == sorted(record.path for record in index_dataset(demo_dir).records)
+    assert set(times_tested.values()) == {1}  # every image in exactly one fold's test set
+    assert all(len(folds) == 1 for folds in folds_of_patient.values())  # no patient in two folds
+    # Same records in the same order: one decoded-image cache file serves every fold.
+    assert cache_key(splits[0].root, splits[0].records, 32) == cache_key(splits[1].root, splits[1].records, 32)
+    assert describe_protocol(splits[1].protocol).startswith(
+        "patient-level 2-fold cross-validation, fold 2 of 2 (test = fold 2's patients; val carved from the other "
+        "folds' patients), seed 0")
+    # A second call reads and checks what the first wrote.
+    assert prepare_fold_split(runs[0]).digest == splits[0].digest
+
+
+def test_fold_options_are_checked(demo_dir, tmp_path, capsys):
+    for extra, message in ((["--fold", "1"], "--fold k needs --folds K"),
+                           (["--folds", "2", "--fold", "3"], "folds are numbered 1 to 2"),
+                           (["--folds", "1"], "--folds must be at least 2"),
+                           (["--folds", "2", "--max-images", "10"], "--max-images cannot be combined with --folds"),
+                           (["--folds", "2", "--fold-file", str(tmp_path / "dsfold1.txt")],
+                            "give one --fold-file per fold")):
+        with pytest.raises(SystemExit):
+            fold_args(demo_dir, tmp_path, *extra)
+        assert message in capsys.readouterr().err
+    runs = fold_args(demo_dir, tmp_path, "--folds", "2")
+    prepare_fold_split(runs[0])
+    other = fold_args(demo_dir, tmp_path, "--folds", "2", "--seed", "1")
+    with pytest.raises(PipelineError, match="made with other fold options"):
+        prepare_fold_split(other[0])
+
+
+def write_fold_files(folder: Path, demo_dir: Path, test_groups: list[set[str]]) -> list[Path]:
+    """One dsfoldN.txt per group of patients: those patients' images test, the others train."""
+    records = index_dataset(demo_dir).records
+    paths = []
+    for number, test_patients in enumerate(test_groups, start=1):
+        lines = [f"{Path(r.path).name}|{r.magnification}|{number}|{'test' if r.patient in test_patients else 'train'}"
+                 for r in records]
+        paths.append(folder / f"dsfold{number}.txt")
+        paths[-1].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def test_official_fold_files_are_the_folds_of_a_k_fold_run(demo_dir, tmp_path):
+    patients = sorted({record.patient for record in index_dataset(demo_dir).records})
+    benign = [patient for patient in patients if patient in {r.patient for r in index_dataset(demo_dir).records
+                                                             if r.label == 0}]
+    malignant = [patient for patient in patients if patient not in benign]
+    halves = [set(benign[:2] + malignant[:2]), set(benign[2:] + malignant[2:])]
+    files = write_fold_files(tmp_path, demo_dir, halves)
+    runs = fold_args(demo_dir, tmp_path / "run", *(arg for path in files for arg in ("--fold-file", str(path))))
+    assert len(runs) == 2 and runs[1].fold_files == [str(path) for path in files]
+    split = prepare_fold_split(runs[1])
+    assert {r.patient for r, name in zip(split.records, split.splits) if name == "test"} == halves[1]
+    assert describe_protocol(split.protocol).startswith("the test sides of 2 fold files, fold 2 of 2")
+    # Overlapping test sides (the official dsfold files are independent splits, not a partition): refused.
+    overlapping = write_fold_files(tmp_path, demo_dir, [halves[0], halves[0] | {benign[2]}])
+    runs = fold_args(demo_dir, tmp_path / "other", *(arg for path in overlapping for arg in ("--fold-file", str(path))))
+    with pytest.raises(PipelineError, match="both put .* on their test side"):
+        prepare_fold_split(runs[0])
+
+
+def test_heatmaps_only_command_of_a_fold_names_the_k_fold_folder_and_the_fold(tmp_path):
+    config = {"data_dir": "/data", "folds": 5, "fold": 2, "fold_files": None}
+    command = heatmaps_only_command("cancer_class_vgg_16.py", config, tmp_path / "fold_2")
+    assert command.endswith(f"--output-dir {tmp_path} --folds 5 --fold 2 --heatmaps-only")
+
+
+# ------------------------------------------------------------------------------------------ a K-fold run
+
+
+def test_k_fold_run_writes_the_out_of_fold_files(cv_run):
+    folds = load_folds(cv_run / FOLDS_FILE_NAME)
+    results = json.loads((cv_run / CV_RESULTS_JSON).read_text())
+    with open(cv_run / OOF_PREDICTIONS, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    # Every image exactly once, with the fold whose test set holds it.
+    assert [row["path"] for row in rows] == [record.path for record in folds.records]
+    assert [int(row["fold"]) for row in rows] == (folds.folds + 1).tolist()
+    for arch in MODEL_ORDER:  # each row names the checkpoint of its own fold
+        for fold in (1, 2):
+            digests = {row[f"checkpoint_sha256_{arch}"] for row in rows if row["fold"] == str(fold)}
+            assert digests == {json.loads((fold_dir(cv_run, fold) / "results.json").read_text())
+                               ["sources"][arch]["checkpoint_sha256"]}
+    assert list(results["rows"]) == list(CV_ROW_NAMES)
+    auc = results["rows"]["mlp_heatmaps"]["image"]["roc_auc"]
+    assert set(auc) == {"folds", "mean", "sd", "pooled", "ci95"} and len(auc["folds"]) == FOLDS
+    assert auc["ci95"][0] <= auc["pooled"] <= auc["ci95"][1]
+    assert results["bootstrap"] == {"resamples": 2000, "seed": 0, "unit": "patient", "stratified": True}
+    assert {(d["b"], d["level"], d["metric"]) for d in results["differences"]} == {
+        (other, level, metric) for other in ("soft_vote", results["best_cnn"]) for level in ("image", "patient")
+        for metric in ("roc_auc", "balanced_accuracy")}
+    markdown = (cv_run / CV_RESULTS_MD).read_text()
+    assert markdown.splitlines()[2].startswith("- MLP on heatmaps's AUC")
+    assert "patient-level 2-fold cross-validation" in results["protocol"]
+    page = (cv_run / REPORT_DIR / "index.html").read_text()
+    assert "Cross-validation report (2 folds)" in page and 'id="cv-patient"' in page
+    assert (cv_run / REPORT_DIR / "cv_roc.png").is_file()
+
+
+def recompute_map(folder: Path, arch: str, demo_dir: Path, record_path: str) -> np.ndarray:
+    """The Grad-CAM map of one image by the checkpoint in `folder`, computed anew (not read from a file)."""
+    checkpoint = load_checkpoint(checkpoint_path(folder, arch), arch)
+    model = model_from_checkpoint(checkpoint)
+    record = next(r for r in index_dataset(demo_dir).records if r.path == record_path)
+    cache = build_cache(demo_dir, [record], image_size=checkpoint["image_size"], mode="memory", cache_dir=None,
+                        workers=0)
+    batches = make_batches(demo_dir, [record], [0], train=False, image_size=checkpoint["image_size"], batch_size=1,
+                           workers=0, device=torch.device("cpu"), seed=0, cache=cache)
+    images, _labels, _indices = next(iter(batches.batches()))
+    cams, _logits = grad_cam(model, arch, images, target="predicted")
+    return cams[0].numpy()
+
+
+def test_out_of_fold_map_is_the_map_of_the_fold_model_that_never_saw_the_patient(cv_run, demo_dir):
+    oof = load_out_of_fold(cv_run)
+    row = int(np.flatnonzero(oof.folds == 1)[0])  # an image of fold 2: fold_2's models never trained on it
+    arch = "resnet50"
+    fold_two = recompute_map(fold_dir(cv_run, 2), arch, demo_dir, str(oof.paths[row]))
+    np.testing.assert_allclose(oof.cams[arch][row], fold_two, rtol=1e-4, atol=1e-6)
+    fold_one = recompute_map(fold_dir(cv_run, 1), arch, demo_dir, str(oof.paths[row]))
+    assert not np.allclose(oof.cams[arch][row], fold_one)  # the model that trained on it made another map
+
+
+def test_stackers_fit_rows_never_hold_the_outer_folds_patients(cv_run):
+    oof = load_out_of_fold(cv_run)
+    seen = []
+    settings = MlpSettings(epochs=2)
+    real_mlp = mlp_stacker(settings, torch.device("cpu"), "test")
+
+    def spying_mlp(fit: OutOfFold, select: OutOfFold, predict: OutOfFold) -> np.ndarray:
+        seen.append((set(fit.patients) | set(select.patients), set(predict.patients), set(predict.folds),
+                     set(predict.labels)))
+        return real_mlp(fit, select, predict)
+
+    rows = OutOfFold(oof.folds, oof.labels, oof.patients, oof.logits, feature_sets(oof, 4)["heatmaps"])
+    fitted = cross_fit(rows, spying_mlp, select_fraction=0.2, seed=0)
+    assert len(seen) == FOLDS and not np.isnan(fitted.prob_malignant).any()
+    for fitted_on, predicted, predicted_folds, hidden_labels in seen:
+        assert len(predicted_folds) == 1 and hidden_labels == {-1}
+        assert not fitted_on & predicted  # the stacker of fold k never saw fold k's patients
+    # The same holds for every stacker of the aggregation, on the rows it reports.
+    _probabilities, rows_used = cross_fitted_probabilities(oof, feature_sets(oof, 4), settings, torch.device("cpu"))
+    for used in rows_used.values():
+        for fold in range(FOLDS):
+            outer = set(oof.patients[oof.folds == fold])
+            assert not outer & set(oof.patients[used["fit"][fold]])
+            assert not outer & set(oof.patients[used["select"][fold]])
+
+
+def test_an_interrupted_k_fold_run_resumes_with_the_folds_not_complete(cv_run, demo_dir, tmp_path):
+    base = tmp_path
+    copy = Path(shutil.copytree(cv_run, base / "resumed", copy_function=os.symlink, ignore=shutil.ignore_patterns(
+        REPORT_DIR)))
+    # As if stopped while fold 2's VGG-16 was exporting: its checkpoint is new, its heatmap file not yet written.
+    (fold_dir(copy, 2) / "heatmaps_vgg16.npz").unlink()
+    log = fold_dir(copy, 2) / "train_log_vgg16.jsonl"  # appended to by the rerun: a copy, not a link to the original
+    original = log.resolve()
+    log.unlink()
+    shutil.copyfile(original, log)
+    finished = run_cv_pipeline(base, demo_dir, "resumed")
+    for arch in MODEL_ORDER:
+        assert f"fold 1/2 {arch}: complete in" in finished.stdout
+    assert "fold 2/2 densenet121: complete in" in finished.stdout
+    assert "cancer_class_vgg_16.py" in finished.stdout and "--fold 2" in finished.stdout
+    assert "cancer_class_resnet_50.py" not in finished.stdout
+    assert (fold_dir(copy, 2) / "heatmaps_vgg16.npz").is_file()
+    assert (copy / CV_RESULTS_JSON).is_file() and not (copy / CV_RESULTS_JSON).is_symlink()
+
+
+def test_predict_on_a_k_fold_run_bags_the_fold_models_and_says_so(cv_run, demo_dir, tmp_path, capsys):
+    import predict  # a script at the repository root (conftest puts the root on sys.path)
+    image = demo_dir / index_dataset(demo_dir).records[0].path
+    predict.main([str(image), "--output-dir", str(cv_run), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert "the mean over its 2 fold models (a bagged ensemble)" in capsys.readouterr().out
+    with open(tmp_path / "out" / "predictions.csv", newline="") as handle:
+        row = next(csv.DictReader(handle))
+    expected = []
+    for fold in (1, 2):  # each fold model's P(malignant), computed here on its own
+        checkpoint = load_checkpoint(checkpoint_path(fold_dir(cv_run, fold), "resnet50"), "resnet50")
+        model = model_from_checkpoint(checkpoint).eval()
+        with torch.no_grad():
+            logits = model(build_transforms(train=False, image_size=checkpoint["image_size"])(load_rgb(image))[None])
+        expected.append(torch.softmax(logits, dim=1)[0, 1].item())
+    assert float(row["p_malignant_resnet50"]) == pytest.approx(np.mean(expected), abs=1e-5)
