@@ -26,6 +26,18 @@ def demo_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's in-process models: on a small, shared CPU, oversubscribed BLAS threads
+    made these tests several times slower. Used as `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT

@@ -27,13 +27,8 @@ class OnePatchModel(nn.Module):
         return torch.stack([-score, score], dim=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small, shared CPU, oversubscribed threads made these tests several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One intra-op thread (tests/conftest.py): oversubscribed threads slow a small shared CPU several times.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -20,13 +20,8 @@ MALIGNANT = CLASS_NAMES.index("malignant")
 SIDE_AT_64 = {"resnet50": 2, "densenet121": 2, "vgg16": 4}  # input / 32 (VGG-16: / 16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small, shared CPU, oversubscribed threads made these tests ~5x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One intra-op thread (tests/conftest.py): oversubscribed threads slow a small shared CPU several times.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,8 @@ SIDE = 8
 QUARTER = (slice(0, SIDE // 2), slice(0, SIDE // 2))  # top-left 4x4 region: 16 of 64 pixels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small, shared CPU, oversubscribed threads made these tests several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One intra-op thread (tests/conftest.py): oversubscribed threads slow a small shared CPU several times.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def region_mean(images: torch.Tensor) -> torch.Tensor:
