@@ -192,7 +192,8 @@ def main(argv=None) -> None:
                         help="auto: CUDA if present, else MPS, else the CPU")
     parser.add_argument("--explain", choices=["all", *MODEL_ORDER],
                         help="also write <image>_explain.png: every CAM of each CNN side by side with LIME, Kernel "
-                             "SHAP and occlusion (captum; hundreds of forward passes per image) of this CNN or all")
+                             "SHAP and occlusion (captum; hundreds of forward passes per image) of this CNN or all "
+                             "(default: no explanation figures)")
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
     out_dir = Path(args.out) if args.out else output_dir / PREDICTIONS_DIR

@@ -93,9 +93,9 @@ def main() -> None:
     parser.add_argument("--output-dir", help="where every stage reads and writes (default: runs/demo with --demo, else "
                                                  "runs/breakhis)")
     parser.add_argument("--folds", type=int, help="patient-level K-fold cross-validation: every fold, then the "
-                                                  "aggregation (see above)")
+                                                  "aggregation (see above) (default: none, one split)")
     parser.add_argument("--fold-file", action="append", help="official dsfoldN.txt; given K times, its test sides "
-                                                             "are the K folds")
+                                                             "are the K folds (default: none)")
     args, extra_args = parser.parse_known_args()
     if args.demo == bool(args.data_dir):
         parser.error("give either --demo or --data-dir")

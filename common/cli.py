@@ -45,9 +45,10 @@ def build_parser(*, arch: str, description: str, **script_defaults) -> argparse.
                            "times (dsfold1..5.txt): their test sides are the K folds of a K-fold run")
     data.add_argument("--folds", type=int, help="patient-level K-fold cross-validation: K folds of patients "
                                                 "(stratified by class and subtype) in --output-dir/folds.json; "
-                                                "fold k runs in --output-dir/fold_<k>/ (see --fold)")
+                                                "fold k runs in --output-dir/fold_<k>/ (see --fold) (default: none, "
+                                                "one train/val/test split)")
     data.add_argument("--fold", type=int, help="with --folds K: run fold k only (1..K), e.g. one fold per machine; "
-                                               "without it every fold runs in turn")
+                                               "(default: every fold, in turn)")
     data.add_argument("--val-fraction", type=float, help="fraction of patients (per class) for validation")
     data.add_argument("--test-fraction", type=float, help="fraction of patients (per class) for the test")
     data.add_argument("--max-images", type=int, help="quick trial: keep at most this many images, split kept (default: all)")
