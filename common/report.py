@@ -54,7 +54,6 @@ from common.runfiles import (CV_RESULTS_JSON, FURTHER_SCRIPT, REPORT_DIR, TEST_P
                              probability_key, train_log_path)
 from common.transforms import resize_image
 
-THRESHOLD = DECISION_THRESHOLD  # binary_metrics' rule: malignant when P(malignant) >= 0.5
 THUMBNAIL = 128  # gallery image side, pixels
 METRIC_NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "precision": "Precision",
                 "sensitivity": "Sensitivity (recall)", "specificity": "Specificity", "f1": "F1 score",
@@ -297,7 +296,7 @@ def plot_mlp_training(run: Run, target: Path) -> str:
 def wrong_predictions(run: Run) -> dict[str, np.ndarray]:
     """Per row key, (N,) bool: the test images that row misclassifies (binary_metrics' threshold)."""
     labels = run.predictions["labels"]
-    return {key: (run.probabilities(key) >= THRESHOLD).astype(int) != labels for key in run.keys}
+    return {key: (run.probabilities(key) >= DECISION_THRESHOLD).astype(int) != labels for key in run.keys}
 
 
 def gallery_order(run: Run) -> list[int]:
@@ -392,7 +391,7 @@ def comparison_html(run: Run) -> str:
                                             for metric, _ in METRIC_COLUMNS] for key in run.keys]
     classes = ["final" if key == run.final_key else "" for key in run.keys]
     note = (f"<p>Test split only, read from results.json; a prediction is malignant when P(malignant) &ge; "
-            f"{THRESHOLD}. The final classifier's row is bold.</p>")
+            f"{DECISION_THRESHOLD}. The final classifier's row is bold.</p>")
     return note + _table(header, rows, table_id="comparison", row_classes=classes) + magnification_html(run)
 
 
@@ -413,7 +412,7 @@ def _prediction_rows(run: Run, test_row: int) -> str:
     lines = []
     for key in run.keys:
         probability = float(run.probabilities(key)[test_row])
-        predicted = int(probability >= THRESHOLD)
+        predicted = int(probability >= DECISION_THRESHOLD)
         verdict = "right" if predicted == label else "wrong"
         final = " final" if key == run.final_key else ""
         # format_probability: the digits shown never contradict the decision (0.4996, not 0.500, beside benign)

@@ -24,11 +24,10 @@ import numpy as np
 
 from common.data import majority_labels
 from common.errors import PipelineError
-from common.metrics import binary_metrics
+from common.metrics import DECISION_THRESHOLD, binary_metrics
 
 DEFAULT_RESAMPLES = 2000
 CONFIDENCE = 0.95
-THRESHOLD = 0.5  # a prediction is malignant when P(malignant) >= THRESHOLD, as in common.metrics
 RESAMPLED_METRICS = ("roc_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity")
 DIFFERENCE_METRICS = ("roc_auc", "balanced_accuracy")
 METRIC_NAMES = {"roc_auc": "AUC", "balanced_accuracy": "balanced accuracy", "accuracy": "accuracy",
@@ -65,7 +64,7 @@ def _mean_per_patient(prob_malignant, patient_of_image: np.ndarray, n_patients: 
 
 
 def diagnose_patients(prob_malignant, labels, patients) -> PatientDiagnosis:
-    """One decision per patient: the mean P(malignant) of all its images (>= THRESHOLD: malignant)."""
+    """One decision per patient: the mean P(malignant) of all its images (>= DECISION_THRESHOLD: malignant)."""
     names, patient_of_image, patient_labels = _index_patients(labels, patients)
     return PatientDiagnosis(names, patient_labels, _mean_per_patient(prob_malignant, patient_of_image, len(names)),
                             np.bincount(patient_of_image, minlength=len(names)))
@@ -77,7 +76,8 @@ def _patient_level(prob_malignant, labels, patients, threshold: float) -> dict:
     return {"patients": len(diagnosis.patients), **{name: metrics[name] for name in RESAMPLED_METRICS}}
 
 
-def patient_metrics(prob_malignant, labels, patients, magnifications=None, *, threshold: float = THRESHOLD) -> dict:
+def patient_metrics(prob_malignant, labels, patients, magnifications=None, *,
+                    threshold: float = DECISION_THRESHOLD) -> dict:
     """Patient-level accuracy, balanced accuracy, sensitivity, specificity and AUC: over all images of each
     patient ('all') and, given magnifications, over each magnification's images alone ('by_magnification')."""
     prob_malignant, labels, patients = np.asarray(prob_malignant), np.asarray(labels), np.asarray(patients)
@@ -149,7 +149,7 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 
 
 def resampled_metrics(labels, prob_malignant, group_of_row, counts: np.ndarray, *,
-                      threshold: float = THRESHOLD) -> dict[str, np.ndarray]:
+                      threshold: float = DECISION_THRESHOLD) -> dict[str, np.ndarray]:
     """Each RESAMPLED_METRICS metric, (R,), of rows weighted by counts[r, group_of_row]: the metrics of the
     data set in which group g appears counts[r, g] times. NaN where a metric is undefined (a class absent)."""
     labels = np.asarray(labels)
@@ -171,7 +171,7 @@ def resampled_metrics(labels, prob_malignant, group_of_row, counts: np.ndarray, 
 
 
 def resampled_metrics_loop(labels, prob_malignant, group_of_row, resample_indices: np.ndarray, *,
-                           threshold: float = THRESHOLD) -> dict[str, np.ndarray]:
+                           threshold: float = DECISION_THRESHOLD) -> dict[str, np.ndarray]:
     """Reference for resampled_metrics: for each resample, the rows of every drawn group concatenated (a group
     drawn twice appears twice) and common.metrics.binary_metrics on them. One Python iteration per resample."""
     labels, prob_malignant = np.asarray(labels), np.asarray(prob_malignant, dtype=np.float64)
@@ -306,7 +306,7 @@ def _mean_and_sd(per_fold: list[dict], names) -> tuple[dict, dict]:
 
 
 def fold_summary(prob_malignant, *, labels, patients, folds, magnifications=None,
-                 threshold: float = THRESHOLD) -> dict:
+                 threshold: float = DECISION_THRESHOLD) -> dict:
     """Per-fold image-level (common.metrics.binary_metrics) and patient-level metrics, and their mean ± sd."""
     prob_malignant, labels = np.asarray(prob_malignant, dtype=np.float64), np.asarray(labels)
     patients, folds = np.asarray(patients).astype(str), np.asarray(folds)
@@ -327,7 +327,7 @@ def fold_summary(prob_malignant, *, labels, patients, folds, magnifications=None
 
 
 def evaluate_row(prob_malignant, *, labels, patients, folds, bootstrap: PatientBootstrap, magnifications=None,
-                 threshold: float = THRESHOLD) -> dict:
+                 threshold: float = DECISION_THRESHOLD) -> dict:
     """Everything a results table needs for one model (a JSON-ready dict): per-fold metrics with mean ± sd over
     folds, the pooled out-of-fold metrics (image and patient level, per magnification), and the pooled figures'
     patient-bootstrap 95 % intervals."""
