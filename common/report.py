@@ -50,8 +50,8 @@ from common.heatmaps import blend, colorize, combined_map, jet, load_heatmaps
 from common.metrics import DECISION_THRESHOLD, METRIC_COLUMNS, format_metric, format_probability
 from common.models import ARCHS, MODEL_ORDER
 from common.report_faithfulness import faithfulness_html
-from common.runfiles import (CV_RESULTS_JSON, FURTHER_SCRIPT, REPORT_DIR, TEST_PREDICTIONS, checkpoint_path, heatmap_path,
-                             probability_key, train_log_path)
+from common.runfiles import (CV_RESULTS_JSON, FURTHER_SCRIPT, REPORT_DIR, TEST_PREDICTIONS, checkpoint_path,
+                             heatmap_path, probability_key, train_log_path)
 from common.transforms import resize_image
 
 THUMBNAIL = 128  # gallery image side, pixels
