@@ -8,7 +8,10 @@ cancer_class_*.py scripts), and checks that each fine_tuned_<arch>.pth loads and
 heatmap file. Writes (all or nothing; results.json last, with the SHA-256 of the others):
     final_classifier.pth                     the MLP on --features (default: the heatmaps, as the design asks)
     final_classifier_<other features>.pth    the other feature set's MLP, for the comparison
-    results.json, results.md                 one table: each CNN, soft vote, both MLPs, on the test split
+    results.json, results.md                 one table: each CNN, soft vote, both MLPs, on the test split; then
+                                             the heatmap MLP on each stored map type (Grad-CAM, Grad-CAM++,
+                                             LayerCAM), same rows and settings, with patient-bootstrap intervals
+                                             and paired differences against Grad-CAM (common/cam_comparison.py)
     test_predictions.npz                     per test image: label, patient and every model's P(malignant)
 
 The MLP learns from the rows of --fit-split and picks its best epoch on held-out rows; the test split is
@@ -23,18 +26,19 @@ import torch
 
 from common.data import (CLASS_NAMES, SPLIT_FILE_NAME, assign_groups, describe_protocol, load_split,
                          majority_labels)
-from common.cam_methods import CAM_METHODS, stored_cams
+from common.cam_comparison import compare_cam_methods, comparison_markdown
+from common.cam_methods import CAM_DISPLAY_NAMES, CAM_METHODS, stored_cam_methods, stored_cams
 from common.console import HelpFormatter
 from common.errors import PipelineError, run_main
 from common.fileio import (remove_stale_temporaries, save_npz, save_torch, sha256_of_file, write_json,
                            write_text, written_together)
-from common.fusion import (CLASSIFIER_FORMAT_VERSION, FEATURE_SETS, ROW_NAMES, Standardizer, build_features,
-                           check_against_split, check_checkpoints, load_aligned_heatmaps, malignant_probabilities,
-                           mlp_logits, stack_maps, train_mlp)
+from common.fusion import (CLASSIFIER_FORMAT_VERSION, FEATURE_SETS, ROW_NAMES, MlpSettings, build_features,
+                           check_against_split, check_checkpoints, fit_mlp, load_aligned_heatmaps,
+                           malignant_probabilities, mlp_logits, stack_maps)
 from common.metrics import DECISION_THRESHOLD, binary_metrics, metrics_table, per_patient_rates, softmax
 from common.models import MODEL_ORDER
-from common.runfiles import (RESULTS_JSON, RESULTS_MD, TEST_PREDICTIONS, checkpoint_path, classifier_name,
-                             heatmap_path, probability_key)
+from common.runfiles import (RESULTS_JSON, RESULTS_MD, TEST_PREDICTIONS, cam_probability_key, checkpoint_path,
+                             classifier_name, heatmap_path, probability_key)
 from common.runtime import pick_device
 
 
@@ -61,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--optimizer", choices=["adam", "adamw"], default="adamw", help="MLP optimizer")
     parser.add_argument("--seed", type=int, default=0, help="seeds the MLP's init and batch order, and "
                                                             "which val patients --fit-split val fits on")
+    parser.add_argument("--resamples", type=int, default=2000,
+                        help="patient-bootstrap resamples for the intervals of the map-type comparison")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="auto: CUDA if present, else MPS, else the CPU")
     args = parser.parse_args(argv)
@@ -68,9 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.hidden_sizes = [int(size) for size in args.hidden_sizes.split(",") if size.strip()]
     except ValueError:
         parser.error(f"--hidden-sizes {args.hidden_sizes!r}: expected comma-separated integers, e.g. 256,64")
-    if min(args.grid_size, args.epochs, args.batch_size, *args.hidden_sizes) < 1 or args.lr <= 0 \
+    if min(args.grid_size, args.epochs, args.batch_size, args.resamples, *args.hidden_sizes) < 1 or args.lr <= 0 \
             or args.weight_decay < 0 or not 0 <= args.dropout < 1:
-        parser.error("--grid-size, --epochs, --batch-size, --hidden-sizes and --lr must be positive, "
+        parser.error("--grid-size, --epochs, --batch-size, --resamples, --hidden-sizes and --lr must be positive, "
                      "--weight-decay not negative, --dropout in [0, 1)")
     return args
 
@@ -122,17 +128,13 @@ def train_mlps(args, heatmaps: dict, inputs: dict, rows: dict,
     logits = {arch: heatmaps[arch]["logits"] for arch in MODEL_ORDER}
     maps = stack_maps({arch: stored_cams(heatmaps[arch], args.cam_method, inputs[arch]["heatmaps"])
                        for arch in MODEL_ORDER}, args.grid_size)  # (N, 3, S, S)
+    settings = MlpSettings.from_args(args)
     probabilities, histories, classifiers = {}, {}, {}
     for feature_set in FEATURE_SETS:
         features = build_features(maps, logits if feature_set == "heatmaps+logits" else None)
-        standardizer = Standardizer.fit(features, rows["fit"])
-        features = standardizer(features)
-        mlp, histories[feature_set] = train_mlp(
-            features, labels, patients, rows["fit"], rows["select"], hidden_sizes=args.hidden_sizes,
-            dropout=args.dropout, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-            weight_decay=args.weight_decay, optimizer=args.optimizer, seed=args.seed, device=device,
-            desc=f"MLP on {feature_set}")
-        probabilities[f"mlp_{feature_set}"] = softmax(mlp_logits(mlp, features, device))[:, 1]
+        mlp, standardizer, histories[feature_set] = fit_mlp(features, labels, patients, rows["fit"], rows["select"],
+                                                            settings, device, f"MLP on {feature_set}")
+        probabilities[f"mlp_{feature_set}"] = softmax(mlp_logits(mlp, standardizer(features), device))[:, 1]
         classifiers[classifier_name(feature_set, args.features)] = {
             "format_version": CLASSIFIER_FORMAT_VERSION, "kind": "heatmap_mlp", "features": feature_set,
             "model": {key: value.detach().cpu() for key, value in mlp.state_dict().items()},
@@ -147,6 +149,28 @@ def train_mlps(args, heatmaps: dict, inputs: dict, rows: dict,
             "config": dict(vars(args)),
         }
     return probabilities, histories, classifiers
+
+
+def train_cam_method_mlps(args, heatmaps: dict, inputs: dict, rows: dict, device: torch.device,
+                          final_probabilities: np.ndarray) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+    """P(malignant) of the heatmap MLP on each map type that all three heatmap files hold, every row: same fit and
+    select rows, seed and settings as the MLP just trained on --cam-method's maps (whose probabilities are reused),
+    so only the maps differ. Also returns the map types some file lacks."""
+    available = [method for method in CAM_METHODS
+                 if all(method in stored_cam_methods(heatmaps[arch]) for arch in MODEL_ORDER)]
+    reference = heatmaps[MODEL_ORDER[0]]
+    settings = MlpSettings.from_args(args)
+    probabilities = {args.cam_method: final_probabilities}
+    for method in available:
+        if method == args.cam_method:
+            continue
+        maps = stack_maps({arch: stored_cams(heatmaps[arch], method, inputs[arch]["heatmaps"])
+                           for arch in MODEL_ORDER}, args.grid_size)
+        features = build_features(maps, None)
+        mlp, standardizer, _ = fit_mlp(features, reference["labels"], reference["patients"], rows["fit"],
+                                       rows["select"], settings, device, f"MLP on {CAM_DISPLAY_NAMES[method]} maps")
+        probabilities[method] = softmax(mlp_logits(mlp, standardizer(features), device))[:, 1]
+    return probabilities, tuple(method for method in CAM_METHODS if method not in available)
 
 
 def write_run_files(output_dir: Path, classifiers: dict[str, dict], results: dict, markdown: str,
@@ -169,9 +193,10 @@ def write_run_files(output_dir: Path, classifiers: dict[str, dict], results: dic
 
 
 def write_comparison(args, output_dir: Path, reference: dict, probabilities: dict, histories: dict,
-                     protocol: str, inputs: dict, classifiers: dict[str, dict]) -> str:
-    """The one use of the test split: every model on the same test images; written with the classifiers.
-    Returns the Markdown table."""
+                     protocol: str, inputs: dict, classifiers: dict[str, dict], cam_probabilities: dict[str, np.ndarray],
+                     missing_methods: tuple[str, ...]) -> str:
+    """The one use of the test split: every model on the same test images, then the heatmap MLP on each map type;
+    written with the classifiers. Returns the Markdown tables."""
     labels, patients = reference["labels"], reference["patients"]
     test_rows = np.flatnonzero(reference["splits"] == "test")
     test_patients = sorted(set(patients[test_rows]))
@@ -181,19 +206,30 @@ def write_comparison(args, output_dir: Path, reference: dict, probabilities: dic
                                           (probabilities[key][test_rows] >= DECISION_THRESHOLD).astype(int),
                                           patients[test_rows]) for key in ROW_NAMES}
     table = metrics_table({ROW_NAMES[key]: metrics for key, metrics in rows.items()})
+    cam_comparison = compare_cam_methods(
+        {method: values[test_rows] for method, values in cam_probabilities.items()}, labels=labels[test_rows],
+        patients=patients[test_rows], final_method=args.cam_method, resamples=args.resamples, seed=args.seed,
+        missing=missing_methods,
+        protocol=f"Test split ({protocol}); each MLP fit on the {args.fit_split} split with the same rows, seed and "
+                 f"settings; the map type of final_classifier.pth (--cam-method {args.cam_method}) was fixed before "
+                 "the test split was scored.")
     results = {
         "split_protocol": protocol, "fit_split": args.fit_split, "final_features": args.features,
         "cam_method": args.cam_method,
         "test_images": len(test_rows), "test_patients": test_patients, "display_names": ROW_NAMES,
-        "rows": rows, "per_patient": per_patient, "mlp_training": histories,
+        "rows": rows, "per_patient": per_patient, "mlp_training": histories, "cam_method_comparison": cam_comparison,
         "sources": inputs}  # the report checks that the heatmap files it shows are still these
     markdown = (f"Test split, {len(test_rows)} images of {len(test_patients)} patients. "
-                f"Split: {protocol}. MLP fit on: {args.fit_split}, {args.cam_method} maps.\n\n{table}\n")
+                f"Split: {protocol}. MLP fit on: {args.fit_split}, {args.cam_method} maps.\n\n{table}\n\n"
+                f"{comparison_markdown(cam_comparison)}")
     predictions = {"paths": reference["paths"][test_rows], "labels": labels[test_rows],
                    "patients": patients[test_rows], "magnifications": reference["magnifications"][test_rows],
-                   **{probability_key(key): probabilities[key][test_rows].astype(np.float32) for key in ROW_NAMES}}
+                   **{probability_key(key): probabilities[key][test_rows].astype(np.float32) for key in ROW_NAMES},
+                   **{cam_probability_key(method): values[test_rows].astype(np.float32)
+                      for method, values in cam_probabilities.items()}}
     write_run_files(output_dir, classifiers, results, markdown, predictions)
-    return f"test split ({len(test_rows)} images, {len(test_patients)} patients; {protocol}):\n{table}"
+    return (f"test split ({len(test_rows)} images, {len(test_patients)} patients; {protocol}):\n{table}\n\n"
+            f"{comparison_markdown(cam_comparison)}")
 
 
 def main(argv=None) -> None:
@@ -215,10 +251,12 @@ def main(argv=None) -> None:
     # Hashed once, before training: what the results are made from.
     inputs = sources(output_dir, heatmap_files, checkpoint_digests)
     probabilities = malignant_probabilities({arch: heatmaps[arch]["logits"] for arch in MODEL_ORDER})
-    mlp_probabilities, histories, classifiers = train_mlps(args, heatmaps, inputs,
-                                                           {"fit": fit_rows, "select": select_rows}, device)
+    rows = {"fit": fit_rows, "select": select_rows}
+    mlp_probabilities, histories, classifiers = train_mlps(args, heatmaps, inputs, rows, device)
+    cam_probabilities, missing_methods = train_cam_method_mlps(args, heatmaps, inputs, rows, device,
+                                                               mlp_probabilities["mlp_heatmaps"])
     table = write_comparison(args, output_dir, reference, {**probabilities, **mlp_probabilities}, histories, protocol,
-                             inputs, classifiers)
+                             inputs, classifiers, cam_probabilities, missing_methods)
     print(f"\n{table}")
 
 

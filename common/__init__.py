@@ -18,6 +18,7 @@ Sections, one module each, in pipeline order:
     common.model_script  a model script from start to end: split, cache, fit, export, test metrics
     common.cli           the model scripts' one argument parser
     common.fusion        the final stage: heatmap alignment, features, the MLP
+    common.cam_comparison  the final MLP on Grad-CAM vs Grad-CAM++ vs LayerCAM maps: intervals, paired differences
     common.crossval      patient-level K-fold, fold files, cross-fitted stacking
     common.foldrun       a model script's run of one fold (--folds K --fold k) in fold_<k>/
     common.cv            a K-fold run's aggregation: out-of-fold set, cross-fitted stackers, cv_results.*

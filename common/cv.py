@@ -16,6 +16,10 @@ Statistics (common.stats): per row, per-fold metrics (mean ± sd), pooled out-of
 95 % interval, image and patient level (patient diagnosis: mean P(malignant) over its images); paired differences
 of the heatmap MLP with the soft vote and with the best single CNN.
 
+Which maps make the best final classifier (common.cam_comparison): the heatmap MLP cross-fitted the same way on
+each map type the folds' heatmap files hold (Grad-CAM, Grad-CAM++, LayerCAM), with intervals and paired
+differences against Grad-CAM on the same resampled patients.
+
 Writes into --output-dir (all or nothing; cv_results.json last, with the SHA-256 of the others):
     cv_results.json, cv_results.md, oof_predictions.csv,
     final_classifier.pth   the heatmap MLP fitted on ALL out-of-fold rows (for predict.py on this run)
@@ -36,15 +40,17 @@ from common.data import CLASS_NAMES, SPLIT_FILE_NAME, assign_groups, load_split,
 from common.errors import PipelineError, run_main
 from common.fileio import remove_stale_temporaries, save_torch, sha256_of_file, write_json, write_text, \
     written_together
-from common.fusion import (CLASSIFIER_FORMAT_VERSION, ROW_NAMES, Standardizer, build_features, check_against_split,
-                           check_checkpoints, check_made_by_checkpoint, load_aligned_heatmaps, mlp_logits, stack_maps,
-                           train_mlp)
+from common.fusion import (CLASSIFIER_FORMAT_VERSION, ROW_NAMES, MlpSettings, build_features, check_against_split,
+                           check_checkpoints, check_made_by_checkpoint, fit_mlp, load_aligned_heatmaps, mlp_logits,
+                           stack_maps)
+from common.cam_comparison import compare_cam_methods, comparison_markdown
+from common.cam_methods import CAM_ARRAY_KEYS, CAM_DISPLAY_NAMES, CAM_METHODS, stored_cam_methods
 from common.checkpoints import load_checkpoint
 from common.heatmaps import load_heatmaps
 from common.metrics import softmax
 from common.models import MODEL_ORDER
-from common.runfiles import (CV_RESULTS_JSON, CV_RESULTS_MD, FINAL_CLASSIFIER, OOF_PREDICTIONS, checkpoint_path,
-                             fold_dir, heatmap_path)
+from common.runfiles import (CV_RESULTS_JSON, CV_RESULTS_MD, FINAL_CLASSIFIER, OOF_PREDICTIONS, cam_probability_key,
+                             checkpoint_path, fold_dir, heatmap_path)
 from common.runtime import pick_device
 from common.stats import LEVELS, PatientBootstrap, describe_difference, evaluate_row
 
@@ -68,7 +74,8 @@ class OutOfFoldSet:
     magnifications: np.ndarray  # (N,) str
     folds: np.ndarray  # (N,) int64, 0-based outer fold (fold_<k>/ holds fold k-1)
     logits: dict[str, np.ndarray]  # arch -> (N, 2)
-    cams: dict[str, np.ndarray]  # arch -> (N, h, w) raw Grad-CAM
+    cams_by_method: dict[str, dict[str, np.ndarray]]  # CAM method -> arch -> (N, h, w) raw maps; only the methods
+    # every fold's every heatmap file holds (Grad-CAM always)
     checkpoint_sha256: dict[str, np.ndarray]  # arch -> (N,) digest of the checkpoint that made each row
     protocol: dict  # folds.json's
     digest: str  # folds.json's
@@ -99,7 +106,8 @@ def load_out_of_fold(output_dir: Path) -> OutOfFoldSet:
     row_of = {record.path: index for index, record in enumerate(folds.records)}
     count = len(folds.records)
     logits = {arch: np.zeros((count, 2), np.float32) for arch in MODEL_ORDER}
-    cams, digests = {}, {arch: np.empty(count, dtype=object) for arch in MODEL_ORDER}
+    digests = {arch: np.empty(count, dtype=object) for arch in MODEL_ORDER}
+    cams_by_method: dict[str, dict[str, np.ndarray]] = {method: {} for method in CAM_METHODS}
     times_seen = np.zeros(count, dtype=np.int64)
     target_rules = set()
     for fold in range(1, folds.n_folds + 1):
@@ -112,13 +120,18 @@ def load_out_of_fold(output_dir: Path) -> OutOfFoldSet:
         target_rules.add(str(heatmaps[MODEL_ORDER[0]]["target_class_rule"]))
         for arch in MODEL_ORDER:
             logits[arch][rows] = heatmaps[arch]["logits"][test]
-            fold_cams = heatmaps[arch]["cams"][test]
-            cams.setdefault(arch, np.zeros((count, *fold_cams.shape[1:]), np.float32))
-            if cams[arch].shape[1:] != fold_cams.shape[1:]:
-                raise PipelineError(f"{heatmap_path(fold_dir(output_dir, fold), arch)} holds {fold_cams.shape[1:]} "
-                                    f"maps, other folds {cams[arch].shape[1:]}: run every fold at one --image-size")
-            cams[arch][rows] = fold_cams
             digests[arch][rows] = checkpoint_digests[arch]
+            stored = stored_cam_methods(heatmaps[arch])
+            for method in list(cams_by_method):
+                if method not in stored:  # a map type is compared only where every fold's every model has it
+                    del cams_by_method[method]
+                    continue
+                fold_cams = heatmaps[arch][CAM_ARRAY_KEYS[method]][test]
+                cams = cams_by_method[method].setdefault(arch, np.zeros((count, *fold_cams.shape[1:]), np.float32))
+                if cams.shape[1:] != fold_cams.shape[1:]:
+                    raise PipelineError(f"{heatmap_path(fold_dir(output_dir, fold), arch)} holds {fold_cams.shape[1:]} "
+                                        f"maps, other folds {cams.shape[1:]}: run every fold at one --image-size")
+                cams[rows] = fold_cams
     if not np.all(times_seen == 1):
         raise PipelineError(f"the folds' test sets do not cover {output_dir / FOLDS_FILE_NAME} once each "
                             f"({int(np.sum(times_seen == 0))} image(s) missing, {int(np.sum(times_seen > 1))} "
@@ -129,7 +142,8 @@ def load_out_of_fold(output_dir: Path) -> OutOfFoldSet:
     records = folds.records
     return OutOfFoldSet(np.array([r.path for r in records]), np.array([r.label for r in records], dtype=np.int64),
                         np.array([r.patient for r in records]), np.array([r.magnification for r in records]),
-                        folds.folds, logits, cams, {arch: value.astype(str) for arch, value in digests.items()},
+                        folds.folds, logits, cams_by_method,
+                        {arch: value.astype(str) for arch, value in digests.items()},
                         folds.protocol, folds.digest, target_rules.pop())
 
 
@@ -151,33 +165,6 @@ def fold_model_complete(folder: Path, arch: str) -> bool:
 # ------------------------------------------------------------------------------------------ the stackers
 
 
-@dataclass(frozen=True)
-class MlpSettings:
-    """cancer_class_further.py's defaults."""
-
-    grid_size: int = 14
-    hidden_sizes: tuple[int, ...] = (256, 64)
-    dropout: float = 0.3
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"
-    seed: int = 0
-
-
-def fit_mlp(features: np.ndarray, labels: np.ndarray, patients: np.ndarray, fit_rows: np.ndarray,
-            select_rows: np.ndarray, settings: MlpSettings, device: torch.device, desc: str):
-    """The MLP of common.fusion: standardiser fitted on fit_rows only, epoch picked on select_rows."""
-    standardizer = Standardizer.fit(features, fit_rows)
-    mlp, history = train_mlp(standardizer(features), labels, patients, fit_rows, select_rows,
-                             hidden_sizes=list(settings.hidden_sizes), dropout=settings.dropout,
-                             epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
-                             weight_decay=settings.weight_decay, optimizer=settings.optimizer, seed=settings.seed,
-                             device=device, desc=desc)
-    return mlp, standardizer, history
-
-
 def mlp_stacker(settings: MlpSettings, device: torch.device, desc: str):
     """crossval.cross_fit's fit_predict hook for the MLP on the rows' features."""
     def fit_predict(fit: OutOfFold, select: OutOfFold, predict: OutOfFold) -> np.ndarray:
@@ -191,8 +178,8 @@ def mlp_stacker(settings: MlpSettings, device: torch.device, desc: str):
     return fit_predict
 
 
-def feature_sets(oof: OutOfFoldSet, grid_size: int) -> dict[str, np.ndarray]:
-    maps = stack_maps(oof.cams, grid_size)  # (N, 3, S, S)
+def feature_sets(oof: OutOfFoldSet, grid_size: int, cam_method: str = "gradcam") -> dict[str, np.ndarray]:
+    maps = stack_maps(oof.cams_by_method[cam_method], grid_size)  # (N, 3, S, S)
     return {"heatmaps": build_features(maps, None), "heatmaps+logits": build_features(maps, oof.logits)}
 
 
@@ -211,6 +198,22 @@ def cross_fitted_probabilities(oof: OutOfFoldSet, features: dict[str, np.ndarray
         probabilities[key], rows_used[key] = fitted.prob_malignant, {"fit": fitted.fit_rows,
                                                                      "select": fitted.select_rows}
     return probabilities, rows_used
+
+
+def cross_fitted_cam_method_probabilities(oof: OutOfFoldSet, gradcam_probabilities: np.ndarray,
+                                          settings: MlpSettings, device: torch.device) -> dict[str, np.ndarray]:
+    """The heatmap MLP cross-fitted on each map type the run holds, exactly as the table's Grad-CAM row (whose
+    probabilities are reused): same outer folds, select patients, seed and settings, so only the maps differ."""
+    probabilities = {"gradcam": gradcam_probabilities}
+    for method in oof.cams_by_method:
+        if method == "gradcam":
+            continue
+        features = feature_sets(oof, settings.grid_size, method)["heatmaps"]
+        rows = OutOfFold(oof.folds, oof.labels, oof.patients, oof.logits, features)
+        stacker = mlp_stacker(settings, device, f"cross-fitted MLP on {CAM_DISPLAY_NAMES[method]} maps")
+        probabilities[method] = cross_fit(rows, stacker, select_fraction=SELECT_FRACTION,
+                                          seed=settings.seed).prob_malignant
+    return probabilities
 
 
 def final_classifier(oof: OutOfFoldSet, features: np.ndarray, settings: MlpSettings, device: torch.device) -> dict:
@@ -339,32 +342,37 @@ def results_markdown(results: dict) -> str:
     lines += ["", "## Paired differences (heatmap MLP minus the other row; same resampled patients)", ""]
     lines += [f"- {difference['sentence']}" for difference in results["differences"]
               if difference["level"] == "patient"]
+    if "cam_method_comparison" in results:  # absent in files of earlier versions
+        lines += ["", comparison_markdown(results["cam_method_comparison"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
-def oof_csv(oof: OutOfFoldSet, probabilities: dict[str, np.ndarray]) -> str:
-    """oof_predictions.csv: one row per image, its fold (1-based), the checkpoints that scored it, each row's P."""
+def oof_csv(oof: OutOfFoldSet, probabilities: dict[str, np.ndarray], cam_probabilities: dict[str, np.ndarray]) -> str:
+    """oof_predictions.csv: one row per image, its fold (1-based), the checkpoints that scored it, each row's P,
+    then the heatmap MLP's P on each map type (prob_mlp_gradcam equals prob_mlp_heatmaps)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "patient", "label", "magnification", "fold",
                      *(f"checkpoint_sha256_{arch}" for arch in MODEL_ORDER),
-                     *(f"prob_{key.replace('+', '_')}" for key in CV_ROW_NAMES)])
+                     *(f"prob_{key.replace('+', '_')}" for key in CV_ROW_NAMES),
+                     *(cam_probability_key(method) for method in cam_probabilities)])
     for index in range(len(oof.paths)):
         writer.writerow([oof.paths[index], oof.patients[index], CLASS_NAMES[oof.labels[index]],
                          oof.magnifications[index], int(oof.folds[index]) + 1,
                          *(oof.checkpoint_sha256[arch][index] for arch in MODEL_ORDER),
-                         *(f"{probabilities[key][index]:.6f}" for key in CV_ROW_NAMES)])
+                         *(f"{probabilities[key][index]:.6f}" for key in CV_ROW_NAMES),
+                         *(f"{values[index]:.6f}" for values in cam_probabilities.values())])
     return buffer.getvalue()
 
 
 def write_cv_files(output_dir: Path, results: dict, oof: OutOfFoldSet, probabilities: dict,
-                   classifier: dict) -> None:
+                   cam_probabilities: dict, classifier: dict) -> None:
     """All or nothing (common.fileio.written_together); cv_results.json last, with the others' SHA-256."""
     names = [FINAL_CLASSIFIER, OOF_PREDICTIONS, CV_RESULTS_MD, CV_RESULTS_JSON]
     with written_together([output_dir / name for name in names]) as temp_paths:
         temp_of = dict(zip(names, temp_paths))
         save_torch(classifier, temp_of[FINAL_CLASSIFIER])
-        write_text(temp_of[OOF_PREDICTIONS], oof_csv(oof, probabilities))
+        write_text(temp_of[OOF_PREDICTIONS], oof_csv(oof, probabilities, cam_probabilities))
         write_text(temp_of[CV_RESULTS_MD], results_markdown(results))
         outputs = {name: sha256_of_file(temp_of[name]) for name in names if name != CV_RESULTS_JSON}
         write_json(temp_of[CV_RESULTS_JSON], {**results, "outputs": outputs})
@@ -375,6 +383,7 @@ def aggregate(output_dir: Path, *, settings: MlpSettings, resamples: int, device
     oof = load_out_of_fold(output_dir)
     features = feature_sets(oof, settings.grid_size)
     probabilities, rows_used = cross_fitted_probabilities(oof, features, settings, device)
+    cam_probabilities = cross_fitted_cam_method_probabilities(oof, probabilities[FINAL_ROW], settings, device)
     bootstrap = PatientBootstrap.draw(labels=oof.labels, patients=oof.patients, resamples=resamples,
                                       seed=settings.seed)
     rows = {key: row_entries(evaluate_row(probabilities[key], labels=oof.labels, patients=oof.patients,
@@ -394,9 +403,15 @@ def aggregate(output_dir: Path, *, settings: MlpSettings, resamples: int, device
                                for side, by_fold in used.items()} for key, used in rows_used.items()},
         "mlp_settings": {**vars(settings), "hidden_sizes": list(settings.hidden_sizes)},
         "checkpoints": {arch: sorted(map(str, set(oof.checkpoint_sha256[arch]))) for arch in MODEL_ORDER},
+        "cam_method_comparison": compare_cam_methods(
+            cam_probabilities, labels=oof.labels, patients=oof.patients, bootstrap=bootstrap, final_method="gradcam",
+            missing=tuple(method for method in CAM_METHODS if method not in cam_probabilities),
+            protocol="Out-of-fold rows of the cross-validation above; each map type's MLP cross-fitted exactly as "
+                     "the table's MLP on heatmaps (same folds, select patients, seed and settings); "
+                     "final_classifier.pth reads Grad-CAM maps."),
     }
     classifier = final_classifier(oof, features["heatmaps"], settings, device)
-    write_cv_files(output_dir, results, oof, probabilities, classifier)
+    write_cv_files(output_dir, results, oof, probabilities, cam_probabilities, classifier)
     return results
 
 

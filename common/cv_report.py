@@ -4,7 +4,8 @@
 
 Sections: the sentences on the paired differences; the image-level and patient-level tables (pooled out-of-fold
 figure with its patient-bootstrap 95 % interval, and mean ± sd over folds); per-fold ROC curves of every row
-(oof_predictions.csv); patient-level results per magnification. Each fold's own single-split report can be built
+(oof_predictions.csv); patient-level results per magnification; the heatmap MLP on each map type
+(Grad-CAM, Grad-CAM++, LayerCAM). Each fold's own single-split report can be built
 with make_report.py --output-dir <output-dir>/fold_<k>. Built in a staging folder and swapped in whole, as
 common/report.py does.
 """
@@ -23,7 +24,7 @@ from common.checkpoints import load_checkpoint, training_caveats
 from common.errors import PipelineError
 from common.fileio import sha256_of_file, write_text
 from common.models import MODEL_ORDER
-from common.report import _table, fresh_folder, page_html, save_figure, swap_in
+from common.report import _table, fresh_folder, map_type_html, page_html, save_figure, swap_in
 from common.runfiles import CV_RESULTS_JSON, OOF_PREDICTIONS, REPORT_DIR, checkpoint_path, fold_dir
 
 COLUMNS = {"roc_auc": "AUC", "balanced_accuracy": "Balanced accuracy", "accuracy": "Accuracy",
@@ -152,6 +153,7 @@ def build_cv_report(output_dir: Path) -> Path:
                              "images.</p>" + level_table(results, "patient") + "<h3>Per magnification</h3>"
                              + magnification_table(results),
             "ROC curves per fold": f'<img class="plot" src="{roc}" alt="per-fold ROC curves of every row">',
+            "Which maps": map_type_html(results.get("cam_method_comparison")),
         }
         header = (f"<h1>Cross-validation report ({results['n_folds']} folds)</h1>{caveats_html(output_dir)}"
                   f'<dl class="facts"><dt>Protocol</dt><dd>{html.escape(results["protocol"])}</dd>'

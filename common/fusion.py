@@ -217,3 +217,38 @@ def train_mlp(features: np.ndarray, labels: np.ndarray, patients: np.ndarray, fi
             history[-1]["best_so_far"] = True
     model.load_state_dict(best_state)
     return model, history
+
+
+@dataclass(frozen=True)
+class MlpSettings:
+    """The heatmap MLP's settings; the defaults are cancer_class_further.py's."""
+
+    grid_size: int = 14
+    hidden_sizes: tuple[int, ...] = (256, 64)
+    dropout: float = 0.3
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args) -> "MlpSettings":
+        """cancer_class_further.py's options."""
+        return cls(grid_size=args.grid_size, hidden_sizes=tuple(args.hidden_sizes), dropout=args.dropout,
+                   epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                   optimizer=args.optimizer, seed=args.seed)
+
+
+def fit_mlp(features: np.ndarray, labels: np.ndarray, patients: np.ndarray, fit_rows: np.ndarray,
+            select_rows: np.ndarray, settings: MlpSettings, device: torch.device, desc: str):
+    """train_mlp on features standardised with the fit rows' statistics (never val's or test's); returns the MLP
+    (at its best epoch on select_rows), the standardizer and the training history."""
+    standardizer = Standardizer.fit(features, fit_rows)
+    mlp, history = train_mlp(standardizer(features), labels, patients, fit_rows, select_rows,
+                             hidden_sizes=list(settings.hidden_sizes), dropout=settings.dropout,
+                             epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+                             weight_decay=settings.weight_decay, optimizer=settings.optimizer, seed=settings.seed,
+                             device=device, desc=desc)
+    return mlp, standardizer, history

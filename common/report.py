@@ -8,6 +8,8 @@ JavaScript): it opens from disk and can be zipped or copied as it is. Sections:
                   (results.json, heatmaps); a caveat box when a checkpoint says random init or demo data
     comparison    every row of results.json, in display_names order, 3 decimals; accuracy per magnification
     per patient   each row's recognition rate per test patient (results.json per_patient)
+    which maps    the heatmap MLP on Grad-CAM vs Grad-CAM++ vs LayerCAM maps, same test patients, patient-bootstrap
+                  intervals, paired differences (results.json cam_method_comparison; common/cam_comparison.py)
     ROC           curves from test_predictions.npz (sklearn roc_curve); the legend's AUC is results.json's
     confusion     one 2x2 grid per row, counts from results.json
     training      train_log_<arch>.jsonl per CNN; the MLP's selection curve from results.json's mlp_training;
@@ -39,6 +41,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sklearn.metrics import roc_curve
 
+from common.cam_comparison import comparison_cells, comparison_header, missing_sentence
 from common.data import CLASS_NAMES, SPLIT_FILE_NAME, load_split
 from common.dataset import load_rgb
 from common.errors import PipelineError
@@ -395,6 +398,25 @@ def comparison_html(run: Run) -> str:
     return note + _table(header, rows, table_id="comparison", row_classes=classes) + magnification_html(run)
 
 
+def map_type_html(comparison: dict | None) -> str:
+    """The heatmap MLP on Grad-CAM vs Grad-CAM++ vs LayerCAM maps (common/cam_comparison.py's dict, from results.json
+    or cv_results.json): the protocol, the table with intervals, the paired differences against Grad-CAM."""
+    if comparison is None:
+        return ("<p>Not in this run's results (written by an earlier version); rerun cancer_class_further.py "
+                "(or python -m common.cv for a K-fold run).</p>")
+    rows = [[html.escape(cell) for cell in comparison_cells(comparison, method)] for method in comparison["methods"]]
+    classes = ["final" if method == comparison["final_method"] else "" for method in comparison["methods"]]
+    sentences = "".join(f"<li>{html.escape(item['sentence'])}</li>" for item in comparison["differences"])
+    missing = missing_sentence(comparison)
+    return (f"<p>{html.escape(comparison['protocol'])} {comparison['images']} images of {comparison['patients']} "
+            f"patients; in brackets the 95 % patient-bootstrap interval ({comparison['bootstrap']['resamples']:,} "
+            "resamples). This table reports; it did not choose the final classifier's maps (bold).</p>"
+            + _table([html.escape(cell) for cell in comparison_header()], rows, table_id="map-types",
+                     row_classes=classes)
+            + (f"<ul>{sentences}</ul>" if sentences else "")
+            + (f"<p>{html.escape(missing)}</p>" if missing else ""))
+
+
 def magnification_html(run: Run) -> str:
     """Test accuracy per magnification, when the test split has more than one."""
     by_key = {key: run.results["rows"][key].get("accuracy_by_magnification") for key in run.keys}
@@ -577,6 +599,7 @@ def write_report_files(run: Run, report_dir: Path, *, gallery_size: int) -> None
     sections = {
         "Comparison": comparison_html(run),
         "Per patient": per_patient_html(run),
+        "Which maps": map_type_html(run.results.get("cam_method_comparison")),
         "ROC curves": _plot(plots["roc"], "ROC curves of every model on the test split"),
         "Confusion matrices": "<p>Test split; rows: true class, columns: predicted class.</p>"
                               + _plot(plots["confusion"], "confusion matrices"),

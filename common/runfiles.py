@@ -6,7 +6,8 @@
     train_log_<arch>.jsonl              one line per epoch                  metrics_<arch>.json        val and test
     heatmaps_<arch>.npz                 maps and logits of every image      overlays/<arch>/*.png
     final_classifier.pth                the MLP on the chosen features      final_classifier_<features>.pth  the other
-    test_predictions.npz                every model's P(malignant) per test image, keys prob_<row key>
+    test_predictions.npz                every model's P(malignant) per test image, keys prob_<row key>, and the
+                                        heatmap MLP's on each map type, prob_mlp_<gradcam|gradcampp|layercam>
     results.md, results.json            the comparison table (results.json written last, listing the others)
     faithfulness.json, faithfulness.md  deletion/insertion AUC of every explanation method (python -m common.faithfulness)
     faithfulness/*.png                  test images explained by every method side by side
@@ -76,3 +77,9 @@ def classifier_name(feature_set: str, final_features: str) -> str:
 def probability_key(row_key: str) -> str:
     """The test_predictions.npz array of a table row ('mlp_heatmaps+logits' -> 'prob_mlp_heatmaps_logits')."""
     return f"prob_{row_key.replace('+', '_')}"
+
+
+def cam_probability_key(cam_method: str) -> str:
+    """The test_predictions.npz array of the heatmap MLP trained on one map type ('gradcam++' -> 'prob_mlp_gradcampp');
+    the map-type comparison of results.json is computed from these."""
+    return f"prob_mlp_{cam_method.replace('+', 'p')}"

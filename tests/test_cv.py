@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from common.cam import grad_cam
+from common.cam_comparison import compare_cam_methods
+from common.cam_methods import CAM_METHODS
 from common.checkpoints import load_checkpoint, model_from_checkpoint
 from common.cli import heatmaps_only_command, parse_args
 from common.crossval import FOLDS_FILE_NAME, OutOfFold, cross_fit, load_folds
@@ -30,7 +32,8 @@ from common.errors import PipelineError
 from common.foldrun import fold_runs, prepare_fold_split
 from common.models import MODEL_ORDER
 from common.transforms import build_transforms
-from common.runfiles import CV_RESULTS_JSON, CV_RESULTS_MD, OOF_PREDICTIONS, REPORT_DIR, checkpoint_path, fold_dir
+from common.runfiles import (CV_RESULTS_JSON, CV_RESULTS_MD, OOF_PREDICTIONS, REPORT_DIR, cam_probability_key,
+                             checkpoint_path, fold_dir)
 from conftest import PIPELINE_ARGS, ROOT
 
 FOLDS = 2
@@ -168,8 +171,32 @@ def test_k_fold_run_writes_the_out_of_fold_files(cv_run):
     assert markdown.splitlines()[2].startswith("- MLP on heatmaps's AUC")
     assert "patient-level 2-fold cross-validation" in results["protocol"]
     page = (cv_run / REPORT_DIR / "index.html").read_text()
-    assert "Cross-validation report (2 folds)" in page and 'id="cv-patient"' in page
+    assert "Cross-validation report (2 folds)" in page and 'id="cv-patient"' in page and 'id="map-types"' in page
     assert (cv_run / REPORT_DIR / "cv_roc.png").is_file()
+
+
+def test_k_fold_map_type_comparison_is_cross_fitted_on_the_out_of_fold_rows(cv_run):
+    """cv_results.json's Grad-CAM vs Grad-CAM++ vs LayerCAM section: one cross-fitted MLP per map type, its
+    out-of-fold predictions in oof_predictions.csv (Grad-CAM's is the table's MLP on heatmaps), every number the
+    patient bootstrap of those predictions with the table's resamples and seed."""
+    results = json.loads((cv_run / CV_RESULTS_JSON).read_text())
+    comparison = results["cam_method_comparison"]
+    assert comparison["methods"] == list(CAM_METHODS) and comparison["final_method"] == "gradcam"
+    with open(cv_run / OOF_PREDICTIONS, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    column = {method: np.array([float(row[cam_probability_key(method)]) for row in rows]) for method in CAM_METHODS}
+    np.testing.assert_array_equal(column["gradcam"], [float(row["prob_mlp_heatmaps"]) for row in rows])
+    labels = np.array([row["label"] == "malignant" for row in rows], dtype=np.int64)
+    recomputed = compare_cam_methods(column, labels=labels, patients=np.array([row["patient"] for row in rows]),
+                                     protocol=comparison["protocol"], final_method="gradcam",
+                                     resamples=results["bootstrap"]["resamples"], seed=results["bootstrap"]["seed"])
+    for method in CAM_METHODS:  # the CSV keeps 6 decimals
+        for level in ("image", "patient"):
+            for metric in ("roc_auc", "balanced_accuracy"):
+                ours, theirs = comparison["rows"][method][level][metric], recomputed["rows"][method][level][metric]
+                assert ours["estimate"] == pytest.approx(theirs["estimate"], abs=1e-4), (method, level, metric)
+    assert comparison["images"] == results["images"] and comparison["patients"] == results["patients"]
+    assert "## Which maps make the best final classifier" in (cv_run / CV_RESULTS_MD).read_text()
 
 
 def recompute_map(folder: Path, arch: str, demo_dir: Path, record_path: str) -> np.ndarray:
@@ -191,9 +218,9 @@ def test_out_of_fold_map_is_the_map_of_the_fold_model_that_never_saw_the_patient
     row = int(np.flatnonzero(oof.folds == 1)[0])  # an image of fold 2: fold_2's models never trained on it
     arch = "resnet50"
     fold_two = recompute_map(fold_dir(cv_run, 2), arch, demo_dir, str(oof.paths[row]))
-    np.testing.assert_allclose(oof.cams[arch][row], fold_two, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(oof.cams_by_method["gradcam"][arch][row], fold_two, rtol=1e-4, atol=1e-6)
     fold_one = recompute_map(fold_dir(cv_run, 1), arch, demo_dir, str(oof.paths[row]))
-    assert not np.allclose(oof.cams[arch][row], fold_one)  # the model that trained on it made another map
+    assert not np.allclose(oof.cams_by_method["gradcam"][arch][row], fold_one)  # the model that trained on it made another map
 
 
 def test_stackers_fit_rows_never_hold_the_outer_folds_patients(cv_run):

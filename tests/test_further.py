@@ -22,6 +22,8 @@ import torch
 
 import cancer_class_further
 import predict
+from common.cam_comparison import compare_cam_methods, comparison_markdown
+from common.cam_methods import CAM_METHODS
 from common.data import load_split
 from common.errors import PipelineError
 from common.fileio import save_npz, sha256_of_file
@@ -31,7 +33,7 @@ from common.heatmaps import HEATMAP_FORMAT_VERSION, HEATMAP_KEYS, load_heatmaps
 from common.metrics import binary_metrics, metrics_table, softmax
 from common.models import ARCHS, MODEL_ORDER
 from common.report import load_run
-from common.runfiles import checkpoint_path, heatmap_path
+from common.runfiles import cam_probability_key, checkpoint_path, heatmap_path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_SCRIPTS = {"densenet121": "cancer_class_densenet_121.py", "resnet50": "cancer_class_resnet_50.py",
@@ -463,6 +465,24 @@ def test_results_and_classifier_name_the_files_they_were_made_from(run_dir):
     for arch in MODEL_ORDER:
         assert results["sources"][arch]["heatmaps_sha256"] == sha256_of_file(run_dir / f"heatmaps_{arch}.npz")
         assert results["sources"][arch]["checkpoint_sha256"] == sha256_of_file(run_dir / f"fine_tuned_{arch}.pth")
+
+
+def test_map_type_comparison_is_made_from_the_saved_test_predictions(run_dir, aligned):
+    """results.json's Grad-CAM vs Grad-CAM++ vs LayerCAM section: every map type the export made, the final MLP's
+    row being that MLP's own predictions, every number the patient bootstrap of test_predictions.npz's arrays."""
+    results = json.loads((run_dir / "results.json").read_text())
+    comparison = results["cam_method_comparison"]
+    assert comparison["methods"] == list(CAM_METHODS) and comparison["final_method"] == results["cam_method"]
+    saved = np.load(run_dir / "test_predictions.npz", allow_pickle=False)
+    np.testing.assert_array_equal(saved[cam_probability_key(results["cam_method"])], saved["prob_mlp_heatmaps"])
+    test_rows = aligned["test_rows"]
+    recomputed = compare_cam_methods({method: saved[cam_probability_key(method)] for method in CAM_METHODS},
+                                     labels=aligned["labels"][test_rows], patients=aligned["patients"][test_rows],
+                                     protocol=comparison["protocol"], final_method=comparison["final_method"],
+                                     resamples=comparison["bootstrap"]["resamples"], seed=comparison["bootstrap"]["seed"])
+    assert_same_numbers(comparison, recomputed)
+    assert comparison_markdown(comparison) in (run_dir / "results.md").read_text()
+    assert comparison["patients"] == len(results["test_patients"])  # scored on the test split's patients
 
 
 # ------------------------------------------------------------------- stale inputs; the files of one run

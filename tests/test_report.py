@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.cam_comparison import format_estimate
+from common.cam_methods import CAM_DISPLAY_NAMES
 from common.data import index_dataset, make_split, save_split
 from common.errors import PipelineError
 from common.fileio import save_npz, save_torch, sha256_of_file, write_json
@@ -206,6 +208,24 @@ def check_comparison_table(report: Path, run_dir: Path) -> None:
         assert row[1:] == expected, key
 
 
+def check_map_type_table(report: Path, run_dir: Path) -> None:
+    """The 'Which maps' table: one row per map type of results.json's comparison, its numbers and intervals."""
+    comparison = json.loads((run_dir / "results.json").read_text())["cam_method_comparison"]
+    rows = parse(report).tables["map-types"][1:]
+    assert [row[0] for row in rows] == [CAM_DISPLAY_NAMES[method] + (" (final_classifier.pth)" if method ==
+                                        comparison["final_method"] else "") for method in comparison["methods"]]
+    for method, row in zip(comparison["methods"], rows):
+        entries = comparison["rows"][method]
+        assert row[1:] == [format_estimate(entries[level][metric]) for level in ("image", "patient")
+                           for metric in ("roc_auc", "balanced_accuracy")]
+
+
+def test_results_of_an_earlier_version_say_the_map_type_comparison_is_missing(report):
+    """The synthetic results.json predates the map-type comparison: the section says so and how to make it."""
+    assert "Not in this run's results (written by an earlier version); rerun cancer_class_further.py" in \
+        report.read_text(encoding="utf-8")
+
+
 def test_per_patient_table_equals_results_json(report, run_dir):
     results = json.loads((run_dir / "results.json").read_text())
     rows = parse(report).tables["per-patient"][1:]
@@ -284,6 +304,7 @@ def test_report_of_a_real_pipeline_run(pipeline_run):
     index = pipeline_run / "report" / "index.html"
     check_html_and_links(index)
     check_comparison_table(index, pipeline_run)
+    check_map_type_table(index, pipeline_run)
     # Random init on the synthetic demo tree: the header says so.
     page = index.read_text(encoding="utf-8")
     caveat = page[page.index('class="caveat"'):page.index("<dl")]
