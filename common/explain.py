@@ -23,13 +23,14 @@ from common.data import CLASS_NAMES
 from common.dataset import load_rgb
 from common.faithfulness import SaliencyMethod, blur_for
 from common.fileio import atomic_path
-from common.heatmaps import blend, colorize
+from common.heatmaps import blend, colorize, combined_map, jet
 from common.models import ARCHS
 from common.transforms import build_transforms, resize_image
 
 PERTURBATION_METHODS = ("lime", "kernel_shap", "occlusion")
 METHOD_DISPLAY_NAMES = {**CAM_DISPLAY_NAMES, "lime": "LIME", "kernel_shap": "Kernel SHAP", "occlusion": "Occlusion"}
 EXPLANATION_METHODS = CAM_METHODS + PERTURBATION_METHODS
+COMBINED_ROW_LABEL = "Combined\n(mean of the\nCNNs' maps)"
 
 
 def perturbation_map(model: nn.Module, method: str, image: torch.Tensor, target: int, *,
@@ -71,19 +72,25 @@ def explanation_maps(model: nn.Module, arch: str, image: torch.Tensor, target: i
 
 
 def explanation_figure(picture: Image.Image, maps: dict[str, dict[str, np.ndarray]], target: Path, *,
-                       title: str) -> Path:
-    """A PNG grid: one row per model (`maps`: row label -> {method: map}), the picture then each method's map
-    blended over it (min-max scaled for display, jet: red = high). Written atomically."""
-    methods = list(dict.fromkeys(method for row in maps.values() for method in row))
-    figure = Figure(figsize=(1.9 * (len(methods) + 1), 2.0 * len(maps) + 0.4), layout="constrained")
-    grid = figure.subplots(len(maps), len(methods) + 1, squeeze=False)
-    for row, (label, row_maps) in enumerate(maps.items()):
+                       title: str, unit_maps: dict[str, dict[str, np.ndarray]] | None = None) -> Path:
+    """A PNG grid: one row per model (`maps`: row label -> {method: raw map}), the picture then each method's map
+    blended over it (min-max scaled for display, jet: red = high); then the rows of `unit_maps` (row label ->
+    {method: map already in [0, 1] at the picture's size}, e.g. the combined map), drawn without rescaling.
+    Written atomically."""
+    unit_maps = unit_maps or {}
+    rows = {**{label: (row_maps, False) for label, row_maps in maps.items()},
+            **{label: (row_maps, True) for label, row_maps in unit_maps.items()}}
+    methods = list(dict.fromkeys(method for row_maps, _ in rows.values() for method in row_maps))
+    figure = Figure(figsize=(1.9 * (len(methods) + 1), 2.0 * len(rows) + 0.4), layout="constrained")
+    grid = figure.subplots(len(rows), len(methods) + 1, squeeze=False)
+    for row, (label, (row_maps, in_unit_range)) in enumerate(rows.items()):
         grid[row, 0].imshow(picture)
         grid[row, 0].set_ylabel(label, fontsize=9)
         for column, method in enumerate(methods, start=1):
             if method in row_maps:
-                grid[row, column].imshow(blend(picture, colorize(row_maps[method], picture.size)))
-            else:  # a method run for another model only (e.g. LIME of one chosen CNN)
+                heat = jet(row_maps[method]) if in_unit_range else colorize(row_maps[method], picture.size)
+                grid[row, column].imshow(blend(picture, heat))
+            else:  # a method run for another model only (e.g. LIME of one chosen CNN), or a CAM-only row
                 grid[row, column].axis("off")
             if row == 0:
                 grid[row, column].set_title(METHOD_DISPLAY_NAMES.get(method, method), fontsize=9)
@@ -103,7 +110,9 @@ def explain_image(path: Path, models: dict[str, tuple[nn.Module, int]], target: 
                   title: str | None = None) -> Path:
     """One image file explained by every CAM of every CNN (`models`: arch -> (model, input size)) and by the
     perturbation methods of the CNNs in `perturbation_archs`; each CNN explains the class its own logits give
-    by `target_rule` (common.cam.TARGET_RULES). Writes the figure to `target` (PNG, atomically)."""
+    by `target_rule` (common.cam.TARGET_RULES). With more than one CNN, a last row shows each CAM method's combined
+    map (the mean of the CNNs' display-scaled maps, as the report shows it). Writes the figure to `target` (PNG,
+    atomically)."""
     image = load_rgb(path)
     maps = {}
     for arch, (model, image_size) in models.items():
@@ -115,4 +124,7 @@ def explain_image(path: Path, models: dict[str, tuple[nn.Module, int]], target: 
         label = f"{ARCHS[arch].display_name}\n({CLASS_NAMES[target_class]})"
         maps[label] = explanation_maps(model, arch, tensor, target_class, methods=methods, samples=samples, seed=seed)
     picture = resize_image(image, max(image_size for _, image_size in models.values()))
-    return explanation_figure(picture, maps, target, title=title or Path(path).name)
+    # The combined map as the report's gallery draws it (common.heatmaps.combined_map), one per CAM method.
+    unit_maps = {COMBINED_ROW_LABEL: {method: combined_map([row[method] for row in maps.values()], picture.size)
+                                      for method in CAM_METHODS}} if len(models) > 1 else None
+    return explanation_figure(picture, maps, target, title=title or Path(path).name, unit_maps=unit_maps)

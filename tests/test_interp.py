@@ -24,7 +24,7 @@ from common.dataset import load_rgb
 from common.errors import PipelineError
 from common.fileio import save_npz
 from common.fusion import Standardizer, build_features, build_mlp, load_aligned_heatmaps, mlp_logits, stack_maps
-from common.heatmaps import load_heatmaps
+from common.heatmaps import combined_map, load_heatmaps
 from common.metrics import softmax
 from common.models import MODEL_ORDER
 from common.report import build_report
@@ -195,5 +195,35 @@ def test_predict_explain_writes_a_figure_of_every_method(pipeline_run, tmp_path)
     figure = tmp_path / "out" / f"{image.stem}_explain.png"
     with Image.open(figure) as picture:
         width, height = picture.size
-    assert width > height > 0  # seven columns (image, three CAMs, LIME, SHAP, occlusion), three rows
+    assert width > height > 0  # seven columns (image, three CAMs, LIME, SHAP, occlusion), four rows (+ combined)
     assert (tmp_path / "out" / f"{image.stem}_gradcam.png").is_file()
+
+
+def test_explanation_figure_ends_with_each_cam_methods_combined_map(pipeline_run, tmp_path, monkeypatch):
+    """The side-by-side figure's last row is the combined map of each CAM method, as the report's gallery draws it:
+    the mean of the CNNs' display-scaled maps of that method (common.heatmaps.combined_map)."""
+    import common.explain as explain
+
+    captured = {}
+    draw = explain.explanation_figure
+
+    def capture(picture, maps, target, *, title, unit_maps=None):
+        captured.update(picture=picture, maps=maps, unit_maps=unit_maps)
+        return draw(picture, maps, target, title=title, unit_maps=unit_maps)
+
+    monkeypatch.setattr(explain, "explanation_figure", capture)
+    split = load_split(pipeline_run / "split.json")
+    image = split.root / split.records[split.indices("test")[0]].path
+    checkpoints = {arch: load_checkpoint(checkpoint_path(pipeline_run, arch), arch) for arch in MODEL_ORDER}
+    models = {arch: (model_from_checkpoint(checkpoint), checkpoint["image_size"])
+              for arch, checkpoint in checkpoints.items()}
+    target = explain.explain_image(image, models, tmp_path / "figure.png", target_rule="predicted",
+                                   perturbation_archs=())
+    assert target.stat().st_size > 0
+    combined = captured["unit_maps"][explain.COMBINED_ROW_LABEL]
+    assert list(combined) == list(CAM_METHODS) and len(captured["maps"]) == len(MODEL_ORDER)
+    for method in CAM_METHODS:
+        expected = combined_map([row[method] for row in captured["maps"].values()], captured["picture"].size)
+        np.testing.assert_array_equal(combined[method], expected)
+        assert combined[method].shape == captured["picture"].size[::-1]
+        assert 0 <= combined[method].min() and combined[method].max() <= 1
