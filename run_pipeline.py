@@ -1,10 +1,14 @@
-"""The whole pipeline in one command: three CNNs, the heatmap MLP, the report.
+"""The whole pipeline in one command: three CNNs, the heatmap MLP, the faithfulness of the explanations, the report.
 
     python run_pipeline.py --demo                                            # synthetic data, CPU, minutes
     python run_pipeline.py --data-dir /data/BreaKHis_v1 --output-dir runs/breakhis   # real defaults (GPU)
     python run_pipeline.py --data-dir /data/BreaKHis_v1 --magnification 400 --epochs 20   # extra options go to
                                                                                          # the model scripts
     python run_pipeline.py --demo --folds 3                      # patient-level 3-fold cross-validation (resumable)
+
+A single-split run then scores its explanations (`python -m common.faithfulness`: deletion/insertion AUC of every
+CAM method of every CNN on --faithfulness-images test images, LIME, Kernel SHAP and occlusion on the first
+--faithfulness-perturbation-images of them, side-by-side figures), so its report has the Faithfulness section.
 
 With --folds K (or several --fold-file), every fold runs in <output-dir>/fold_<k>/ (the three model scripts and
 cancer_class_further.py, a fold's model skipped when its checkpoint and heatmaps are complete), then
@@ -42,6 +46,10 @@ DEMO_MODEL_ARGS = ["--weights", "none", "--image-size", "64", "--batch-size", "8
 DEMO_ARCH_ARGS = {"densenet121": ["--lr", "1e-3", "--epochs", "5"],
                   "resnet50": ["--lr", "1e-3", "--epochs", "5"],
                   "vgg16": ["--lr", "1e-4", "--epochs", "15"]}
+# The demo's faithfulness stage: CAMs on 8 test images (34 forward passes per image and map, about a minute for every
+# map of the three CNNs on 2 cores), the perturbation methods (hundreds of forward passes each) on one; the command's
+# defaults (100 and 5) are for real runs.
+DEMO_FAITHFULNESS = {"images": 8, "perturbation_images": 1}
 # --demo --folds K trains every model K times: 48 px and fewer epochs keep it to minutes on 2 cores (placed after
 # the demo's own settings, so they win; the caller's options still come last). VGG-16 may stay near chance.
 DEMO_FOLD_ARCH_ARGS = {"densenet121": ["--image-size", "48", "--epochs", "2"],
@@ -57,6 +65,12 @@ def run_stage(command: list[str], env: dict | None = None) -> None:
         print(f"stage failed with exit status {status}: {' '.join(command)}", file=sys.stderr)
         sys.exit(status)
     print(f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def module_environment() -> dict:
+    """The environment for `python -m common.<module>` started from the caller's folder: the repository goes on
+    the module path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
 
 
 def run_folds(args: argparse.Namespace, data_dir: Path, output_dir: Path, n_folds: int, extra_args: list[str]) -> None:
@@ -79,10 +93,22 @@ def run_folds(args: argparse.Namespace, data_dir: Path, output_dir: Path, n_fold
             ran = True
         if ran or not (folder / RESULTS_JSON).is_file():
             run_stage([python, str(HERE / FURTHER_SCRIPT), "--output-dir", str(folder)])
-    # `python -m common.cv` from the caller's folder: the repository goes on the module path.
-    module_path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
-    run_stage([python, "-m", "common.cv", "--output-dir", str(output_dir)],
-              env={**os.environ, "PYTHONPATH": module_path})
+    run_stage([python, "-m", "common.cv", "--output-dir", str(output_dir)], env=module_environment())
+    print(f"\nfaithfulness: not run on a K-fold run; score a fold with python -m common.faithfulness --output-dir "
+          f"{fold_dir(output_dir, 1)}")
+
+
+def run_faithfulness(args: argparse.Namespace, output_dir: Path) -> None:
+    """`python -m common.faithfulness` on the finished run (skipped with --faithfulness-images 0)."""
+    demo = DEMO_FAITHFULNESS if args.demo else {}
+    images = args.faithfulness_images if args.faithfulness_images is not None else demo.get("images", 100)
+    perturbation_images = args.faithfulness_perturbation_images if args.faithfulness_perturbation_images is not None \
+        else demo.get("perturbation_images", 5)
+    if images == 0:
+        print("\nfaithfulness: skipped (--faithfulness-images 0)")
+        return
+    run_stage([sys.executable, "-m", "common.faithfulness", "--output-dir", str(output_dir), "--images", str(images),
+               "--perturbation-images", str(perturbation_images)], env=module_environment())
 
 
 def main() -> None:
@@ -96,7 +122,13 @@ def main() -> None:
                                                   "aggregation (see above) (default: none, one split)")
     parser.add_argument("--fold-file", action="append", help="official dsfoldN.txt; given K times, its test sides "
                                                              "are the K folds (default: none)")
+    parser.add_argument("--faithfulness-images", type=int, help="test images whose explanations are scored after a "
+                        "single-split run; 0 skips the stage (default: 100; --demo: 8)")
+    parser.add_argument("--faithfulness-perturbation-images", type=int, help="of those, the first N also explained by "
+                        "LIME, Kernel SHAP and occlusion (default: 5; --demo: 1)")
     args, extra_args = parser.parse_known_args()
+    if min(args.faithfulness_images or 0, args.faithfulness_perturbation_images or 0) < 0:
+        parser.error("--faithfulness-images and --faithfulness-perturbation-images must not be negative")
     if args.demo == bool(args.data_dir):
         parser.error("give either --demo or --data-dir")
     output_dir = Path(args.output_dir or ("runs/demo" if args.demo else "runs/breakhis"))
@@ -122,6 +154,7 @@ def main() -> None:
             run_stage([python, str(HERE / spec.script), "--data-dir", str(data_dir), "--output-dir", str(output_dir),
                        *model_args])
         run_stage([python, str(HERE / FURTHER_SCRIPT), "--output-dir", str(output_dir)])
+        run_faithfulness(args, output_dir)
     run_stage([python, str(HERE / "make_report.py"), "--output-dir", str(output_dir)])
     print(f"\npipeline finished in {time.perf_counter() - started:.0f} s; open {output_dir / REPORT_DIR / 'index.html'}")
 

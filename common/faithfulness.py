@@ -32,6 +32,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from common.cam import target_classes
 from common.cam_methods import cams_and_logits
+from common.console import progress
 from common.heatmaps import combined_map
 
 DEFAULT_STEPS = 16
@@ -184,8 +185,9 @@ def _summary(deletion: list[float], insertion: list[float], map_seconds: list[fl
 def score_methods(class_probabilities: ClassProbabilities, images: torch.Tensor,
                   methods: dict[str, SaliencyMethod], *, target: str | torch.Tensor = "predicted",
                   steps: int = DEFAULT_STEPS, blur: Blur | None = None, batch_size: int | None = None,
-                  baselines: bool = True, seed: int = 0) -> dict:
+                  baselines: bool = True, seed: int = 0, desc: str | None = None) -> dict:
     """Deletion and insertion AUC of every method (and the two baselines) over N images (N, 3, H, W).
+    desc: show progress per method, labelled "<desc> <method>" (common.console.progress); None: silent.
 
     target: a rule of common.cam.TARGET_RULES applied to `class_probabilities` of the unperturbed images, or a
     (N,) tensor of class indices. Each map is computed one image at a time, so that its time per image is honest.
@@ -205,7 +207,7 @@ def score_methods(class_probabilities: ClassProbabilities, images: torch.Tensor,
              "images": len(images), "target": target if isinstance(target, str) else "given classes", "methods": {}}
     for name, method in methods.items():
         deletion, insertion, map_seconds = [], [], []
-        for row in range(len(images)):
+        for row in progress(range(len(images)), total=len(images), desc=f"{desc} {name}", disable=desc is None):
             start = time.perf_counter()
             saliency = method(images[row:row + 1], classes[row:row + 1])[0]
             if saliency.is_cuda:

@@ -70,13 +70,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def sample_test_rows(splits: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """A fixed sample of `count` test rows (all of them when there are fewer), in file order."""
+def sample_test_rows(splits: np.ndarray, patients: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """A fixed sample of `count` test rows (all of them when there are fewer), ordered so that patients take turns:
+    the first images (the ones LIME, Kernel SHAP and occlusion explain, and the figures) come from as many
+    different patients as there are, not from the first patient in file order."""
     test_rows = np.flatnonzero(splits == "test")
     if len(test_rows) == 0:
         raise PipelineError("the heatmap files have no test rows to score; rerun the model scripts")
     chosen = np.random.default_rng(seed).choice(test_rows, size=min(count, len(test_rows)), replace=False)
-    return np.sort(chosen)
+    turn_of, seen = np.empty(len(chosen), dtype=np.int64), {}
+    for position, row in enumerate(chosen):  # the k-th drawn image of a patient waits for turn k
+        turn_of[position] = seen.get(patients[row], 0)
+        seen[patients[row]] = turn_of[position] + 1
+    return chosen[np.lexsort((np.arange(len(chosen)), turn_of))]
 
 
 def load_models(output_dir: Path, device: torch.device) -> tuple[dict, dict, list[str], dict[str, str]]:
@@ -107,13 +113,15 @@ def score_cnn(model, arch: str, images: torch.Tensor, args, target: str) -> dict
     """The CNN's CAMs on every image, its perturbation methods on the first --perturbation-images."""
     probabilities = soft_vote_probabilities([model])  # one model: its own softmax
     cams = {CAM_DISPLAY_NAMES[method]: cam_saliency(model, arch, method=method) for method in CAM_METHODS}
-    tables = {"cams": score_methods(probabilities, images, cams, target=target, steps=args.steps, seed=args.seed)}
+    name = ARCHS[arch].display_name
+    tables = {"cams": score_methods(probabilities, images, cams, target=target, steps=args.steps, seed=args.seed,
+                                    desc=name)}
     if args.perturbation_images:
         perturbations = {METHOD_DISPLAY_NAMES[method]: perturbation_saliency(model, method, samples=args.samples,
                                                                              seed=args.seed)
                          for method in PERTURBATION_METHODS}
         tables["perturbation"] = score_methods(probabilities, images[:args.perturbation_images], perturbations,
-                                               target=target, steps=args.steps, seed=args.seed)
+                                               target=target, steps=args.steps, seed=args.seed, desc=name)
     return tables
 
 
@@ -196,7 +204,7 @@ def main(argv=None) -> None:
     device = pick_device(args.device)
     heatmaps, models, caveats, digests = load_models(output_dir, device)
     reference = heatmaps[MODEL_ORDER[0]]
-    rows = sample_test_rows(reference["splits"], args.images, args.seed)
+    rows = sample_test_rows(reference["splits"], reference["patients"], args.images, args.seed)
     paths = [str(path) for path in reference["paths"][rows]]
     root = load_split(output_dir / SPLIT_FILE_NAME).root
     target = str(reference["target_class_rule"])
@@ -205,7 +213,8 @@ def main(argv=None) -> None:
     cnns = {arch: score_cnn(model, arch, images[arch], args, target) for arch, (model, _) in models.items()}
     sizes = {image_size for _, image_size in models.values()}
     combined = score_combined([(arch, model) for arch, (model, _) in models.items()], images[MODEL_ORDER[0]],
-                              methods=CAM_METHODS, target=target, steps=args.steps, seed=args.seed) \
+                              methods=CAM_METHODS, target=target, steps=args.steps, seed=args.seed,
+                              desc="three CNNs") \
         if len(sizes) == 1 else None
     figure_count = min(args.figures, args.perturbation_images, len(paths))
     figures = write_figures(output_dir, root, paths[:figure_count], models, args, target)

@@ -344,7 +344,10 @@ def evaluate_row(prob_malignant, *, labels, patients, folds, bootstrap: PatientB
 
 
 def _number(value: float) -> str:
-    return f"{value:.2f}".replace("-0.00", "0.00")
+    """Two decimals; three where two would print a nonzero value as 0.00 (a difference of 0.002 is not 'equal')."""
+    digits = 2 if value == 0 or abs(value) >= 0.005 else 3
+    text = f"{value:.{digits}f}"
+    return text.lstrip("-") if float(text) == 0 else text
 
 
 def describe_difference(name_a: str, name_b: str, metric: str, interval: Interval, *, level: str = "image") -> str:

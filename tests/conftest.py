@@ -50,12 +50,14 @@ PIPELINE_ARGS = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--
 
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory, demo_dir) -> Path:
-    """run_pipeline.py on the demo tree (three model scripts, cancer_class_further.py, the report), once."""
+    """run_pipeline.py on the demo tree (three model scripts, cancer_class_further.py, the faithfulness of the CAMs
+    on two test images, the report), once."""
     base = tmp_path_factory.getbasetemp()
     run_dir = base / "pipeline_run"
     # Started from another folder than the repository, with relative paths: they must mean the caller's folder.
     finished = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "--data-dir",
-                               os.path.relpath(demo_dir, base), "--output-dir", "pipeline_run", *PIPELINE_ARGS],
+                               os.path.relpath(demo_dir, base), "--output-dir", "pipeline_run",
+                               "--faithfulness-images", "2", "--faithfulness-perturbation-images", "0", *PIPELINE_ARGS],
                               cwd=base, capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, f"run_pipeline.py failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}"
     return run_dir

@@ -141,3 +141,18 @@ def test_combined_map_scored_against_the_soft_vote():
     for row in table["methods"].values():
         assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1
     assert all(model.training for _, model in models)  # evaluated in eval mode, their own mode restored after
+
+
+def test_the_sample_lets_patients_take_turns_so_the_first_images_span_patients():
+    """LIME, Kernel SHAP, occlusion and the figures take the sample's first images: they must not all be one
+    patient's (file order groups images by patient)."""
+    from common.faithfulness_run import sample_test_rows
+
+    patients = np.repeat([f"p{index}" for index in range(6)], 20)
+    splits = np.where(np.isin(patients, ["p1", "p2", "p4", "p5"]), "test", "train")
+    rows = sample_test_rows(splits, patients, 50, seed=3)
+    assert len(rows) == len(set(rows)) == 50 and set(splits[rows]) == {"test"}
+    assert len(set(patients[rows[:4]])) == 4  # one image of each test patient first
+    np.testing.assert_array_equal(rows, sample_test_rows(splits, patients, 50, seed=3))  # a fixed sample
+    everything = sample_test_rows(splits, patients, 1000, seed=0)
+    assert sorted(everything) == list(np.flatnonzero(splits == "test"))  # all test rows when fewer than asked

@@ -147,6 +147,9 @@ BASELINE_ROWS = {"random (baseline)", "centred Gaussian (baseline)"}
 def test_faithfulness_command_scores_every_method_with_the_baselines(run_copy):
     finished = run_script("-m", "common.faithfulness", "--output-dir", str(run_copy), *TINY_FAITHFULNESS)
     assert finished.returncode == 0, finished.stderr
+    for line in ("DenseNet-121 Grad-CAM: 2/2 (100 %)", "VGG-16 Kernel SHAP: 1/1 (100 %)",  # progress, per method
+                 "three CNNs combined layercam: 2/2 (100 %)"):
+        assert line in finished.stderr
     result = json.loads((run_copy / "faithfulness.json").read_text())
     assert len(result["images"]) == 2 and result["steps"] == 4
     split = load_split(run_copy / "split.json")
@@ -175,11 +178,24 @@ def test_faithfulness_command_scores_every_method_with_the_baselines(run_copy):
 
 
 def test_faithfulness_command_refuses_stale_heatmaps(run_copy, retrain):
+    earlier = {name: (run_copy / name).read_bytes() for name in ("faithfulness.json", "faithfulness.md")}
     retrain(run_copy / "fine_tuned_resnet50.pth")
     finished = run_script("-m", "common.faithfulness", "--output-dir", str(run_copy), *TINY_FAITHFULNESS)
     lines = finished.stderr.strip().splitlines()
     assert finished.returncode == 2 and len(lines) == 1 and "heatmaps_resnet50.npz is stale" in lines[0]
-    assert not (run_copy / "faithfulness.json").exists()
+    assert all((run_copy / name).read_bytes() == content for name, content in earlier.items())  # the run's, intact
+
+
+def test_the_pipeline_scores_its_explanations_and_the_report_shows_them(pipeline_run):
+    """run_pipeline.py's faithfulness stage (conftest.py: 2 images, no perturbation methods): the table of every CAM
+    method of every CNN and of the combined map, shown in the run's report."""
+    result = json.loads((pipeline_run / "faithfulness.json").read_text())
+    assert len(result["images"]) == 2 and result["perturbation_images"] == 0 and result["figures"] == []
+    for arch in MODEL_ORDER:
+        assert set(result["cnns"][arch]["cams"]["methods"]) == CAM_ROWS | BASELINE_ROWS
+    assert result["combined"] is not None
+    page = (pipeline_run / "report" / "index.html").read_text()
+    assert '<section id="faithfulness">' in page and "What the final MLP looks at" in page
 
 
 # --------------------------------------------------------------------------------------- predict.py --explain

@@ -216,3 +216,7 @@ def test_describe_difference_sentences():
     same = describe_difference("the soft vote", "the soft vote", "roc_auc", Interval(0.0, 0.0, 0.0, 2000))
     assert same.startswith("The soft vote's AUC equals the soft vote's (95 % CI 0.00 to 0.00")
     assert same.endswith("the interval includes zero, so no difference is shown.")
+    small = describe_difference("the LayerCAM MLP", "the Grad-CAM MLP", "roc_auc", Interval(0.002, 0.0, 0.0048, 2000))
+    assert small.startswith("The LayerCAM MLP's AUC is 0.002 higher than the Grad-CAM MLP's (95 % CI 0.00 to 0.005,")
+    tiny = describe_difference("a", "b", "roc_auc", Interval(-0.0001, -0.0004, 0.0002, 2000))
+    assert "is 0.000 lower than b's (95 % CI 0.000 to 0.000," in tiny  # never "-0.000"
