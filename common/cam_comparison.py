@@ -101,6 +101,13 @@ def missing_sentence(comparison: dict) -> str:
             f"--heatmaps-only --cam-methods {','.join(CAM_METHODS)}).")
 
 
+def multiplicity_sentence(comparison: dict) -> str:
+    """Each interval covers its own comparison only: with several, one may exclude zero by chance."""
+    count = len(comparison["differences"])
+    return (f"Each interval is for its own comparison, with no correction for the {count} made here: when nothing "
+            f"differs, about one 95 % interval in twenty still excludes zero.")
+
+
 def comparison_markdown(comparison: dict) -> str:
     """The section of results.md / cv_results.md: the protocol, the table, the paired differences."""
     header = comparison_header()
@@ -112,6 +119,8 @@ def comparison_markdown(comparison: dict) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(comparison_cells(comparison, method)) + " |" for method in comparison["methods"]]
     lines += [""] + [f"- {difference['sentence']}" for difference in comparison["differences"]]
+    if comparison["differences"]:
+        lines += ["", multiplicity_sentence(comparison)]
     if comparison["missing"]:
         lines += ["", missing_sentence(comparison)]
     return "\n".join(lines) + "\n"

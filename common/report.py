@@ -41,7 +41,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sklearn.metrics import roc_curve
 
-from common.cam_comparison import comparison_cells, comparison_header, missing_sentence
+from common.cam_comparison import comparison_cells, comparison_header, missing_sentence, multiplicity_sentence
 from common.data import CLASS_NAMES, SPLIT_FILE_NAME, load_split
 from common.dataset import load_rgb
 from common.errors import PipelineError
@@ -413,7 +413,7 @@ def map_type_html(comparison: dict | None) -> str:
             "resamples). This table reports; it did not choose the final classifier's maps (bold).</p>"
             + _table([html.escape(cell) for cell in comparison_header()], rows, table_id="map-types",
                      row_classes=classes)
-            + (f"<ul>{sentences}</ul>" if sentences else "")
+            + (f"<ul>{sentences}</ul><p>{html.escape(multiplicity_sentence(comparison))}</p>" if sentences else "")
             + (f"<p>{html.escape(missing)}</p>" if missing else ""))
 
 

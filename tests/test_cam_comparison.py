@@ -53,6 +53,7 @@ def test_each_row_is_the_bootstrap_of_its_probabilities_and_differences_are_pair
     assert difference["estimate"] == pytest.approx(expected.estimate)
     assert difference["ci95"] == pytest.approx([expected.low, expected.high]) and difference["ci95"][0] > 0
     assert "interval excludes zero" in difference["sentence"] and "Grad-CAM++ MLP" in difference["sentence"]
+    assert "no correction for the 8 made here" in comparison_markdown(comparison)
 
 
 def test_identical_probabilities_differ_by_exactly_zero():
