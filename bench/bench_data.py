@@ -241,7 +241,7 @@ def bench_memory(args) -> None:
             results.append(json.loads(completed.stdout.strip().splitlines()[-1]))
     small, large = results
     growth = (large["rss_peak_kib"] - small["rss_peak_kib"]) / (large["images"] - small["images"])
-    print(f"\n3. heatmap export memory: ResNet-50, 32 px, plain path, fresh process each, peak RSS (ru_maxrss)")
+    print("\n3. heatmap export memory: ResNet-50, 32 px, plain path, fresh process each, peak RSS (ru_maxrss)")
     print(table(["images", "ru_maxrss before export MiB", "ru_maxrss peak MiB", "VmHWM peak MiB"], [
         [str(r["images"]), f"{r['rss_before_kib'] / 1024:.1f}", f"{r['rss_peak_kib'] / 1024:.1f}",
          f"{r['vm_hwm_kib'] / 1024:.1f}" if r["vm_hwm_kib"] else "n/a"] for r in results]))

@@ -31,6 +31,7 @@ Sections, one module each, in pipeline order:
     common.faithfulness_run  the faithfulness command (python -m common.faithfulness --output-dir RUN)
     common.report        the static HTML report of a run
     common.report_faithfulness  its interpretability section, from faithfulness.json
+    common.inference     new images through a finished run's models: the one path of predict.py and the viewer
     common.viewer        the browser viewer's functions (app.py is its Gradio page)
     common.console       what the scripts show on the console: --help layout, progress of long loops
     common.fileio        atomic writes of every result file; leftovers of killed runs; full disks

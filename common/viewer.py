@@ -23,11 +23,11 @@ from common.dataset import load_rgb
 from common.errors import PipelineError
 from common.cam_methods import CAM_ARRAY_KEYS
 from common.heatmaps import OVERLAY_ALPHA, blend, colorize, combined_map, jet
+from common.inference import BATCH_SIZE, classify_images, load_classifier, load_cnns
 from common.metrics import DECISION_THRESHOLD
 from common.models import MODEL_ORDER
 from common.report import Run, load_run
 
-import predict
 
 # Longer side of the pictures the viewer shows, pixels (aspect ratio kept): about their width in the page (five
 # in a row). Each is sent as a PNG (lossless: no compression artefacts on tissue), whose encoding takes most of a
@@ -113,11 +113,11 @@ def load_viewer_run(output_dir: Path, *, device: torch.device) -> ViewerRun:
     if not output_dir.is_dir():
         raise PipelineError(f"--output-dir {output_dir} does not exist; run run_pipeline.py (or make demo) first")
     report = load_run(output_dir)
-    mlp, classifier = predict.load_classifier(output_dir)
+    mlp, classifier = load_classifier(output_dir)
     if classifier["features"] != report.results.get("final_features", "heatmaps"):
         raise PipelineError(f"final_classifier.pth and results.json in {output_dir} come from different runs of "
                             f"cancer_class_further.py; rerun cancer_class_further.py --output-dir {output_dir}")
-    cnns = predict.load_cnns(output_dir, classifier, device)
+    cnns = load_cnns(output_dir, classifier, device)
     split = load_split(output_dir / SPLIT_FILE_NAME)
     heatmap_row = {arch: {path: row for row, path in enumerate(report.heatmaps[arch]["paths"])}
                    for arch in MODEL_ORDER}
@@ -138,11 +138,11 @@ def display_copy(image: Image.Image) -> Image.Image:
 
 def predict_views(run: ViewerRun, named_images: list[tuple[str, Image.Image]]) -> list[ImageView]:
     """New RGB images through each CNN (logits and Grad-CAM in one pass) and the final MLP, by predict.py's own
-    function, with the models already loaded; a batch of predict.BATCH_SIZE at a time."""
+    function, with the models already loaded; a batch of BATCH_SIZE at a time."""
     views = []
-    for start in range(0, len(named_images), predict.BATCH_SIZE):
-        chunk = named_images[start:start + predict.BATCH_SIZE]
-        result = predict.classify_images([image for _, image in chunk], mlp=run.mlp, classifier=run.classifier,
+    for start in range(0, len(named_images), BATCH_SIZE):
+        chunk = named_images[start:start + BATCH_SIZE]
+        result = classify_images([image for _, image in chunk], mlp=run.mlp, classifier=run.classifier,
                                          models=run.cnns, device=run.device, methods=tuple(LIVE_METHODS.values()))
         maps = {key: result["maps"][method] for key, method in LIVE_METHODS.items()}
         probabilities = dict(result["probabilities"])

@@ -38,6 +38,33 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+# Seeds chosen so that every (arch, target rule) pair has a non-zero map at 64 px (a random VGG-16 head often has none).
+CAM_MODEL_SEEDS = {"resnet50": 0, "densenet121": 1, "vgg16": 3}
+
+
+@pytest.fixture(scope="module")
+def cam_models(one_thread):
+    """One random-init model per architecture, in eval mode, for a module's Grad-CAM tests (built once per module:
+    VGG-16 alone has 134M parameters; a test that changes a model's mode restores it)."""
+    import torch
+
+    from common.models import build_model
+
+    built = {}
+    for arch, seed in CAM_MODEL_SEEDS.items():
+        torch.manual_seed(seed)
+        built[arch] = build_model(arch, "none").eval()
+    return built
+
+
+@pytest.fixture(scope="module")
+def cam_images():
+    """Two random 64 px inputs for cam_models."""
+    import torch
+
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import app
+import common.inference
 import predict
 from common.data import CLASS_NAMES
 from common.errors import PipelineError
@@ -200,7 +201,7 @@ def test_random_init_and_demo_data_are_flagged(run):
 def test_checkpoint_changed_after_the_mlp_was_trained_is_refused(pipeline_run, monkeypatch):
     """A checkpoint that is not the one the MLP and the maps were made from: the viewer refuses the run as predict.py
     does (here the maps beside it are stale too, which the message says first, with the command that remakes them)."""
-    monkeypatch.setattr(predict, "sha256_of_file", lambda path: "0" * 64)
+    monkeypatch.setattr(common.inference, "sha256_of_file", lambda path: "0" * 64)
     arch = MODEL_ORDER[0]
     expected = (f"{heatmap_path(pipeline_run, arch)} is stale: it was made by another checkpoint than "
                 f"{checkpoint_path(pipeline_run, arch)}")

@@ -3,7 +3,7 @@
 The reference is the way common libraries compute Grad-CAM: a forward hook on the target module keeps the
 activation, the whole model runs forward with autograd, `loss.backward()` over everything, and the retained
 activation gradient gives alpha_k = mean_ij dy_c/dA_k[i, j]; map = ReLU(sum_k alpha_k A_k).
-Random-init models, random inputs, CPU only, no downloads.
+Random-init models, random inputs, CPU only, no downloads (tests/conftest.py: cam_models, cam_images).
 """
 
 import numpy as np
@@ -12,7 +12,7 @@ import torch
 
 from common.cam import grad_cam, scale_for_display
 from common.data import CLASS_NAMES
-from common.models import body, build_model, cam_shape
+from common.models import body, cam_shape
 from common.reference_cam import full_backward_grad_cam
 
 ARCH_NAMES = ("resnet50", "densenet121", "vgg16")
@@ -24,22 +24,6 @@ SIDE_AT_64 = {"resnet50": 2, "densenet121": 2, "vgg16": 4}  # input / 32 (VGG-16
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def models(one_thread):
-    """One random-init model per architecture, in eval mode (built once: VGG-16 alone has 134M parameters)."""
-    built = {}
-    # Seeds chosen so that every (arch, rule) pair has a non-zero map (a random VGG-16 head often has none).
-    for arch, seed in (("resnet50", 0), ("densenet121", 1), ("vgg16", 3)):
-        torch.manual_seed(seed)
-        built[arch] = build_model(arch, "none").eval()
-    return built
-
-
-@pytest.fixture(scope="module")
-def images():
-    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-
-
 def close(ours, reference, rtol=1e-4):
     """Equal within `rtol` relative to the map's scale (elementwise relative error is meaningless near 0)."""
     scale = reference.abs().max().item()
@@ -48,29 +32,29 @@ def close(ours, reference, rtol=1e-4):
 
 @pytest.mark.parametrize("target", ["predicted", "malignant"])
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_grad_cam_equals_full_autograd_reference(models, images, arch, target):
-    model = models[arch]
-    reference_maps, reference_logits, _ = full_backward_grad_cam(model, arch, images, target)
-    maps, logits = grad_cam(model, arch, images, target=target)
+def test_grad_cam_equals_full_autograd_reference(cam_models, cam_images, arch, target):
+    model = cam_models[arch]
+    reference_maps, reference_logits, _ = full_backward_grad_cam(model, arch, cam_images, target)
+    maps, logits = grad_cam(model, arch, cam_images, target=target)
     assert maps.dtype == torch.float32 and maps.shape == reference_maps.shape
     assert maps.shape == (2, SIDE_AT_64[arch], SIDE_AT_64[arch])
     assert reference_maps.max() > 0, "a trivial all-zero map would prove nothing"
     assert (maps >= 0).all()
     close(maps, reference_maps)
     with torch.no_grad():
-        torch.testing.assert_close(logits, model(images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits, model(cam_images), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits, reference_logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("target", ["predicted", "malignant"])
 @pytest.mark.parametrize("arch", ["resnet50", "densenet121"])
-def test_grad_cam_equals_cam_from_head_weights(models, images, arch, target):
+def test_grad_cam_equals_cam_from_head_weights(cam_models, cam_images, arch, target):
     """GAP + linear head: dy_c/dA_k[i, j] = w_ck / (h*w), so Grad-CAM = ReLU(sum_k w_ck A_k) / (h*w)."""
-    model = models[arch]
-    maps, logits = grad_cam(model, arch, images, target=target)
+    model = cam_models[arch]
+    maps, logits = grad_cam(model, arch, cam_images, target=target)
     with torch.no_grad():
-        activation = body(model, arch, images)  # (B, C, h, w)
-    classes = logits.argmax(1) if target == "predicted" else torch.full((len(images),), MALIGNANT)
+        activation = body(model, arch, cam_images)  # (B, C, h, w)
+    classes = logits.argmax(1) if target == "predicted" else torch.full((len(cam_images),), MALIGNANT)
     head_weight = (model.fc if arch == "resnet50" else model.classifier).weight.detach()  # (2, C)
     height, width = activation.shape[2:]
     cam = torch.relu(torch.einsum("bc,bchw->bhw", head_weight[classes], activation)) / (height * width)
@@ -79,28 +63,28 @@ def test_grad_cam_equals_cam_from_head_weights(models, images, arch, target):
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_body_is_the_hooked_activation(models, images, arch):
+def test_body_is_the_hooked_activation(cam_models, cam_images, arch):
     """common.models.body computes exactly the activation the network's own forward passes on."""
-    model = models[arch]
-    _, _, hooked = full_backward_grad_cam(model, arch, images, "predicted")
+    model = cam_models[arch]
+    _, _, hooked = full_backward_grad_cam(model, arch, cam_images, "predicted")
     with torch.no_grad():
-        torch.testing.assert_close(body(model, arch, images), hooked, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(body(model, arch, cam_images), hooked, rtol=1e-5, atol=1e-6)
     assert (hooked >= 0).all()  # after the ReLU
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_grad_cam_leaves_the_model_as_it_found_it(models, images, arch):
-    model = models[arch]
+def test_grad_cam_leaves_the_model_as_it_found_it(cam_models, cam_images, arch):
+    model = cam_models[arch]
     requires_grad = [parameter.requires_grad for parameter in model.parameters()]
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     model.zero_grad(set_to_none=True)
     model.train()
     try:
-        maps_from_train_mode, _ = grad_cam(model, arch, images, target="predicted")
+        maps_from_train_mode, _ = grad_cam(model, arch, cam_images, target="predicted")
         assert model.training and all(module.training for module in model.modules()), "train mode not restored"
     finally:
         model.eval()
-    maps_from_eval_mode, _ = grad_cam(model, arch, images, target="predicted")
+    maps_from_eval_mode, _ = grad_cam(model, arch, cam_images, target="predicted")
     assert not model.training and not any(module.training for module in model.modules())
     # The call itself ran in eval mode (dropout off, BatchNorm running stats used and left untouched).
     torch.testing.assert_close(maps_from_train_mode, maps_from_eval_mode)
@@ -114,32 +98,32 @@ def test_grad_cam_leaves_the_model_as_it_found_it(models, images, arch):
     assert torch.is_grad_enabled()
 
 
-def test_predicted_and_fixed_target_rules(models, images):
+def test_predicted_and_fixed_target_rules(cam_models, cam_images):
     """'predicted' explains the argmax class, 'malignant'/'benign' a fixed one; never the true label."""
-    model = models["resnet50"]
-    predicted, logits = grad_cam(model, "resnet50", images, target="predicted")
-    per_class = {name: grad_cam(model, "resnet50", images, target=name)[0] for name in CLASS_NAMES}
+    model = cam_models["resnet50"]
+    predicted, logits = grad_cam(model, "resnet50", cam_images, target="predicted")
+    per_class = {name: grad_cam(model, "resnet50", cam_images, target=name)[0] for name in CLASS_NAMES}
     for row, winner in enumerate(logits.argmax(1).tolist()):
         torch.testing.assert_close(predicted[row], per_class[CLASS_NAMES[winner]][row])
     assert not torch.allclose(per_class["benign"], per_class["malignant"])
     with pytest.raises(ValueError, match="target-class rule"):
-        grad_cam(model, "resnet50", images, target="label")
+        grad_cam(model, "resnet50", cam_images, target="label")
 
 
 @pytest.mark.parametrize("arch, side", [("resnet50", 7), ("densenet121", 7), ("vgg16", 14)])
-def test_body_shapes_at_224(models, arch, side):
+def test_body_shapes_at_224(cam_models, arch, side):
     with torch.no_grad():
-        activation = body(models[arch], arch, torch.randn(1, 3, 224, 224))
+        activation = body(cam_models[arch], arch, torch.randn(1, 3, 224, 224))
     channels = {"resnet50": 2048, "densenet121": 1024, "vgg16": 512}[arch]
     assert activation.shape == (1, channels, side, side)
-    assert cam_shape(models[arch], arch, 224) == (side, side)
+    assert cam_shape(cam_models[arch], arch, 224) == (side, side)
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_grad_cam_shapes_at_64(models, images, arch):
+def test_grad_cam_shapes_at_64(cam_models, cam_images, arch):
     side = SIDE_AT_64[arch]
-    maps, logits = grad_cam(models[arch], arch, images)
-    assert cam_shape(models[arch], arch, 64) == (side, side)
+    maps, logits = grad_cam(cam_models[arch], arch, cam_images)
+    assert cam_shape(cam_models[arch], arch, 64) == (side, side)
     assert maps.shape == (2, side, side) and logits.shape == (2, 2)
     assert maps.dtype == torch.float32 and logits.dtype == torch.float32
 

@@ -3,7 +3,7 @@ one-pass contract: one body pass and one autograd.grad for all methods, Grad-CAM
 
 pytorch-grad-cam (PyPI 'grad-cam') hooks a module's output and backpropagates through the whole model; its raw
 map is the one before its min-max scaling, obtained here by replacing its scale function with the identity.
-Random-init models at 64 px on the CPU, no downloads.
+Random-init models at 64 px on the CPU, no downloads (tests/conftest.py: cam_models, cam_images).
 """
 
 import pytest
@@ -14,7 +14,6 @@ from torch import nn
 import common.cam_methods as cam_methods
 from common.cam import grad_cam
 from common.cam_methods import CAM_METHODS, cam_maps, cams_and_logits
-from common.models import build_model
 
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM  # noqa: E402
@@ -26,20 +25,6 @@ MALIGNANT = 1
 
 # One intra-op thread (tests/conftest.py): oversubscribed threads slow a small shared CPU several times.
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def models(one_thread):
-    built = {}
-    for arch, seed in (("resnet50", 0), ("densenet121", 1), ("vgg16", 3)):  # seeds as in tests/test_cam.py
-        torch.manual_seed(seed)
-        built[arch] = build_model(arch, "none").eval()
-    return built
-
-
-@pytest.fixture(scope="module")
-def images():
-    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
 class DenseNetWithTargetModule(nn.Module):
@@ -82,10 +67,10 @@ def close(ours, reference, rtol=1e-4):
 
 @pytest.mark.parametrize("target", ["predicted", "malignant"])
 @pytest.mark.parametrize("arch", ["resnet50", "densenet121", "vgg16"])
-def test_maps_equal_pytorch_grad_cam_raw_maps(models, images, arch, target, monkeypatch):
-    maps, _ = cams_and_logits(models[arch], arch, images, target=target)
+def test_maps_equal_pytorch_grad_cam_raw_maps(cam_models, cam_images, arch, target, monkeypatch):
+    maps, _ = cams_and_logits(cam_models[arch], arch, cam_images, target=target)
     for method in CAM_METHODS:
-        reference = reference_raw_maps(models[arch], arch, images, method, target, monkeypatch)
+        reference = reference_raw_maps(cam_models[arch], arch, cam_images, method, target, monkeypatch)
         assert reference.max() > 0, f"{method}: a trivial all-zero map would prove nothing"
         assert maps[method].dtype == torch.float32 and maps[method].shape == reference.shape
         assert (maps[method] >= 0).all()
@@ -93,14 +78,14 @@ def test_maps_equal_pytorch_grad_cam_raw_maps(models, images, arch, target, monk
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "vgg16"])
-def test_gradcam_is_common_cam_grad_cam_and_logits_are_the_models(models, images, arch):
-    maps, logits = cams_and_logits(models[arch], arch, images, target="malignant")
-    expected_maps, expected_logits = grad_cam(models[arch], arch, images, target="malignant")
+def test_gradcam_is_common_cam_grad_cam_and_logits_are_the_models(cam_models, cam_images, arch):
+    maps, logits = cams_and_logits(cam_models[arch], arch, cam_images, target="malignant")
+    expected_maps, expected_logits = grad_cam(cam_models[arch], arch, cam_images, target="malignant")
     torch.testing.assert_close(maps["gradcam"], expected_maps, rtol=0, atol=0)
     torch.testing.assert_close(logits, expected_logits, rtol=0, atol=0)
 
 
-def test_all_methods_from_one_body_pass_and_one_gradient(models, images, monkeypatch):
+def test_all_methods_from_one_body_pass_and_one_gradient(cam_models, cam_images, monkeypatch):
     calls = {"body": 0, "grad": 0}
     real_body, real_grad = cam_methods.body, torch.autograd.grad
 
@@ -114,18 +99,18 @@ def test_all_methods_from_one_body_pass_and_one_gradient(models, images, monkeyp
 
     monkeypatch.setattr(cam_methods, "body", counting_body)
     monkeypatch.setattr(torch.autograd, "grad", counting_grad)
-    maps, _ = cams_and_logits(models["resnet50"], "resnet50", images)
+    maps, _ = cams_and_logits(cam_models["resnet50"], "resnet50", cam_images)
     assert set(maps) == set(CAM_METHODS) and calls == {"body": 1, "grad": 1}
 
 
-def test_target_tensor_explains_the_given_classes_and_mode_is_restored(models, images):
-    model = models["resnet50"].train()
+def test_target_tensor_explains_the_given_classes_and_mode_is_restored(cam_models, cam_images):
+    model = cam_models["resnet50"].train()
     try:
-        by_tensor, _ = cams_and_logits(model, "resnet50", images, target=torch.tensor([MALIGNANT, MALIGNANT]))
+        by_tensor, _ = cams_and_logits(model, "resnet50", cam_images, target=torch.tensor([MALIGNANT, MALIGNANT]))
         assert model.training
     finally:
         model.eval()
-    by_rule, _ = cams_and_logits(model, "resnet50", images, target="malignant")
+    by_rule, _ = cams_and_logits(model, "resnet50", cam_images, target="malignant")
     for method in CAM_METHODS:
         torch.testing.assert_close(by_tensor[method], by_rule[method], rtol=0, atol=0)
 

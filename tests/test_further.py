@@ -408,8 +408,8 @@ def assert_same_numbers(saved, expected, where: str = "") -> None:
         assert len(saved) == len(expected), where
         for index, (ours, theirs) in enumerate(zip(saved, expected)):
             assert_same_numbers(ours, theirs, f"{where}[{index}]")
-    elif expected is None:
-        assert saved is None, where
+    elif expected is None or isinstance(expected, (str, bool)):
+        assert saved == expected, where
     else:
         assert saved == pytest.approx(expected, rel=1e-9, abs=1e-12), where
 
