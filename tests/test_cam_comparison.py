@@ -110,14 +110,6 @@ def signal_in_one_map_type(signal_method: str, n: int = 240, side: int = 8) -> t
     return heatmaps, splits
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("signal_method", ["gradcam++", "layercam"])
 def test_each_map_types_mlp_learns_from_that_map_type_only(signal_method, one_thread):
     heatmaps, splits = signal_in_one_map_type(signal_method)

@@ -278,15 +278,6 @@ def hot_spot_maps(labels: np.ndarray, rng: np.random.Generator, side: int = 8) -
     return maps
 
 
-@pytest.fixture
-def one_thread():
-    """These MLPs are tiny: with other processes on the 2 cores, a second OpenMP thread makes them ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 MLP_OPTIONS = dict(hidden_sizes=[64, 16], dropout=0.2, epochs=25, batch_size=32, lr=3e-3, weight_decay=1e-4,
                    optimizer="adamw", seed=0, device=CPU, desc="test MLP")
 
