@@ -50,7 +50,7 @@ from common.heatmaps import load_heatmaps
 from common.metrics import softmax
 from common.models import MODEL_ORDER
 from common.runfiles import (CV_RESULTS_JSON, CV_RESULTS_MD, FINAL_CLASSIFIER, OOF_PREDICTIONS, cam_probability_key,
-                             checkpoint_path, fold_dir, heatmap_path)
+                             checkpoint_path, fold_dir, heatmap_path, probability_key)
 from common.runtime import pick_device
 from common.stats import LEVELS, PatientBootstrap, describe_difference, evaluate_row
 
@@ -354,7 +354,7 @@ def oof_csv(oof: OutOfFoldSet, probabilities: dict[str, np.ndarray], cam_probabi
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "patient", "label", "magnification", "fold",
                      *(f"checkpoint_sha256_{arch}" for arch in MODEL_ORDER),
-                     *(f"prob_{key.replace('+', '_')}" for key in CV_ROW_NAMES),
+                     *(probability_key(key) for key in CV_ROW_NAMES),
                      *(cam_probability_key(method) for method in cam_probabilities)])
     for index in range(len(oof.paths)):
         writer.writerow([oof.paths[index], oof.patients[index], CLASS_NAMES[oof.labels[index]],

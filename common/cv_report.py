@@ -25,7 +25,7 @@ from common.errors import PipelineError
 from common.fileio import sha256_of_file, write_text
 from common.models import MODEL_ORDER
 from common.report import _table, fresh_folder, map_type_html, page_html, save_figure, swap_in
-from common.runfiles import CV_RESULTS_JSON, OOF_PREDICTIONS, REPORT_DIR, checkpoint_path, fold_dir
+from common.runfiles import CV_RESULTS_JSON, OOF_PREDICTIONS, REPORT_DIR, checkpoint_path, fold_dir, probability_key
 
 COLUMNS = {"roc_auc": "AUC", "balanced_accuracy": "Balanced accuracy", "accuracy": "Accuracy",
            "sensitivity": "Sensitivity", "specificity": "Specificity", "f1": "F1",
@@ -86,7 +86,7 @@ def plot_fold_rocs(results: dict, predictions: list[dict], target: Path) -> str:
     figure = Figure(figsize=(4 * columns, 4 * -(-len(keys) // columns)))
     for index, key in enumerate(keys):
         axes = figure.add_subplot(-(-len(keys) // columns), columns, index + 1)
-        scores = np.array([float(row[f"prob_{key.replace('+', '_')}"]) for row in predictions])
+        scores = np.array([float(row[probability_key(key)]) for row in predictions])
         for fold in sorted(set(folds)):
             chosen = folds == fold
             if len(set(labels[chosen])) == 2:

@@ -27,6 +27,7 @@ from common.inference import BATCH_SIZE, classify_images, load_classifier, load_
 from common.metrics import DECISION_THRESHOLD
 from common.models import MODEL_ORDER
 from common.report import Run, load_run
+from common.runfiles import probability_key
 
 
 # Longer side of the pictures the viewer shows, pixels (aspect ratio kept): about their width in the page (five
@@ -187,7 +188,7 @@ def browse_sets(run: ViewerRun) -> dict[str, dict[str, np.ndarray]]:
 def browse_rows(run: ViewerRun, set_name: str = "test") -> list[BrowseRow]:
     predictions = browse_sets(run)[set_name]
     subtype_of = {record.path: record.subtype for record in run.split.records}
-    final = predictions[f"prob_{run.final_key.replace('+', '_')}"]  # cancer_class_further.py's npz names
+    final = predictions[probability_key(run.final_key)]
     return [BrowseRow(index, str(path), str(predictions["patients"][index]),
                       str(predictions["magnifications"][index]), subtype_of.get(str(path), ""),
                       int(predictions["labels"][index]), float(final[index]))
@@ -204,7 +205,7 @@ def stored_view(run: ViewerRun, row: BrowseRow, set_name: str = "test") -> Image
         image = Image.new("RGB", (DISPLAY_SIZE, DISPLAY_SIZE), (200, 200, 200))
     maps = {key: {arch: run.report.heatmaps[arch][key][run.heatmap_row[arch][row.path]] for arch in MODEL_ORDER}
             for key in map_methods(run)}
-    probabilities = {key: float(predictions[f"prob_{key.replace('+', '_')}"][row.index])
+    probabilities = {key: float(predictions[probability_key(key)][row.index])
                      for key in run.probability_keys}
     details = f"patient {row.patient}, {row.magnification}X, {row.subtype or 'subtype unknown'}"
     if not path.is_file():
