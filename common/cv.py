@@ -52,7 +52,7 @@ from common.models import MODEL_ORDER
 from common.runfiles import (CV_RESULTS_JSON, CV_RESULTS_MD, FINAL_CLASSIFIER, OOF_PREDICTIONS, cam_probability_key,
                              checkpoint_path, fold_dir, heatmap_path, probability_key)
 from common.runtime import pick_device
-from common.stats import LEVELS, PatientBootstrap, describe_difference, evaluate_row
+from common.stats import LEVELS, PatientBootstrap, describe_difference, evaluate_row, mean_and_sd_over_folds
 
 CV_ROW_NAMES = {**{key: ROW_NAMES[key] for key in (*MODEL_ORDER, "soft_vote")},
                 "logistic_regression": "Logistic regression on logits",
@@ -242,27 +242,18 @@ def final_classifier(oof: OutOfFoldSet, features: np.ndarray, settings: MlpSetti
 # ------------------------------------------------------------------------------------------ statistics
 
 
-def _fold_values(per_fold: list[dict], level: str, metric: str) -> list:
-    return [fold[level].get(metric) for fold in per_fold]
-
-
-def _mean_sd(values: list) -> tuple[float | None, float | None]:
-    defined = [value for value in values if value is not None]
-    return (float(np.mean(defined)) if defined else None,
-            float(np.std(defined, ddof=1)) if len(defined) > 1 else None)
-
-
 def row_entries(evaluated: dict) -> dict:
     """evaluate_row's dict as the table's: level -> metric -> {folds, mean, sd, pooled, ci95}."""
     entries = {}
     for level, metrics in (("image", IMAGE_METRICS), ("patient", PATIENT_METRICS)):
         pooled = evaluated["pooled"][level] if level == "image" else evaluated["pooled"][level]["all"]
+        per_fold = [fold[level] for fold in evaluated["per_fold"]]
+        mean, sd = mean_and_sd_over_folds(per_fold, metrics)
         entries[level] = {}
         for metric in metrics:
-            values = _fold_values(evaluated["per_fold"], level, metric)
-            mean, sd = _mean_sd(values)
             interval = evaluated["interval"][level].get(metric)
-            entries[level][metric] = {"folds": values, "mean": mean, "sd": sd, "pooled": pooled.get(metric),
+            entries[level][metric] = {"folds": [fold.get(metric) for fold in per_fold], "mean": mean[metric],
+                                      "sd": sd[metric], "pooled": pooled.get(metric),
                                       "ci95": None if interval is None else [interval["low"], interval["high"]]}
     entries["patient_by_magnification"] = evaluated["pooled"]["patient"].get("by_magnification", {})
     return entries
@@ -299,16 +290,39 @@ def describe_cv_protocol(oof: OutOfFoldSet, resamples: int, seed: int) -> str:
             f"resamples, seed {seed}. Patient level: one diagnosis per patient, the mean P(malignant) of its images.")
 
 
-def _cell(entry: dict, *, interval: bool) -> str:
-    """'0.912 [0.85, 0.96]' (pooled with its CI) or '0.90 ± 0.04' (mean ± sd over folds); n/a when undefined."""
+def format_cell(entry: dict, *, interval: bool, plus_minus: str = "±") -> str:
+    """'0.912 [0.85, 0.96]' (pooled with its CI) or '0.90 ± 0.04' (mean ± sd over folds); n/a when undefined.
+    plus_minus: the sign as the target writes it (the report's HTML: '&plusmn;')."""
     if interval:
         if entry["pooled"] is None:
             return "n/a"
         ci = entry["ci95"]
-        return f"{entry['pooled']:.3f}" + ("" if ci is None or np.isnan(ci[0]) else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
+        shown = "" if ci is None or ci[0] is None or np.isnan(ci[0]) else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+        return f"{entry['pooled']:.3f}{shown}"
     if entry["mean"] is None:
         return "n/a"
-    return f"{entry['mean']:.3f}" + ("" if entry["sd"] is None else f" ± {entry['sd']:.3f}")
+    return f"{entry['mean']:.3f}" + ("" if entry["sd"] is None else f" {plus_minus} {entry['sd']:.3f}")
+
+
+# The Markdown tables' columns per level: (header, metric, pooled with its CI (True) or mean ± sd over folds).
+MARKDOWN_COLUMNS = {
+    "image": (("AUC pooled", "roc_auc", True), ("AUC folds", "roc_auc", False),
+              ("BalAcc pooled", "balanced_accuracy", True), ("BalAcc folds", "balanced_accuracy", False),
+              ("Sens pooled", "sensitivity", True), ("Spec pooled", "specificity", True), ("F1 pooled", "f1", True),
+              ("PatRR pooled", "patient_recognition_rate", True)),
+    "patient": (("AUC pooled", "roc_auc", True), ("AUC folds", "roc_auc", False),
+                ("BalAcc pooled", "balanced_accuracy", True), ("Acc pooled", "accuracy", True),
+                ("Sens pooled", "sensitivity", True), ("Spec pooled", "specificity", True)),
+}
+
+
+def _markdown_table(results: dict, level: str) -> list[str]:
+    columns = MARKDOWN_COLUMNS[level]
+    lines = ["| model | " + " | ".join(header for header, _, _ in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for key, row in results["rows"].items():
+        cells = [format_cell(row[level][metric], interval=interval) for _, metric, interval in columns]
+        lines.append(f"| {CV_ROW_NAMES[key]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def results_markdown(results: dict) -> str:
@@ -320,25 +334,10 @@ def results_markdown(results: dict) -> str:
               f"Protocol: {results['protocol']}", "",
               "Pooled: all out-of-fold predictions together, with the 95 % CI in brackets; folds: mean ± sd over the "
               "folds.", "", "## Image level", ""]
-    header = ["model", "AUC pooled", "AUC folds", "BalAcc pooled", "BalAcc folds", "Sens pooled", "Spec pooled",
-              "F1 pooled", "PatRR pooled"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key, row in results["rows"].items():
-        image = row["image"]
-        cells = [_cell(image["roc_auc"], interval=True), _cell(image["roc_auc"], interval=False),
-                 _cell(image["balanced_accuracy"], interval=True), _cell(image["balanced_accuracy"], interval=False),
-                 _cell(image["sensitivity"], interval=True), _cell(image["specificity"], interval=True),
-                 _cell(image["f1"], interval=True), _cell(image["patient_recognition_rate"], interval=True)]
-        lines.append(f"| {CV_ROW_NAMES[key]} | " + " | ".join(cells) + " |")
+    lines += _markdown_table(results, "image")
     lines += ["", f"## Patient level ({results['patients']} patients, mean P(malignant) over each patient's images)",
-              "", "| model | AUC pooled | AUC folds | BalAcc pooled | Acc pooled | Sens pooled | Spec pooled |",
-              "|---|---|---|---|---|---|---|"]
-    for key, row in results["rows"].items():
-        patient = row["patient"]
-        cells = [_cell(patient["roc_auc"], interval=True), _cell(patient["roc_auc"], interval=False),
-                 _cell(patient["balanced_accuracy"], interval=True), _cell(patient["accuracy"], interval=True),
-                 _cell(patient["sensitivity"], interval=True), _cell(patient["specificity"], interval=True)]
-        lines.append(f"| {CV_ROW_NAMES[key]} | " + " | ".join(cells) + " |")
+              ""]
+    lines += _markdown_table(results, "patient")
     lines += ["", "## Paired differences (heatmap MLP minus the other row; same resampled patients)", ""]
     lines += [f"- {difference['sentence']}" for difference in results["differences"]
               if difference["level"] == "patient"]

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from common.checkpoints import load_checkpoint, training_caveats
+from common.cv import format_cell
 from common.errors import PipelineError
 from common.fileio import sha256_of_file, write_text
 from common.models import MODEL_ORDER
@@ -50,15 +51,7 @@ def read_cv_files(output_dir: Path) -> tuple[dict, list[dict]]:
 
 
 def _cell(entry: dict, *, interval: bool) -> str:
-    if interval:
-        if entry["pooled"] is None:
-            return "n/a"
-        ci = entry["ci95"]
-        shown = "" if ci is None or ci[0] is None or np.isnan(ci[0]) else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
-        return f"{entry['pooled']:.3f}{shown}"
-    if entry["mean"] is None:
-        return "n/a"
-    return f"{entry['mean']:.3f}" + ("" if entry["sd"] is None else f" &plusmn; {entry['sd']:.3f}")
+    return format_cell(entry, interval=interval, plus_minus="&plusmn;")
 
 
 def level_table(results: dict, level: str) -> str:

@@ -295,7 +295,7 @@ class PatientBootstrap:
 # ------------------------------------------------------------------------------------ rows of a results table
 
 
-def _mean_and_sd(per_fold: list[dict], names) -> tuple[dict, dict]:
+def mean_and_sd_over_folds(per_fold: list[dict], names) -> tuple[dict, dict]:
     """Mean and sample sd (ddof 1) over the folds where each metric is defined; None where fewer than 1 / 2."""
     mean, sd = {}, {}
     for name in names:
@@ -321,7 +321,7 @@ def fold_summary(prob_malignant, *, labels, patients, folds, magnifications=None
                                                     threshold=threshold)["all"]})
     summary = {"per_fold": per_fold, "fold_mean": {}, "fold_sd": {}}
     for level in LEVELS:
-        mean, sd = _mean_and_sd([fold[level] for fold in per_fold], RESAMPLED_METRICS)
+        mean, sd = mean_and_sd_over_folds([fold[level] for fold in per_fold], RESAMPLED_METRICS)
         summary["fold_mean"][level], summary["fold_sd"][level] = mean, sd
     return summary
 
