@@ -18,7 +18,7 @@ from common.crossval import FOLDS_FILE_NAME, load_folds
 from common.dataset import load_rgb
 from common.errors import PipelineError
 from common.fileio import sha256_of_file
-from common.fusion import Standardizer, build_features, build_mlp, mlp_logits, stack_maps
+from common.fusion import classifier_features, mlp_from_classifier, mlp_logits
 from common.metrics import softmax
 from common.models import MODEL_ORDER
 from common.runfiles import CV_RESULTS_JSON, FINAL_CLASSIFIER, checkpoint_path, fold_dir
@@ -41,9 +41,7 @@ def load_final_classifier(output_dir: Path) -> tuple[torch.nn.Module, dict]:
     if listed.get(FINAL_CLASSIFIER) != sha256_of_file(path):
         raise PipelineError(f"{path} is not the file {CV_RESULTS_JSON} lists; rerun python -m common.cv "
                             f"--output-dir {output_dir}")
-    mlp = build_mlp(classifier["in_features"], classifier["hidden_sizes"], classifier["dropout"])
-    mlp.load_state_dict(classifier["model"])
-    return mlp.eval(), classifier
+    return mlp_from_classifier(classifier), classifier
 
 
 def load_fold_models(output_dir: Path, classifier: dict, device: torch.device) -> dict[str, list]:
@@ -68,7 +66,6 @@ def bagged_predict_batches(image_paths: list[Path], output_dir: Path, device: to
     mlp = mlp.to(device)
     models = load_fold_models(output_dir, classifier, device)
     print(BAGGING_NOTE.format(k=len(models[MODEL_ORDER[0]])))
-    standardize = Standardizer(classifier["feature_mean"].numpy(), classifier["feature_std"].numpy())
     for start in range(0, len(image_paths), batch_size):
         paths = image_paths[start:start + batch_size]
         images = [load_rgb(path) for path in paths]
@@ -84,7 +81,7 @@ def bagged_predict_batches(image_paths: list[Path], output_dir: Path, device: to
             cams[arch] = np.mean(fold_cams, axis=0)  # (B, h, w) raw maps, bagged
             probabilities[arch] = np.mean(fold_probabilities, axis=0)
         probabilities["soft_vote"] = np.mean([probabilities[arch] for arch in MODEL_ORDER], axis=0)
-        features = standardize(build_features(stack_maps(cams, classifier["grid_size"]), None))
+        features = classifier_features(classifier, cams, None)  # common/cv.py's MLP reads the maps alone
         probabilities["final_mlp"] = softmax(mlp_logits(mlp, features, device))[:, 1]
         yield {"paths": paths, "cams": cams, "probabilities": probabilities,
                "images": [resize_image(image, overlay_size) for image in images]}

@@ -39,8 +39,8 @@ from common.explain import METHOD_DISPLAY_NAMES, PERTURBATION_METHODS, explain_i
 from common.faithfulness import (DEFAULT_STEPS, cam_saliency, faithfulness_markdown, score_combined, score_methods,
                                  soft_vote_probabilities)
 from common.fileio import sha256_of_file, write_json, write_text, written_together
-from common.fusion import (Standardizer, build_features, build_mlp, check_against_split, check_checkpoints,
-                           check_listed_in_results, load_aligned_heatmaps, read_results, stack_maps)
+from common.fusion import check_against_split, check_checkpoints, classifier_features, load_aligned_heatmaps
+from common.inference import load_classifier
 from common.models import ARCHS, MODEL_ORDER
 from common.runfiles import (FAITHFULNESS_DIR, FAITHFULNESS_JSON, FAITHFULNESS_MD, FINAL_CLASSIFIER, FURTHER_SCRIPT,
                              checkpoint_path, heatmap_path)
@@ -130,20 +130,14 @@ def mlp_shares(output_dir: Path, heatmaps: dict, rows: np.ndarray) -> dict | Non
     path = output_dir / FINAL_CLASSIFIER
     if not path.is_file():
         return None
-    classifier = load_checkpoint(path, made_by=FURTHER_SCRIPT)
-    check_listed_in_results(read_results(output_dir), path)
+    mlp, classifier = load_classifier(output_dir)
     for arch in MODEL_ORDER:  # the maps it was trained on, not a later export's
         if classifier["sources"][arch]["heatmaps_sha256"] != sha256_of_file(heatmap_path(output_dir, arch)):
             raise PipelineError(f"{heatmap_path(output_dir, arch)} changed after {FINAL_CLASSIFIER} was trained; "
                                 f"rerun python {FURTHER_SCRIPT} --output-dir {output_dir}")
-    mlp = build_mlp(classifier["in_features"], classifier["hidden_sizes"], classifier["dropout"])
-    mlp.load_state_dict(classifier["model"])
     cam_method = classifier.get("cam_method", "gradcam")
-    maps = stack_maps({arch: stored_cams(heatmaps[arch], cam_method, heatmap_path(output_dir, arch))[rows]
-                       for arch in MODEL_ORDER}, classifier["grid_size"])
-    logits = {arch: heatmaps[arch]["logits"][rows] for arch in MODEL_ORDER}
-    features = build_features(maps, logits if classifier["features"] == "heatmaps+logits" else None)
-    features = Standardizer(classifier["feature_mean"].numpy(), classifier["feature_std"].numpy())(features)
+    cams = {arch: stored_cams(heatmaps[arch], cam_method, heatmap_path(output_dir, arch))[rows] for arch in MODEL_ORDER}
+    features = classifier_features(classifier, cams, {arch: heatmaps[arch]["logits"][rows] for arch in MODEL_ORDER})
     shares = heatmap_shares(mlp, features, grid_size=classifier["grid_size"])
     return {"features": classifier["features"], "cam_method": cam_method, "target": "the MLP's predicted class",
             "average": {name: float(np.nanmean(value)) for name, value in shares.items()},

@@ -172,6 +172,22 @@ def build_mlp(in_features: int, hidden_sizes: list[int], dropout: float) -> nn.S
     return nn.Sequential(*layers)
 
 
+def mlp_from_classifier(classifier: dict) -> nn.Sequential:
+    """The MLP a classifier file holds (cancer_class_further.py's or common/cv.py's), in eval mode."""
+    mlp = build_mlp(classifier["in_features"], classifier["hidden_sizes"], classifier["dropout"])
+    mlp.load_state_dict(classifier["model"])
+    return mlp.eval()
+
+
+def classifier_features(classifier: dict, cams_by_arch: dict[str, np.ndarray],
+                        logits_by_arch: dict[str, np.ndarray] | None) -> np.ndarray:
+    """The standardised input of a classifier file's MLP: each CNN's raw maps (of the classifier's cam_method) on
+    its grid, and the logits when its feature set has them, with the statistics stored in the file."""
+    maps = stack_maps(cams_by_arch, classifier["grid_size"])
+    features = build_features(maps, logits_by_arch if classifier["features"] == "heatmaps+logits" else None)
+    return Standardizer(classifier["feature_mean"].numpy(), classifier["feature_std"].numpy())(features)
+
+
 def mlp_logits(model: nn.Module, features: np.ndarray, device: torch.device, batch_size: int = 1024) -> np.ndarray:
     model.eval()
     with torch.no_grad():

@@ -19,8 +19,8 @@ from common.checkpoints import load_checkpoint, model_from_checkpoint
 from common.dataset import load_rgb
 from common.errors import PipelineError
 from common.fileio import sha256_of_file
-from common.fusion import (Standardizer, build_features, build_mlp, check_listed_in_results,
-                           check_made_by_checkpoint, malignant_probabilities, mlp_logits, read_results, stack_maps)
+from common.fusion import (check_listed_in_results, check_made_by_checkpoint, classifier_features,
+                           malignant_probabilities, mlp_from_classifier, mlp_logits, read_results)
 from common.heatmaps import load_heatmaps
 from common.metrics import softmax
 from common.models import MODEL_ORDER
@@ -36,9 +36,7 @@ def load_classifier(output_dir: Path) -> tuple[torch.nn.Module, dict]:
     path = output_dir / FINAL_CLASSIFIER
     classifier = load_checkpoint(path, made_by=FURTHER_SCRIPT)
     check_listed_in_results(read_results(output_dir), path)
-    mlp = build_mlp(classifier["in_features"], classifier["hidden_sizes"], classifier["dropout"])
-    mlp.load_state_dict(classifier["model"])
-    return mlp.eval(), classifier
+    return mlp_from_classifier(classifier), classifier
 
 
 def load_cnns(output_dir: Path, classifier: dict, device: torch.device) -> dict[str, tuple[torch.nn.Module, int]]:
@@ -78,9 +76,7 @@ def classify_images(images: list[Image.Image], *, mlp: torch.nn.Module, classifi
         mlp_cams[arch] = batch_maps[cam_method].cpu().numpy()
         for method in methods:
             maps_by_method[method][arch] = batch_maps[method].cpu().numpy()
-    standardize = Standardizer(classifier["feature_mean"].numpy(), classifier["feature_std"].numpy())
-    maps = stack_maps(mlp_cams, classifier["grid_size"])
-    features = standardize(build_features(maps, logits if classifier["features"] == "heatmaps+logits" else None))
+    features = classifier_features(classifier, mlp_cams, logits)
     probabilities = malignant_probabilities(logits)
     # In eval mode batch norm uses its running statistics, so each image's P does not depend on its batch.
     probabilities["final_mlp"] = softmax(mlp_logits(mlp, features, device))[:, 1]
