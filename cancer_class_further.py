@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.data import (CLASS_NAMES, SPLIT_FILE_NAME, assign_groups, describe_protocol, load_split,
-                         majority_labels)
+from common.data import CLASS_NAMES, assign_groups, describe_protocol, majority_labels
 from common.cam_comparison import compare_cam_methods, comparison_markdown
 from common.cam_methods import CAM_DISPLAY_NAMES, CAM_METHODS, stored_cam_methods, stored_cams
 from common.console import HelpFormatter
@@ -33,8 +32,8 @@ from common.errors import PipelineError, run_main
 from common.fileio import (remove_stale_temporaries, save_npz, save_torch, sha256_of_file, write_json,
                            write_text, written_together)
 from common.fusion import (CLASSIFIER_FORMAT_VERSION, FEATURE_SETS, ROW_NAMES, MlpSettings, build_features,
-                           check_against_split, check_checkpoints, fit_mlp, load_aligned_heatmaps,
-                           malignant_probabilities, mlp_logits, stack_maps)
+                           check_checkpoints, fit_mlp, load_run_heatmaps, malignant_probabilities, mlp_logits,
+                           stack_maps)
 from common.metrics import DECISION_THRESHOLD, binary_metrics, metrics_table, per_patient_rates, softmax
 from common.models import MODEL_ORDER
 from common.runfiles import (RESULTS_JSON, RESULTS_MD, TEST_PREDICTIONS, cam_probability_key, checkpoint_path,
@@ -106,14 +105,9 @@ def sources(output_dir: Path, heatmap_files: dict[str, Path], checkpoint_digests
 
 def load_inputs(args: argparse.Namespace, output_dir: Path) -> tuple[dict, dict[str, Path], str]:
     """The three aligned heatmap files (checked against split.json), their paths, and the protocol line."""
-    split_file = output_dir / SPLIT_FILE_NAME
-    if not split_file.is_file():
-        raise PipelineError(f"{split_file} is missing: --output-dir must be where the model scripts ran")
-    split = load_split(split_file)
     heatmap_files = dict(zip(MODEL_ORDER, map(Path, args.heatmaps))) if args.heatmaps else \
         {arch: heatmap_path(output_dir, arch) for arch in MODEL_ORDER}
-    heatmaps = load_aligned_heatmaps(output_dir, heatmap_files)
-    check_against_split(heatmaps[MODEL_ORDER[0]], split)
+    heatmaps, split = load_run_heatmaps(output_dir, heatmap_files)
     rows = len(heatmaps[MODEL_ORDER[0]]["paths"])
     subsampled = {"max_images": rows} if rows < len(split.records) else {}  # the model scripts ran --max-images
     return heatmaps, heatmap_files, describe_protocol({**split.protocol, **subsampled})

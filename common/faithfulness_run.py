@@ -39,7 +39,7 @@ from common.explain import METHOD_DISPLAY_NAMES, PERTURBATION_METHODS, explain_i
 from common.faithfulness import (DEFAULT_STEPS, cam_saliency, faithfulness_markdown, score_combined, score_methods,
                                  soft_vote_probabilities)
 from common.fileio import sha256_of_file, write_json, write_text, written_together
-from common.fusion import check_against_split, check_checkpoints, classifier_features, load_aligned_heatmaps
+from common.fusion import check_checkpoints, classifier_features, load_run_heatmaps
 from common.inference import load_classifier
 from common.models import ARCHS, MODEL_ORDER
 from common.runfiles import (FAITHFULNESS_DIR, FAITHFULNESS_JSON, FAITHFULNESS_MD, FINAL_CLASSIFIER, FURTHER_SCRIPT,
@@ -89,11 +89,7 @@ def load_models(output_dir: Path, device: torch.device) -> tuple[dict, dict, lis
     """The aligned heatmap files and {arch: (model, image size)}, each checkpoint checked to be the one that made
     its maps (the usual one-line errors for missing or stale files), the run's training caveats and the
     checkpoints' SHA-256 (the report shows the scores only while they are the run's checkpoints)."""
-    split_file = output_dir / SPLIT_FILE_NAME
-    if not split_file.is_file():
-        raise PipelineError(f"{split_file} is missing: --output-dir must be a finished run")
-    heatmaps = load_aligned_heatmaps(output_dir)
-    check_against_split(heatmaps[MODEL_ORDER[0]], load_split(split_file))
+    heatmaps, _ = load_run_heatmaps(output_dir)
     digests = check_checkpoints(output_dir, {arch: heatmap_path(output_dir, arch) for arch in MODEL_ORDER}, heatmaps)
     checkpoints = {arch: load_checkpoint(checkpoint_path(output_dir, arch), arch)
                    for arch in MODEL_ORDER}

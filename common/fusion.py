@@ -16,6 +16,7 @@ from torch import nn
 
 from common.cli import heatmaps_only_command
 from common.console import progress
+from common.data import SPLIT_FILE_NAME, Split, load_split
 from common.errors import PipelineError
 from common.fileio import sha256_of_file
 from common.heatmaps import load_heatmaps
@@ -109,6 +110,18 @@ def check_listed_in_results(results: dict, path: Path) -> None:
         reason = "is not the file it lists" if listed else "lists no such file (written by an older version)"
         raise PipelineError(f"{path} does not belong to the {RESULTS_JSON} beside it ({RESULTS_JSON} {reason}); "
                             f"rerun python {FURTHER_SCRIPT} --output-dir {Path(path).parent}")
+
+
+def load_run_heatmaps(output_dir: Path, heatmap_files: dict[str, Path] | None = None) -> tuple[dict, Split]:
+    """A finished single-split run's split.json and its three aligned heatmap files (or `heatmap_files`), the files
+    checked to follow the split file row by row."""
+    split_file = Path(output_dir) / SPLIT_FILE_NAME
+    if not split_file.is_file():
+        raise PipelineError(f"{split_file} is missing: --output-dir must be where the model scripts ran")
+    split = load_split(split_file)
+    heatmaps = load_aligned_heatmaps(output_dir, heatmap_files)
+    check_against_split(heatmaps[MODEL_ORDER[0]], split)
+    return heatmaps, split
 
 
 def check_against_split(heatmaps: dict, split) -> None:
