@@ -113,6 +113,12 @@ def load_inputs(args: argparse.Namespace, output_dir: Path) -> tuple[dict, dict[
     return heatmaps, heatmap_files, describe_protocol({**split.protocol, **subsampled})
 
 
+def stacked_maps(heatmaps: dict, method: str, inputs: dict, grid_size: int) -> np.ndarray:
+    """(N, 3, S, S): the three models' stored maps of one CAM method on the MLP's grid."""
+    return stack_maps({arch: stored_cams(heatmaps[arch], method, inputs[arch]["heatmaps"]) for arch in MODEL_ORDER},
+                      grid_size)
+
+
 def train_mlps(args, heatmaps: dict, inputs: dict, rows: dict,
                device: torch.device) -> tuple[dict[str, np.ndarray], dict, dict[str, dict]]:
     """One MLP per feature set; P(malignant) of every row, histories, and each classifier file's contents by file
@@ -120,8 +126,7 @@ def train_mlps(args, heatmaps: dict, inputs: dict, rows: dict,
     reference = heatmaps[MODEL_ORDER[0]]
     labels, patients = reference["labels"], reference["patients"]
     logits = {arch: heatmaps[arch]["logits"] for arch in MODEL_ORDER}
-    maps = stack_maps({arch: stored_cams(heatmaps[arch], args.cam_method, inputs[arch]["heatmaps"])
-                       for arch in MODEL_ORDER}, args.grid_size)  # (N, 3, S, S)
+    maps = stacked_maps(heatmaps, args.cam_method, inputs, args.grid_size)
     settings = MlpSettings.from_args(args)
     probabilities, histories, classifiers = {}, {}, {}
     for feature_set in FEATURE_SETS:
@@ -158,9 +163,7 @@ def train_cam_method_mlps(args, heatmaps: dict, inputs: dict, rows: dict, device
     for method in available:
         if method == args.cam_method:
             continue
-        maps = stack_maps({arch: stored_cams(heatmaps[arch], method, inputs[arch]["heatmaps"])
-                           for arch in MODEL_ORDER}, args.grid_size)
-        features = build_features(maps, None)
+        features = build_features(stacked_maps(heatmaps, method, inputs, args.grid_size), None)
         mlp, standardizer, _ = fit_mlp(features, reference["labels"], reference["patients"], rows["fit"],
                                        rows["select"], settings, device, f"MLP on {CAM_DISPLAY_NAMES[method]} maps")
         probabilities[method] = softmax(mlp_logits(mlp, standardizer(features), device))[:, 1]
