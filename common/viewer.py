@@ -21,7 +21,7 @@ from torch import nn
 from common.data import CLASS_NAMES, SPLIT_FILE_NAME, Split, load_split
 from common.dataset import load_rgb
 from common.errors import PipelineError
-from common.cam_methods import CAM_ARRAY_KEYS
+from common.cam_methods import CAM_ARRAY_KEYS, CAM_DISPLAY_NAMES
 from common.heatmaps import OVERLAY_ALPHA, blend, colorize, combined_map, jet
 from common.inference import BATCH_SIZE, classify_images, load_classifier, load_cnns
 from common.metrics import DECISION_THRESHOLD
@@ -37,9 +37,9 @@ DISPLAY_SIZE = 384
 DEFAULT_OPACITY = OVERLAY_ALPHA
 # Map methods are named by their key in the heatmap files: `cams` is Grad-CAM; a later method stored as
 # `cams_<name>` (e.g. `cams_gradcam++`) appears under <name> with no change here.
-METHOD_NAMES = {"cams": "Grad-CAM", "cams_gradcampp": "Grad-CAM++", "cams_layercam": "LayerCAM"}
 # New images get every CAM method's map from the same pass as their logits: heatmap-file key -> method.
 LIVE_METHODS = {key: method for method, key in CAM_ARRAY_KEYS.items()}
+METHOD_NAMES = {key: CAM_DISPLAY_NAMES[method] for key, method in LIVE_METHODS.items()}
 
 
 @dataclass(frozen=True)
