@@ -34,13 +34,28 @@ os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(tempfile.gettempdir(), "br
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from common.data import CLASS_NAMES, IMAGE_EXTENSIONS  # noqa: E402
-from common.errors import PipelineError, message_of, run_main  # noqa: E402
-from common.models import MODEL_ORDER  # noqa: E402
-from common.runtime import pick_device  # noqa: E402
-from common.viewer import (DEFAULT_OPACITY, ImageView, ViewerRun, browse_rows, browse_sets, filter_rows,  # noqa: E402
-                           load_viewer_run, method_name, open_uploads, predict_views, probability_markdown,
-                           render_panels, report_plots, results_markdown, stored_view, verdict)
+from common.core.errors import PipelineError, message_of, run_main  # noqa: E402
+from common.data.records import CLASS_NAMES, IMAGE_EXTENSIONS  # noqa: E402
+from common.models.registry import MODEL_ORDER  # noqa: E402
+from common.training.runtime import pick_device  # noqa: E402
+from common.viewer import (
+    DEFAULT_OPACITY,
+    ImageView,
+    ViewerRun,
+    browse_rows,
+    browse_sets,
+    filter_rows,
+    load_viewer_run,
+    method_name,
+    open_uploads,
+    predict_views,
+    probability_markdown,
+    render_panels,
+    report_plots,
+    results_markdown,
+    stored_view,
+    verdict,
+)
 
 PANEL_NAMES = ("image",) + MODEL_ORDER + ("combined",)  # the pictures of a view, left to right
 CSS = "#warning-banner {background: #fff3cd; border: 1px solid #e0b400; padding: 0.5em 1em; border-radius: 6px}"

@@ -7,11 +7,11 @@
 Writes to --output-dir: split.json (if it is the first script there), fine_tuned_densenet121.pth (best epoch by val),
 train_log_densenet121.jsonl, heatmaps_densenet121.npz (Grad-CAM at `relu(features.norm5)`, 7x7 at 224 px, for every image),
 metrics_densenet121.json (val and test) and overlays/densenet121/*.png. The head `classifier` is replaced by a 2-class layer.
-Everything but the defaults below lives in common/ (see common/model_script.py).
+Everything but the defaults below lives in common/ (see common/training/model_script.py).
 """
 
-from common.errors import run_main
-from common.model_script import run_model_script
+from common.core.errors import run_main
+from common.training.model_script import run_model_script
 
 ARCH = "densenet121"
 DEFAULTS = dict(lr=1e-4, batch_size=32)

@@ -11,7 +11,7 @@ heatmap file. Writes (all or nothing; results.json last, with the SHA-256 of the
     results.json, results.md                 one table: each CNN, soft vote, both MLPs, on the test split; then
                                              the heatmap MLP on each stored map type (Grad-CAM, Grad-CAM++,
                                              LayerCAM), same rows and settings, with patient-bootstrap intervals
-                                             and paired differences against Grad-CAM (common/cam_comparison.py)
+                                             and paired differences against Grad-CAM (common/evaluation/map_comparison.py)
     test_predictions.npz                     per test image: label, patient and every model's P(malignant)
 
 The MLP learns from the rows of --fit-split and picks its best epoch on held-out rows; the test split is
@@ -24,21 +24,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.data import CLASS_NAMES, assign_groups, describe_protocol, majority_labels
-from common.cam_comparison import compare_cam_methods, comparison_markdown
-from common.cam_methods import CAM_DISPLAY_NAMES, CAM_METHODS, stored_cam_methods, stored_cams
-from common.console import HelpFormatter
-from common.errors import PipelineError, run_main
-from common.fileio import (remove_stale_temporaries, save_npz, save_torch, sha256_of_file, write_json,
-                           write_text, written_together)
-from common.fusion import (CLASSIFIER_FORMAT_VERSION, FEATURE_SETS, ROW_NAMES, MlpSettings, build_features,
-                           check_checkpoints, fit_mlp, load_run_heatmaps, malignant_probabilities, mlp_logits,
-                           stack_maps)
-from common.metrics import DECISION_THRESHOLD, binary_metrics, metrics_table, per_patient_rates, softmax
-from common.models import MODEL_ORDER
-from common.runfiles import (RESULTS_JSON, RESULTS_MD, TEST_PREDICTIONS, cam_probability_key, checkpoint_path,
-                             classifier_name, heatmap_path, probability_key)
-from common.runtime import pick_device
+from common.cams.heatmap_file import stored_cam_methods, stored_cams
+from common.cams.methods import CAM_DISPLAY_NAMES, CAM_METHODS
+from common.core.console import HelpFormatter
+from common.core.errors import PipelineError, run_main
+from common.core.fileio import (
+    remove_stale_temporaries,
+    save_npz,
+    save_torch,
+    sha256_of_file,
+    write_json,
+    write_text,
+    written_together,
+)
+from common.core.runfiles import (
+    RESULTS_JSON,
+    RESULTS_MD,
+    TEST_PREDICTIONS,
+    checkpoint_path,
+    classifier_name,
+    heatmap_path,
+    probability_key,
+)
+from common.data.partition import assign_groups, describe_protocol
+from common.data.records import CLASS_NAMES, majority_labels
+from common.evaluation.map_comparison import cam_probability_key, compare_cam_methods, comparison_markdown
+from common.evaluation.metrics import DECISION_THRESHOLD, binary_metrics, metrics_table, per_patient_rates, softmax
+from common.fusion.features import FEATURE_SETS, ROW_NAMES, build_features, malignant_probabilities, stack_maps
+from common.fusion.mlp import CLASSIFIER_FORMAT_VERSION, MlpSettings, fit_mlp, mlp_logits
+from common.models.registry import MODEL_ORDER
+from common.run import check_checkpoints, load_run_heatmaps
+from common.training.runtime import pick_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -10,9 +10,9 @@ Reads the files the three model scripts and cancer_class_further.py wrote in --o
 import argparse
 from pathlib import Path
 
-from common.console import HelpFormatter
-from common.errors import run_main
-from common.report import build_report
+from common.core.console import HelpFormatter
+from common.core.errors import run_main
+from common.report.single import build_report
 
 
 def main(argv=None) -> None:

@@ -8,7 +8,7 @@ ResNet-50, VGG-16, their mean (soft vote) and the final MLP, and writes to --out
 combined map); with --explain, also <image>_explain.png: Grad-CAM, Grad-CAM++ and LayerCAM of each CNN beside
 LIME, Kernel SHAP and occlusion (captum). The maps explain the class chosen by the rule the MLP was trained with. On
 a K-fold run (run_pipeline.py --folds K) each CNN is the bagged ensemble of its K fold models and the final MLP the
-one fitted on every out-of-fold row (common/cv_predict.py; printed when it runs). A run whose checkpoints
+one fitted on every out-of-fold row (common/inference.py; printed when it runs). A run whose checkpoints
 were trained from random initialisation or on the synthetic demo data gets a warning on stderr first.
 """
 
@@ -23,18 +23,25 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.data import IMAGE_EXTENSIONS
-from common.console import HelpFormatter
-from common.errors import PipelineError, run_main
-from common.checkpoints import load_checkpoint, training_caveats
-from common.fileio import disk_full_as_pipeline_error, write_text
-from common.heatmaps import blend, colorize, combined_map, jet
-from common.metrics import DECISION_THRESHOLD, format_probability
-from common.models import MODEL_ORDER
-from common.cv_predict import bagged_predict_batches, is_k_fold_run
-from common.inference import BATCH_SIZE, OVERLAY_SIZE, load_classifier, load_cnns, predict_batches
-from common.runfiles import PREDICTIONS_DIR, checkpoint_path, fold_dir
-from common.runtime import pick_device
+from common.cams.display import blend, colorize, combined_map, jet
+from common.core.console import HelpFormatter
+from common.core.errors import PipelineError, run_main
+from common.core.fileio import disk_full_as_pipeline_error, write_text
+from common.core.runfiles import PREDICTIONS_DIR, checkpoint_path, fold_dir
+from common.data.records import IMAGE_EXTENSIONS
+from common.evaluation.metrics import DECISION_THRESHOLD, format_probability
+from common.inference import (
+    BATCH_SIZE,
+    OVERLAY_SIZE,
+    bagged_predict_batches,
+    is_k_fold_run,
+    load_classifier,
+    load_cnns,
+    predict_batches,
+)
+from common.models.checkpoints import load_checkpoint, training_caveats
+from common.models.registry import MODEL_ORDER
+from common.training.runtime import pick_device
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -90,8 +97,8 @@ def overlay_names(image_paths: list[Path]) -> list[str]:
 
 def write_explanations(image_paths: list[Path], overlay_names_: list[str], output_dir: Path, folder: Path,
                        explain: str, device: torch.device) -> list[str]:
-    """<stem>_explain.png beside each overlay (common.explain.explain_image); returns their names."""
-    from common.explain import explain_image  # here: captum is imported only when explanations are asked for
+    """<stem>_explain.png beside each overlay (common.explain.figures.explain_image); returns their names."""
+    from common.explain.figures import explain_image  # here: captum is imported only when explanations are asked for
 
     _, classifier = load_classifier(output_dir)
     models = load_cnns(output_dir, classifier, device)
@@ -121,7 +128,7 @@ def main(argv=None) -> None:
     out_dir = Path(args.out) if args.out else output_dir / PREDICTIONS_DIR
 
     image_paths = collect_images(args.inputs)
-    k_fold = is_k_fold_run(output_dir)  # bagged fold models and the out-of-fold MLP (common/cv_predict.py)
+    k_fold = is_k_fold_run(output_dir)  # bagged fold models and the out-of-fold MLP (common/inference.py)
     columns = list(MODEL_ORDER) + ["soft_vote", "final_mlp"]
     rows = [["image"] + [f"p_malignant_{name}" for name in columns] + ["prediction", "overlay"]]
     names = overlay_names(image_paths)

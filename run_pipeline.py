@@ -6,13 +6,13 @@
                                                                                          # the model scripts
     python run_pipeline.py --demo --folds 3                      # patient-level 3-fold cross-validation (resumable)
 
-A single-split run then scores its explanations (`python -m common.faithfulness`: deletion/insertion AUC of every
+A single-split run then scores its explanations (`python score_explanations.py`: deletion/insertion AUC of every
 CAM method of every CNN on --faithfulness-images test images, LIME, Kernel SHAP and occlusion on the first
 --faithfulness-perturbation-images of them, side-by-side figures), so its report has the Faithfulness section.
 
 With --folds K (or several --fold-file), every fold runs in <output-dir>/fold_<k>/ (the three model scripts and
 cancer_class_further.py, a fold's model skipped when its checkpoint and heatmaps are complete), then
-`python -m common.cv` aggregates the out-of-fold predictions (cv_results.*) and the report gets its
+`python -m common.stages.cross_validation` aggregates the out-of-fold predictions (cv_results.*) and the report gets its
 cross-validation page.
 
 Each stage is the same script a user runs by hand, started as a subprocess in order, in the caller's working
@@ -27,10 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-from common.console import HelpFormatter
-from common.demo import make_demo_dataset, mark_as_synthetic
-from common.models import ARCHS
-from common.runfiles import FURTHER_SCRIPT, REPORT_DIR, RESULTS_JSON, fold_dir
+from common.core.console import HelpFormatter
+from common.core.runfiles import FURTHER_SCRIPT, REPORT_DIR, RESULTS_JSON, fold_dir
+from common.data.demo import make_demo_dataset, mark_as_synthetic
+from common.models.registry import ARCHS
 
 HERE = Path(__file__).resolve().parent
 # Small enough for 2 CPU cores in a few minutes, yet enough for randomly initialised CNNs to learn the synthetic
@@ -76,7 +76,7 @@ def module_environment() -> dict:
 def run_folds(args: argparse.Namespace, data_dir: Path, output_dir: Path, n_folds: int, extra_args: list[str]) -> None:
     """Every fold's three model scripts (a model already complete in its fold is skipped, so an interrupted run
     resumes where it stopped) and its single-split table, then the aggregation of the out-of-fold predictions."""
-    from common.cv import fold_model_complete  # imports torch: only K-fold runs need it here
+    from common.stages.cross_validation import fold_model_complete  # imports torch: only K-fold runs need it here
     python = sys.executable
     fold_options = ([] if args.fold_file and len(args.fold_file) > 1 else ["--folds", str(n_folds)])
     for fold in range(1, n_folds + 1):
@@ -93,13 +93,13 @@ def run_folds(args: argparse.Namespace, data_dir: Path, output_dir: Path, n_fold
             ran = True
         if ran or not (folder / RESULTS_JSON).is_file():
             run_stage([python, str(HERE / FURTHER_SCRIPT), "--output-dir", str(folder)])
-    run_stage([python, "-m", "common.cv", "--output-dir", str(output_dir)], env=module_environment())
-    print(f"\nfaithfulness: not run on a K-fold run; score a fold with python -m common.faithfulness --output-dir "
+    run_stage([python, "-m", "common.stages.cross_validation", "--output-dir", str(output_dir)], env=module_environment())
+    print(f"\nfaithfulness: not run on a K-fold run; score a fold with python score_explanations.py --output-dir "
           f"{fold_dir(output_dir, 1)}")
 
 
 def run_faithfulness(args: argparse.Namespace, output_dir: Path) -> None:
-    """`python -m common.faithfulness` on the finished run (skipped with --faithfulness-images 0)."""
+    """`python score_explanations.py` on the finished run (skipped with --faithfulness-images 0)."""
     demo = DEMO_FAITHFULNESS if args.demo else {}
     images = args.faithfulness_images if args.faithfulness_images is not None else demo.get("images", 100)
     perturbation_images = args.faithfulness_perturbation_images if args.faithfulness_perturbation_images is not None \
@@ -107,8 +107,8 @@ def run_faithfulness(args: argparse.Namespace, output_dir: Path) -> None:
     if images == 0:
         print("\nfaithfulness: skipped (--faithfulness-images 0)")
         return
-    run_stage([sys.executable, "-m", "common.faithfulness", "--output-dir", str(output_dir), "--images", str(images),
-               "--perturbation-images", str(perturbation_images)], env=module_environment())
+    run_stage([sys.executable, str(HERE / "score_explanations.py"), "--output-dir", str(output_dir), "--images",
+               str(images), "--perturbation-images", str(perturbation_images)])
 
 
 def main() -> None:

@@ -21,13 +21,12 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import ROOT, interleaved_medians, table
 from PIL import Image
 
-from _timing import ROOT, interleaved_medians, table
-
 import app  # noqa: E402  (after _timing put the repository root on the path)
-from common.demo import make_demo_dataset  # noqa: E402
-from common.models import ARCHS  # noqa: E402
+from common.data.demo import make_demo_dataset  # noqa: E402
+from common.models.registry import ARCHS  # noqa: E402
 from common.viewer import DEFAULT_OPACITY, browse_rows, filter_rows, load_viewer_run  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "breakhis_sample"

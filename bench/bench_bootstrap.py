@@ -1,4 +1,4 @@
-"""The patient bootstrap: vectorised (common.stats.resampled_metrics) vs a plain loop over resamples.
+"""The patient bootstrap: vectorised (common.evaluation.stats.resampled_metrics) vs a plain loop over resamples.
 
     python bench/bench_bootstrap.py            # 8,000 images, 82 patients, 2,000 resamples; loop on 40 resamples
     python bench/bench_bootstrap.py --quick    # 2,000 images, 500 resamples; loop on 10 resamples
@@ -11,7 +11,7 @@ Timed, for ONE row (one model's predictions), image level, AUC + balanced accura
 specificity, which come with them):
   vectorised   resampled_metrics on the (R, P) count matrix of all resamples at once;
   loop         resampled_metrics_loop: per resample, the drawn patients' images concatenated and
-               common.metrics.binary_metrics on them. It is timed on the first --loop-resamples rows of the SAME
+               common.evaluation.metrics.binary_metrics on them. It is timed on the first --loop-resamples rows of the SAME
                index matrix and scaled linearly to all resamples (each iteration does the same work).
 Also timed: the whole of PatientBootstrap.intervals for one row (image and patient level, estimates included),
 which is what a results table calls per row. Both methods' values are compared on the shared resamples.
@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from _timing import interleaved_medians, table  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from common.stats import PatientBootstrap, resampled_metrics, resampled_metrics_loop  # noqa: E402
+from common.evaluation.stats import PatientBootstrap, resampled_metrics, resampled_metrics_loop  # noqa: E402
 
 
 def synthetic_row(images: int, patients: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

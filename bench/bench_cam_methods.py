@@ -7,8 +7,8 @@ Random-init models (`build_model(arch, 'none')`) on the CPU. The contenders are 
 order), each summarised by its median over the repeats:
 
 * plain:    `model(x)` under no_grad (what inference costs anyway);
-* gradcam:  `common.cam.grad_cam` (the export's one-pass Grad-CAM);
-* all three: `common.cam_methods.cams_and_logits` with every method, from the same single pass.
+* gradcam:  `common.cams.methods.grad_cam` (the export's one-pass Grad-CAM);
+* all three: `common.cams.methods.cams_and_logits` with every method, from the same single pass.
 
 Target: all three <= 1.15x plain for each architecture.
 """
@@ -19,9 +19,8 @@ import _timing  # noqa: F401  (puts the repository root on sys.path)
 import torch
 from _timing import interleaved_medians, table
 
-from common.cam import grad_cam
-from common.cam_methods import CAM_METHODS, cams_and_logits
-from common.models import ARCHS, build_model
+from common.cams.methods import CAM_METHODS, cams_and_logits, grad_cam
+from common.models.registry import ARCHS, build_model
 
 TARGET_RATIO = 1.15
 

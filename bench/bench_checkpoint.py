@@ -1,5 +1,5 @@
 """Checkpoint writes at the end of each epoch: in line (the straightforward way) vs on a background thread
-(common.fileio.BackgroundWriter, which the model scripts use: the training loop waits only for a CPU snapshot).
+(common.core.fileio.BackgroundWriter, which the model scripts use: the training loop waits only for a CPU snapshot).
 
     python bench/bench_checkpoint.py            # ResNet-50 and VGG-16, 3 epochs of 3 steps each
     python bench/bench_checkpoint.py --quick    # ResNet-50 only, 2 epochs of 2 steps
@@ -26,8 +26,8 @@ import _timing  # noqa: F401  (puts the repository root on sys.path)
 import torch
 from _timing import interleaved_medians, table
 
-from common.fileio import BackgroundWriter, save_torch
-from common.models import build_model
+from common.core.fileio import BackgroundWriter, save_torch
+from common.models.registry import build_model
 
 
 class InLineWriter:
@@ -53,7 +53,7 @@ def run(arch: str, writer, epochs: int, steps: int, folder: Path, blocked: dict[
             torch.nn.functional.cross_entropy(model(images), labels).backward()
             optimizer.step()
         started = time.perf_counter()
-        weights = model.state_dict()  # as common.train.fit does: one weights dict in both files
+        weights = model.state_dict()  # as common.training.loop.fit does: one weights dict in both files
         writer.save([({"model": weights, "epoch": epoch + 1}, folder / f"fine_tuned_{arch}.pth"),
                      ({"model": weights, "optimizer": optimizer.state_dict(), "epoch": epoch + 1},
                       folder / f"training_state_{arch}.pth")])

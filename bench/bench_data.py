@@ -14,13 +14,13 @@
              (bench/gpu_check.py measures the GPU path on a GPU);
    plus the one-time cost of building the cache (build_cache(mode='memory'), one core).
 2. Train-step overhead, with this CPU as the training device: one epoch of ResNet-50 at 64 px (batch 32,
-   AdamW, common.train.train_one_epoch) fed by the cached pipeline vs the same steps over the same batches
+   AdamW, common.training.loop.train_one_epoch) fed by the cached pipeline vs the same steps over the same batches
    already in memory. A CPU step of ~1 s hides almost any data cost, so this says little about a GPU, where
    steps take milliseconds (bench/gpu_check.py measures the share of GPU step time spent waiting for data). ResNet-50 is one of the
    pipeline's own models; 64 px keeps a CPU epoch short, and the data and the model costs both scale with the
    pixel count, so their ratio is about the one at 224 px on the same device. A tiny 3-layer CNN is shown
    too, as a stress case where the model is nearly free and any data cost shows.
-3. Memory: peak RSS (ru_maxrss) of common.heatmaps.export_heatmaps over N and 4N images (ResNet-50, 32 px,
+3. Memory: peak RSS (ru_maxrss) of common.cams.heatmap_file.export_heatmaps over N and 4N images (ResNet-50, 32 px,
    plain path), each in a fresh subprocess. Flat means the export does not hold every batch.
 """
 
@@ -41,14 +41,15 @@ import torch
 from _timing import ROOT, interleaved_medians, table
 from torch import nn
 
-import common.dataset as dataset_module
-from common.data import Record, Split, index_dataset, split_digest
-from common.dataset import build_cache, make_batches
-from common.demo import make_demo_dataset
-from common.heatmaps import export_heatmaps
-from common.models import build_model
-from common.runtime import Runtime
-from common.train import train_one_epoch
+import common.data.images as dataset_module
+from common.cams.heatmap_file import export_heatmaps
+from common.data.demo import make_demo_dataset
+from common.data.images import build_cache, make_batches
+from common.data.partition import Split, split_digest
+from common.data.records import Record, index_dataset
+from common.models.registry import build_model
+from common.training.loop import train_one_epoch
+from common.training.runtime import Runtime
 
 SAMPLE = ROOT.parent / "shared" / "breakhis_sample"
 CPU = torch.device("cpu")

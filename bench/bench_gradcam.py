@@ -7,7 +7,7 @@ Random-init models (`build_model(arch, 'none')`) in eval mode on the CPU. The th
 turn (rotating order) and each is summarised by its median over the repeats:
 
 * plain: `model(x)` under no_grad (what inference costs anyway);
-* ours:  `common.cam.grad_cam` (body without autograd, head differentiated to the target activation only);
+* ours:  `common.cams.methods.grad_cam` (body without autograd, head differentiated to the target activation only);
 * full:  the usual library recipe (pytorch-grad-cam style): a forward hook on the target layer that retains the
   activation's grad, autograd through the whole network, `score.backward()` (every parameter gets a .grad).
 
@@ -21,9 +21,9 @@ import _timing  # noqa: F401  (puts the repository root on sys.path)
 import torch
 from _timing import interleaved_medians, table
 
-from common.cam import grad_cam
-from common.models import ARCHS, build_model
-from common.reference_cam import full_backward_grad_cam
+from common.cams.methods import grad_cam
+from common.cams.reference import full_backward_grad_cam
+from common.models.registry import ARCHS, build_model
 
 
 def plain_inference(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -3,12 +3,12 @@
     python bench/bench_pipeline.py              # demo data: 4 patients per class, 6 images each, 4 magnifications
     python bench/bench_pipeline.py --quick      # 2 patients per class, 3 images each
 
-1. Synthetic BreaKHis tree (common.demo.make_demo_dataset) in a temporary folder; then each script as the
+1. Synthetic BreaKHis tree (common.data.demo.make_demo_dataset) in a temporary folder; then each script as the
    user runs it, in its own process, all writing to one output dir:
        cancer_class_{resnet_50,densenet_121,vgg_16}.py --weights none --image-size 64 --epochs 1 --workers 0
        cancer_class_further.py (if the file exists)
 2. cProfile of one model script (ResNet-50, same options, fresh output dir) run in-process through
-   common.model_script.run_model_script: the top functions by cumulative and by own (total) time.
+   common.training.model_script.run_model_script: the top functions by cumulative and by own (total) time.
 """
 
 import argparse
@@ -24,9 +24,9 @@ from pathlib import Path
 import _timing  # noqa: F401  (puts the repository root on sys.path)
 from _timing import ROOT, table
 
-from common.demo import make_demo_dataset
-from common.models import ARCHS
-from common.runfiles import FURTHER_SCRIPT
+from common.core.runfiles import FURTHER_SCRIPT
+from common.data.demo import make_demo_dataset
+from common.models.registry import ARCHS
 
 MODEL_SCRIPTS = tuple(spec.script for spec in ARCHS.values())
 
@@ -62,7 +62,7 @@ def bench_wall_time(data_dir: Path, output_dir: Path, generate_seconds: float) -
 
 
 def bench_profile(data_dir: Path, output_dir: Path, top: int) -> None:
-    from common.model_script import run_model_script  # imported here so the import is not profiled
+    from common.training.model_script import run_model_script  # imported here so the import is not profiled
 
     profiler = cProfile.Profile()
     started = time.perf_counter()

@@ -41,10 +41,10 @@ import _timing  # noqa: F401  (puts the repository root on sys.path)
 from gpu_check_checks import run_checks
 from gpu_check_report import collect_figures, markdown_summary, read_json
 
-from common.cli import DEFAULTS
-from common.demo import make_demo_dataset
-from common.fileio import write_json, write_text
-from common.models import ARCHS
+from common.core.fileio import write_json, write_text
+from common.data.demo import make_demo_dataset
+from common.models.registry import ARCHS
+from common.training.config import DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent

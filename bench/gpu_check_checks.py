@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.cam import grad_cam
-from common.data import load_split
-from common.dataset import load_rgb
-from common.heatmaps import load_heatmaps
-from common.checkpoints import load_checkpoint, model_from_checkpoint
-from common.runfiles import checkpoint_path, heatmap_path
-from common.transforms import build_transforms
+from common.cams.heatmap_file import load_heatmaps
+from common.cams.methods import grad_cam
+from common.core.runfiles import checkpoint_path, heatmap_path
+from common.data.images import load_rgb
+from common.data.partition import load_split
+from common.data.transforms import build_transforms
+from common.models.checkpoints import load_checkpoint, model_from_checkpoint
 
 # Stored (CUDA) vs CPU float32: cuDNN convolutions use TF32 by default (10-bit mantissa, ~5e-4 rounding per
 # layer), so after 16-50 layers the maps can differ by ~1e-3 to 1e-2 of their maximum. On the CPU (dry run) the

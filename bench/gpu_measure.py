@@ -37,15 +37,15 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, models
 from torchvision import transforms as T
 
-from common.cam import grad_cam
-from common.data import load_split
-from common.dataset import build_cache, make_batches
-from common.fileio import write_json
-from common.reference_cam import full_backward_grad_cam, target_module
-from common.checkpoints import load_checkpoint, model_from_checkpoint
-from common.runfiles import checkpoint_path
-from common.runtime import autocast_dtype
-from common.transforms import IMAGENET_MEAN, IMAGENET_STD, ROTATION_DEGREES
+from common.cams.methods import grad_cam
+from common.cams.reference import full_backward_grad_cam, target_module
+from common.core.fileio import write_json
+from common.core.runfiles import checkpoint_path
+from common.data.images import build_cache, make_batches
+from common.data.partition import load_split
+from common.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ROTATION_DEGREES
+from common.models.checkpoints import load_checkpoint, model_from_checkpoint
+from common.training.runtime import autocast_dtype
 
 
 def synchronize(device: torch.device) -> None:

@@ -18,17 +18,18 @@ import torch
 from PIL import Image
 from torch import nn
 
-from common.data import CLASS_NAMES, SPLIT_FILE_NAME, Split, load_split
-from common.dataset import load_rgb
-from common.errors import PipelineError
-from common.cam_methods import CAM_ARRAY_KEYS, CAM_DISPLAY_NAMES
-from common.heatmaps import OVERLAY_ALPHA, blend, colorize, combined_map, jet
+from common.cams.display import OVERLAY_ALPHA, blend, colorize, combined_map, jet
+from common.cams.heatmap_file import CAM_ARRAY_KEYS
+from common.cams.methods import CAM_DISPLAY_NAMES
+from common.core.errors import PipelineError
+from common.core.runfiles import probability_key
+from common.data.images import load_rgb
+from common.data.partition import SPLIT_FILE_NAME, Split, load_split
+from common.data.records import CLASS_NAMES
+from common.evaluation.metrics import DECISION_THRESHOLD
 from common.inference import BATCH_SIZE, classify_images, load_classifier, load_cnns
-from common.metrics import DECISION_THRESHOLD
-from common.models import MODEL_ORDER
-from common.report import Run, load_run
-from common.runfiles import probability_key
-
+from common.models.registry import MODEL_ORDER
+from common.report.single import Run, load_run
 
 # Longer side of the pictures the viewer shows, pixels (aspect ratio kept): about their width in the page (five
 # in a row). Each is sent as a PNG (lossless: no compression artefacts on tissue), whose encoding takes most of a
@@ -82,7 +83,7 @@ class ViewerRun:
 
     output_dir: Path
     device: torch.device
-    report: Run  # results.json, test_predictions.npz, heatmap files, data root (checked by common.report)
+    report: Run  # results.json, test_predictions.npz, heatmap files, data root (checked by common.report.single)
     split: Split
     mlp: nn.Module
     classifier: dict

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-from common.demo import make_demo_dataset  # noqa: E402
-from common.fileio import save_torch  # noqa: E402
+from common.core.fileio import save_torch  # noqa: E402
+from common.data.demo import make_demo_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +48,7 @@ def cam_models(one_thread):
     VGG-16 alone has 134M parameters; a test that changes a model's mode restores it)."""
     import torch
 
-    from common.models import build_model
+    from common.models.registry import build_model
 
     built = {}
     for arch, seed in CAM_MODEL_SEEDS.items():

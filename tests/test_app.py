@@ -19,14 +19,25 @@ from PIL import Image
 import app
 import common.inference
 import predict
-from common.data import CLASS_NAMES
-from common.errors import PipelineError
-from common.heatmaps import blend, colorize, combined_map, jet, load_heatmaps
-from common.metrics import softmax
-from common.models import MODEL_ORDER
-from common.runfiles import checkpoint_path, heatmap_path
-from common.viewer import (DISPLAY_SIZE, browse_rows, filter_rows, load_viewer_run, map_methods, method_name,
-                           open_uploads, predict_views, render_panels, stored_view)
+from common.cams.display import blend, colorize, combined_map, jet
+from common.cams.heatmap_file import load_heatmaps
+from common.core.errors import PipelineError
+from common.core.runfiles import checkpoint_path, heatmap_path
+from common.data.records import CLASS_NAMES
+from common.evaluation.metrics import softmax
+from common.models.registry import MODEL_ORDER
+from common.viewer import (
+    DISPLAY_SIZE,
+    browse_rows,
+    filter_rows,
+    load_viewer_run,
+    map_methods,
+    method_name,
+    open_uploads,
+    predict_views,
+    render_panels,
+    stored_view,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -55,8 +55,17 @@ def require_browser_tools() -> str:
 CHROMIUM = require_browser_tools()
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
-from common.viewer import (DEFAULT_OPACITY, browse_rows, filter_rows, load_viewer_run, open_uploads,  # noqa: E402
-                           predict_views, render_panels, report_plots, stored_view)
+from common.viewer import (
+    DEFAULT_OPACITY,
+    browse_rows,
+    filter_rows,
+    load_viewer_run,
+    open_uploads,
+    predict_views,
+    render_panels,
+    report_plots,
+    stored_view,
+)
 
 
 def free_port() -> int:

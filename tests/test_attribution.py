@@ -1,4 +1,4 @@
-"""captum-based attributions (common.attribution): LIME, Kernel SHAP and occlusion maps end to end, the patch a
+"""captum-based attributions (common.explain.attribution): LIME, Kernel SHAP and occlusion maps end to end, the patch a
 one-patch model looks at found by each, and Integrated Gradients shares of the heatmap MLP's inputs."""
 
 import numpy as np
@@ -6,12 +6,19 @@ import pytest
 import torch
 from torch import nn
 
-from common.fusion import build_mlp
-from common.models import MODEL_ORDER
+from common.fusion.mlp import build_mlp
+from common.models.registry import MODEL_ORDER
 
 pytest.importorskip("captum")
-from common.attribution import (as_saliency_method, grid_feature_mask, heatmap_shares,  # noqa: E402
-                                kernel_shap_map, lime_map, occlusion_map, pool_to_grid)
+from common.explain.attribution import (
+    as_saliency_method,
+    grid_feature_mask,
+    heatmap_shares,
+    kernel_shap_map,
+    lime_map,
+    occlusion_map,
+    pool_to_grid,
+)
 
 SIDE, GRID = 32, 8
 PATCH_ROW, PATCH_COLUMN = 2, 5  # the patch the one-patch model reads: rows 8..11, columns 20..23

@@ -15,14 +15,20 @@ import pytest
 import torch
 from PIL import Image
 
-import common.dataset as dataset_module
-import common.fileio as fileio
-import common.transforms as transforms_module
-from common.data import filter_magnification, index_dataset
-from common.dataset import CachedBatches, build_cache, cache_key, load_rgb, make_batches
-from common.errors import PipelineError, message_of, run_main
-from common.transforms import (IMAGENET_MEAN, IMAGENET_STD, affine_sampling_grid, augment_batch, random_flip_rotate,
-                               resize_image)
+import common.core.fileio as fileio
+import common.data.images as dataset_module
+import common.data.transforms as transforms_module
+from common.core.errors import PipelineError, message_of, run_main
+from common.data.images import CachedBatches, build_cache, cache_key, load_rgb, make_batches
+from common.data.records import filter_magnification, index_dataset
+from common.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    affine_sampling_grid,
+    augment_batch,
+    random_flip_rotate,
+    resize_image,
+)
 
 CPU = torch.device("cpu")
 SIZE = 32
@@ -241,7 +247,7 @@ def test_corrupt_png_read_in_a_worker_process_gives_one_line(demo_dir, tmp_path,
 
 def test_message_of_a_worker_error_keeps_the_whole_message():
     wrapped = PipelineError("Caught PipelineError in DataLoader worker process 0.\nOriginal Traceback (most recent "
-                            "call last):\n  File \"x.py\", line 1, in <module>\ncommon.errors.PipelineError: "
+                            "call last):\n  File \"x.py\", line 1, in <module>\ncommon.core.errors.PipelineError: "
                             "cannot read image a.png: first line\nsecond line")
     assert message_of(wrapped) == "cannot read image a.png: first line\nsecond line"
     assert message_of(PipelineError("plain message")) == "plain message"

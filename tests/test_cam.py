@@ -1,4 +1,4 @@
-"""Grad-CAM (common.cam) against a plain full-autograd reference, and the CAM identity for GAP + linear heads.
+"""Grad-CAM (common.cams.methods) against a plain full-autograd reference, and the CAM identity for GAP + linear heads.
 
 The reference is the way common libraries compute Grad-CAM: a forward hook on the target module keeps the
 activation, the whole model runs forward with autograd, `loss.backward()` over everything, and the retained
@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.cam import grad_cam, scale_for_display
-from common.data import CLASS_NAMES
-from common.models import body, cam_shape
-from common.reference_cam import full_backward_grad_cam
+from common.cams.display import scale_for_display
+from common.cams.methods import grad_cam
+from common.cams.reference import full_backward_grad_cam
+from common.data.records import CLASS_NAMES
+from common.models.registry import body, cam_shape
 
 ARCH_NAMES = ("resnet50", "densenet121", "vgg16")
 MALIGNANT = CLASS_NAMES.index("malignant")
@@ -64,7 +65,7 @@ def test_grad_cam_equals_cam_from_head_weights(cam_models, cam_images, arch, tar
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_body_is_the_hooked_activation(cam_models, cam_images, arch):
-    """common.models.body computes exactly the activation the network's own forward passes on."""
+    """common.models.registry.body computes exactly the activation the network's own forward passes on."""
     model = cam_models[arch]
     _, _, hooked = full_backward_grad_cam(model, arch, cam_images, "predicted")
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Which maps make the best final classifier (common/cam_comparison.py, cancer_class_further.train_cam_method_mlps):
+"""Which maps make the best final classifier (common/evaluation/map_comparison.py, cancer_class_further.train_cam_method_mlps):
 the comparison's numbers are the bootstrap's on the probabilities it is given, an undefined metric stays JSON-safe,
 and each map type's MLP reads that map type and nothing else."""
 
@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import cancer_class_further
-from common.cam_comparison import compare_cam_methods, comparison_markdown
-from common.cam_methods import CAM_ARRAY_KEYS, CAM_METHODS
-from common.metrics import roc_auc
-from common.models import MODEL_ORDER
-from common.stats import PatientBootstrap
+from common.cams.heatmap_file import CAM_ARRAY_KEYS
+from common.cams.methods import CAM_METHODS
+from common.evaluation.map_comparison import compare_cam_methods, comparison_markdown
+from common.evaluation.metrics import roc_auc
+from common.evaluation.stats import PatientBootstrap
+from common.models.registry import MODEL_ORDER
 
 
 def patients_and_labels(n_patients: int = 12, images: int = 5):

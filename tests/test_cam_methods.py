@@ -1,5 +1,5 @@
-"""Grad-CAM++ and LayerCAM (common.cam_methods) against pytorch-grad-cam's raw maps at the same layers, and the
-one-pass contract: one body pass and one autograd.grad for all methods, Grad-CAM identical to common.cam.
+"""Grad-CAM++ and LayerCAM (common.cams.methods) against pytorch-grad-cam's raw maps at the same layers, and the
+one-pass contract: one body pass and one autograd.grad for all methods, Grad-CAM identical to common.cams.methods.
 
 pytorch-grad-cam (PyPI 'grad-cam') hooks a module's output and backpropagates through the whole model; its raw
 map is the one before its min-max scaling, obtained here by replacing its scale function with the identity.
@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import common.cam_methods as cam_methods
-from common.cam import grad_cam
-from common.cam_methods import CAM_METHODS, cam_maps, cams_and_logits
+import common.cams.methods as cam_methods
+from common.cams.methods import CAM_METHODS, cam_maps, cams_and_logits, grad_cam
+from common.core.errors import PipelineError
 
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM  # noqa: E402
@@ -127,5 +127,5 @@ def test_closed_forms_on_a_tiny_activation():
 
 
 def test_unknown_method_is_refused():
-    with pytest.raises(ValueError, match="unknown CAM method"):
+    with pytest.raises(PipelineError, match="unknown CAM method"):
         cam_maps(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2), methods=("scorecam",))

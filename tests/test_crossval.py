@@ -1,4 +1,4 @@
-"""Patient-level K-fold (common.crossval): folds, each fold's splits, official fold files, the folds file, and
+"""Patient-level K-fold (common.data.partition): folds, each fold's splits, official fold files, the folds file, and
 cross-fitted stacking that never fits on the patients it predicts. Synthetic records only, no images; CPU, seconds.
 """
 
@@ -8,21 +8,11 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from common.crossval import (
-    OutOfFold,
-    cross_fit,
-    fold_splits,
-    folds_from_fold_files,
-    load_folds,
-    logistic_regression_stacker,
-    make_kfold,
-    prepare_folds,
-    save_folds,
-    soft_vote,
-)
-from common.data import Record
-from common.errors import PipelineError
-from common.metrics import roc_auc, softmax
+from common.core.errors import PipelineError
+from common.data.partition import fold_splits, folds_from_fold_files, load_folds, make_kfold, prepare_folds, save_folds
+from common.data.records import Record
+from common.evaluation.metrics import roc_auc, softmax
+from common.fusion.stacking import OutOfFold, cross_fit, logistic_regression_stacker, soft_vote
 
 # BreaKHis-like patients per subtype (the real dataset: A 4, F 10, PT 3, TA 7 | DC 38, LC 5, MC 9, PC 6).
 SUBTYPE_PATIENTS = {0: {"A": 3, "F": 6, "PT": 2, "TA": 4}, 1: {"DC": 12, "LC": 3, "MC": 5, "PC": 4}}

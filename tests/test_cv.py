@@ -1,4 +1,4 @@
-"""K-fold runs end to end (common/foldrun.py, common/cv.py, run_pipeline.py --folds): the fold splits the model
+"""K-fold runs end to end (common/training/model_script.py, common/stages/cross_validation.py, run_pipeline.py --folds): the fold splits the model
 scripts write, the out-of-fold set, cross-fitting on it, the files, the report page, and resuming an interrupted run.
 
 One K-fold pipeline run (K=2, 32 px, one epoch, random init) is made once per session by the `cv_run` fixture.
@@ -17,24 +17,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from common.cam import grad_cam
-from common.cam_comparison import compare_cam_methods
-from common.cam_methods import CAM_METHODS
-from common.checkpoints import load_checkpoint, model_from_checkpoint
-from common.cli import heatmaps_only_command, parse_args
-from common.crossval import FOLDS_FILE_NAME, OutOfFold, cross_fit, load_folds
-from common.cv import (CV_ROW_NAMES, MlpSettings, cross_fitted_probabilities, feature_sets, load_out_of_fold,
-                       mlp_stacker)
-from common.data import describe_protocol, index_dataset
-from common.dataset import build_cache, cache_key, load_rgb, make_batches
-from common.errors import PipelineError
-from common.foldrun import fold_runs, prepare_fold_split
-from common.models import MODEL_ORDER
-from common.transforms import build_transforms
-from common.runfiles import (CV_RESULTS_JSON, CV_RESULTS_MD, OOF_PREDICTIONS, REPORT_DIR, cam_probability_key,
-                             checkpoint_path, fold_dir)
 from conftest import PIPELINE_ARGS, ROOT
+
+from common.cams.methods import CAM_METHODS, grad_cam
+from common.core.errors import PipelineError
+from common.core.runfiles import (
+    CV_RESULTS_JSON,
+    CV_RESULTS_MD,
+    OOF_PREDICTIONS,
+    REPORT_DIR,
+    checkpoint_path,
+    fold_dir,
+)
+from common.data.images import build_cache, cache_key, load_rgb, make_batches
+from common.data.partition import FOLDS_FILE_NAME, describe_protocol, load_folds
+from common.data.records import index_dataset
+from common.data.transforms import build_transforms
+from common.evaluation.map_comparison import cam_probability_key, compare_cam_methods
+from common.fusion.mlp import MlpSettings
+from common.fusion.stacking import OutOfFold, cross_fit, mlp_stacker
+from common.models.checkpoints import load_checkpoint, model_from_checkpoint
+from common.models.registry import MODEL_ORDER
+from common.stages.cross_validation import CV_ROW_NAMES, cross_fitted_probabilities, feature_sets, load_out_of_fold
+from common.training.config import heatmaps_only_command, parse_args
+from common.training.model_script import fold_runs, prepare_fold_split
 
 FOLDS = 2
 

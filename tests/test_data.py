@@ -19,17 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
-from common.cli import parse_args, split_protocol
-from common.data import (
-    Record,
-    accession_number,
+from common.core.errors import PipelineError
+from common.data.demo import SYNTHETIC_MARKER, is_synthetic_dataset, make_demo_dataset
+from common.data.images import ImageRecords, build_cache, load_rgb
+from common.data.partition import (
     describe_protocol,
-    filter_magnification,
-    index_dataset,
     load_split,
     make_split,
-    parse_breakhis_name,
-    patient_labels,
     prepare_split,
     read_fold_file,
     split_by_fold_file,
@@ -38,10 +34,16 @@ from common.data import (
     split_digest,
     subsample_split,
 )
-from common.dataset import ImageRecords, build_cache, load_rgb
-from common.demo import SYNTHETIC_MARKER, is_synthetic_dataset, make_demo_dataset
-from common.errors import PipelineError
-from common.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, resize_image
+from common.data.records import (
+    Record,
+    accession_number,
+    filter_magnification,
+    index_dataset,
+    parse_breakhis_name,
+    patient_labels,
+)
+from common.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, resize_image
+from common.training.config import parse_args, split_protocol
 
 BENIGN_PATIENTS = {"14-10000AB", "14-10100AB", "14-10200AB", "14-10300AB"}
 MALIGNANT_PATIENTS = {"14-10050", "14-10150", "14-10250", "14-10350"}
@@ -50,7 +52,7 @@ SUBTYPE_OF = {"14-10000AB": "A", "14-10100AB": "F", "14-10200AB": "PT", "14-1030
 
 
 def protocol(**overrides) -> dict:
-    """A split protocol as `common.cli.split_protocol` makes it (the parser's defaults)."""
+    """A split protocol as `common.training.config.split_protocol` makes it (the parser's defaults)."""
     base = dict(method="patient", fold_file=None, val_fraction=0.1, test_fraction=0.2, seed=0, magnification="all",
                 patient_id="folder")
     return {**base, **overrides}

@@ -4,8 +4,8 @@ gives, and parts of one tree can be written by separate calls (parallel processe
 import numpy as np
 import pytest
 
-from common.data import index_dataset
-from common.demo import make_demo_dataset, render_tissue
+from common.data.demo import make_demo_dataset, render_tissue
+from common.data.records import index_dataset
 
 
 def render_tissue_whole_image(rng, *, malignant, width, height, scale, patient_bias):

@@ -1,4 +1,4 @@
-"""Deletion and insertion AUC (common.faithfulness): closed-form curves, batching, baselines, the combined map.
+"""Deletion and insertion AUC (common.explain.faithfulness): closed-form curves, batching, baselines, the combined map.
 
 Hand-made "models" whose probability is a known function of one image region make the curves exactly
 computable; a map that is right by construction must beat the random baseline. CPU only, tiny inputs.
@@ -9,10 +9,19 @@ import pytest
 import torch
 from torch import nn
 
-from common.faithfulness import (GAUSSIAN_BASELINE, RANDOM_BASELINE, Blur, blur_for, centred_gaussian_saliency,
-                                 deletion_insertion, faithfulness_markdown, probability_of, score_combined,
-                                 score_methods)
-from common.models import build_model
+from common.explain.faithfulness import (
+    GAUSSIAN_BASELINE,
+    RANDOM_BASELINE,
+    Blur,
+    blur_for,
+    centred_gaussian_saliency,
+    deletion_insertion,
+    faithfulness_markdown,
+    probability_of,
+    score_combined,
+    score_methods,
+)
+from common.models.registry import build_model
 
 SIDE = 8
 QUARTER = (slice(0, SIDE // 2), slice(0, SIDE // 2))  # top-left 4x4 region: 16 of 64 pixels
@@ -146,7 +155,7 @@ def test_combined_map_scored_against_the_soft_vote():
 def test_the_sample_lets_patients_take_turns_so_the_first_images_span_patients():
     """LIME, Kernel SHAP, occlusion and the figures take the sample's first images: they must not all be one
     patient's (file order groups images by patient)."""
-    from common.faithfulness_run import sample_test_rows
+    from common.stages.explanation_scores import sample_test_rows
 
     patients = np.repeat([f"p{index}" for index in range(6)], 20)
     splits = np.where(np.isin(patients, ["p1", "p2", "p4", "p5"]), "test", "train")

@@ -19,12 +19,22 @@ import pytest
 import torch
 
 import cancer_class_further
-import common.fileio as fileio
-import common.train as train_module
-from common.errors import PipelineError, run_main
-from common.fileio import (STALE_AFTER_SECONDS, BackgroundWriter, atomic_path, cpu_snapshot,
-                           remove_stale_temporaries, save_npz, save_torch, scratch_file, write_text, written_together)
-from common.model_script import run_model_script
+import common.core.fileio as fileio
+import common.training.loop as train_module
+from common.core.errors import PipelineError, run_main
+from common.core.fileio import (
+    STALE_AFTER_SECONDS,
+    BackgroundWriter,
+    atomic_path,
+    cpu_snapshot,
+    remove_stale_temporaries,
+    save_npz,
+    save_torch,
+    scratch_file,
+    write_text,
+    written_together,
+)
+from common.training.model_script import run_model_script
 
 
 def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -197,7 +207,7 @@ def test_background_writer_reports_a_full_disk_in_one_line(tmp_path, monkeypatch
 
 
 def test_run_main_turns_a_full_disk_anywhere_into_one_line(tmp_path, capsys):
-    def main():  # a write outside common/fileio.py, e.g. the training log's append
+    def main():  # a write outside common/core/fileio.py, e.g. the training log's append
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "train_log.jsonl"))
 
     with pytest.raises(SystemExit) as exited:

@@ -1,4 +1,4 @@
-"""cancer_class_further.py and common/fusion.py: alignment of the three heatmap files and its errors, the MLP
+"""cancer_class_further.py and common/fusion: alignment of the three heatmap files and its errors, the MLP
 (learns a separable heatmap pattern, not shuffled labels, never sees test labels), feature statistics fitted on
 the fit rows only, fit/selection rows, map stacking; end to end on a real run of the four scripts on the demo
 tree: the saved classifier reproduces its test predictions and the table's numbers are the saved logits'.
@@ -22,18 +22,19 @@ import torch
 
 import cancer_class_further
 import predict
-from common.cam_comparison import compare_cam_methods, comparison_markdown
-from common.cam_methods import CAM_METHODS
-from common.data import load_split
-from common.errors import PipelineError
-from common.fileio import save_npz, sha256_of_file
-from common.fusion import (Standardizer, build_features, build_mlp, load_aligned_heatmaps,
-                           mlp_logits, stack_maps, train_mlp)
-from common.heatmaps import HEATMAP_FORMAT_VERSION, HEATMAP_KEYS, load_heatmaps
-from common.metrics import binary_metrics, metrics_table, softmax
-from common.models import ARCHS, MODEL_ORDER
-from common.report import load_run
-from common.runfiles import cam_probability_key, checkpoint_path, heatmap_path
+from common.cams.heatmap_file import HEATMAP_FORMAT_VERSION, HEATMAP_KEYS, load_heatmaps
+from common.cams.methods import CAM_METHODS
+from common.core.errors import PipelineError
+from common.core.fileio import save_npz, sha256_of_file
+from common.core.runfiles import checkpoint_path, heatmap_path
+from common.data.partition import load_split
+from common.evaluation.map_comparison import cam_probability_key, compare_cam_methods, comparison_markdown
+from common.evaluation.metrics import binary_metrics, metrics_table, softmax
+from common.fusion.features import Standardizer, build_features, stack_maps
+from common.fusion.mlp import build_mlp, mlp_logits, train_mlp
+from common.models.registry import ARCHS, MODEL_ORDER
+from common.report.single import load_run
+from common.run import load_aligned_heatmaps
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_SCRIPTS = {"densenet121": "cancer_class_densenet_121.py", "resnet50": "cancer_class_resnet_50.py",

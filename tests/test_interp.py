@@ -15,21 +15,23 @@ import pytest
 import torch
 from PIL import Image
 
-from common.cam_methods import (CAM_ARRAY_KEYS, CAM_METHODS, cams_and_logits, parse_cam_methods, stored_cam_methods,
-                                stored_cams)
-from common.checkpoints import load_checkpoint, model_from_checkpoint
-from common.cli import heatmaps_only_command
-from common.data import load_split
-from common.dataset import load_rgb
-from common.errors import PipelineError
-from common.fileio import save_npz
-from common.fusion import Standardizer, build_features, build_mlp, load_aligned_heatmaps, mlp_logits, stack_maps
-from common.heatmaps import combined_map, load_heatmaps
-from common.metrics import softmax
-from common.models import MODEL_ORDER
-from common.report import build_report
-from common.runfiles import checkpoint_path, heatmap_path
-from common.transforms import build_transforms
+from common.cams.display import combined_map
+from common.cams.heatmap_file import CAM_ARRAY_KEYS, load_heatmaps, stored_cam_methods, stored_cams
+from common.cams.methods import CAM_METHODS, cams_and_logits, parse_cam_methods
+from common.core.errors import PipelineError
+from common.core.fileio import save_npz
+from common.core.runfiles import checkpoint_path, heatmap_path
+from common.data.images import load_rgb
+from common.data.partition import load_split
+from common.data.transforms import build_transforms
+from common.evaluation.metrics import softmax
+from common.fusion.features import Standardizer, build_features, stack_maps
+from common.fusion.mlp import build_mlp, mlp_logits
+from common.models.checkpoints import load_checkpoint, model_from_checkpoint
+from common.models.registry import MODEL_ORDER
+from common.report.single import build_report
+from common.run import load_aligned_heatmaps
+from common.training.config import heatmaps_only_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +83,7 @@ def test_heatmap_files_without_the_variants_still_load(pipeline_run, tmp_path):
 def test_cam_methods_option():
     assert parse_cam_methods("layercam") == ("gradcam", "layercam")  # Grad-CAM is the file's `cams`: always there
     assert parse_cam_methods("layercam,gradcam++,gradcam") == CAM_METHODS  # the table's order
-    with pytest.raises(PipelineError, match="--cam-methods 'gradcam,scorecam': unknown method"):
+    with pytest.raises(PipelineError, match="--cam-methods 'gradcam,scorecam': unknown CAM method"):
         parse_cam_methods("gradcam,scorecam")
     config = {"data_dir": "/data", "cam_methods": "gradcam"}
     assert "--cam-methods gradcam --heatmaps-only" in heatmaps_only_command("cancer_class_vgg_16.py", config, "run")
@@ -91,7 +93,7 @@ def test_cam_methods_option():
 
 def test_model_script_refuses_an_unknown_cam_method(tmp_path):
     finished = run_script("cancer_class_resnet_50.py", "--data-dir", str(tmp_path), "--cam-methods", "scorecam")
-    assert finished.returncode == 2 and "--cam-methods 'scorecam': unknown method(s) scorecam" in finished.stderr
+    assert finished.returncode == 2 and "--cam-methods 'scorecam': unknown CAM method(s) scorecam" in finished.stderr
 
 
 # ------------------------------------------------------------------------------- the MLP on another map type
@@ -145,7 +147,7 @@ BASELINE_ROWS = {"random (baseline)", "centred Gaussian (baseline)"}
 
 
 def test_faithfulness_command_scores_every_method_with_the_baselines(run_copy):
-    finished = run_script("-m", "common.faithfulness", "--output-dir", str(run_copy), *TINY_FAITHFULNESS)
+    finished = run_script("score_explanations.py", "--output-dir", str(run_copy), *TINY_FAITHFULNESS)
     assert finished.returncode == 0, finished.stderr
     for line in ("DenseNet-121 Grad-CAM: 2/2 (100 %)", "VGG-16 Kernel SHAP: 1/1 (100 %)",  # progress, per method
                  "three CNNs combined layercam: 2/2 (100 %)"):
@@ -180,7 +182,7 @@ def test_faithfulness_command_scores_every_method_with_the_baselines(run_copy):
 def test_faithfulness_command_refuses_stale_heatmaps(run_copy, retrain):
     earlier = {name: (run_copy / name).read_bytes() for name in ("faithfulness.json", "faithfulness.md")}
     retrain(run_copy / "fine_tuned_resnet50.pth")
-    finished = run_script("-m", "common.faithfulness", "--output-dir", str(run_copy), *TINY_FAITHFULNESS)
+    finished = run_script("score_explanations.py", "--output-dir", str(run_copy), *TINY_FAITHFULNESS)
     lines = finished.stderr.strip().splitlines()
     assert finished.returncode == 2 and len(lines) == 1 and "heatmaps_resnet50.npz is stale" in lines[0]
     assert all((run_copy / name).read_bytes() == content for name, content in earlier.items())  # the run's, intact
@@ -217,8 +219,8 @@ def test_predict_explain_writes_a_figure_of_every_method(pipeline_run, tmp_path)
 
 def test_explanation_figure_ends_with_each_cam_methods_combined_map(pipeline_run, tmp_path, monkeypatch):
     """The side-by-side figure's last row is the combined map of each CAM method, as the report's gallery draws it:
-    the mean of the CNNs' display-scaled maps of that method (common.heatmaps.combined_map)."""
-    import common.explain as explain
+    the mean of the CNNs' display-scaled maps of that method (common.cams.heatmap_file.combined_map)."""
+    import common.explain.figures as explain
 
     captured = {}
     draw = explain.explanation_figure

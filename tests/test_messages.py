@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import cancer_class_further
-from common import model_script
-from common.runfiles import state_path
-from common.console import PlainProgress, progress
-from common.errors import PipelineError, run_main
-from common.fusion import train_mlp
+from common.core.console import PlainProgress, progress
+from common.core.errors import PipelineError, run_main
+from common.core.runfiles import state_path
+from common.fusion.mlp import train_mlp
+from common.training import model_script
 
 SCRIPTS = ("cancer_class_densenet_121", "cancer_class_resnet_50", "cancer_class_vgg_16", "cancer_class_further",
-           "predict", "make_report", "run_pipeline", "common.demo")
+           "predict", "make_report", "run_pipeline", "make_demo_data", "score_explanations")
 
 
 def interrupted_stderr(main, capsys) -> str:

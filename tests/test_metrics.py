@@ -1,10 +1,16 @@
-"""common.metrics against scikit-learn (the trusted reference) and against hand computations."""
+"""common.evaluation.metrics against scikit-learn (the trusted reference) and against hand computations."""
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from common.metrics import binary_metrics, format_probability, metrics_table, patient_recognition_rate, roc_auc
+from common.evaluation.metrics import (
+    binary_metrics,
+    format_probability,
+    metrics_table,
+    patient_recognition_rate,
+    roc_auc,
+)
 
 # A hand-made example: 10 images of 4 patients, malignant = 1. Probabilities include ties (0.7 twice, 0.2 twice
 # across the classes) and one exactly at the 0.5 threshold (counted malignant: prob >= threshold).

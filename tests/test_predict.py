@@ -20,15 +20,15 @@ import torch
 from PIL import Image
 
 import predict
-from common.data import load_split
-from common.errors import run_main
-from common.fileio import save_npz, save_torch, sha256_of_file
-from common.models import MODEL_ORDER
-from common.heatmaps import load_heatmaps
-from common.metrics import softmax
-from common.checkpoints import load_checkpoint, model_from_checkpoint
-from common.runfiles import checkpoint_path, heatmap_path
-from common.transforms import build_transforms
+from common.cams.heatmap_file import load_heatmaps
+from common.core.errors import run_main
+from common.core.fileio import save_npz, save_torch, sha256_of_file
+from common.core.runfiles import checkpoint_path, heatmap_path
+from common.data.partition import load_split
+from common.data.transforms import build_transforms
+from common.evaluation.metrics import softmax
+from common.models.checkpoints import load_checkpoint, model_from_checkpoint
+from common.models.registry import MODEL_ORDER
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -391,8 +391,8 @@ def test_demo_gives_each_model_its_own_lr_and_vgg16_a_smaller_one():
     import importlib
 
     import run_pipeline
-    from common.cli import parse_args
-    from common.models import ARCHS
+    from common.models.registry import ARCHS
+    from common.training.config import parse_args
 
     assert set(run_pipeline.DEMO_ARCH_ARGS) == set(ARCHS)
     demo = {}

@@ -16,17 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.cam_comparison import format_estimate
-from common.cam_methods import CAM_DISPLAY_NAMES
-from common.data import index_dataset, make_split, save_split
-from common.errors import PipelineError
-from common.fileio import save_npz, save_torch, sha256_of_file, write_json
-from common.models import MODEL_ORDER
-from common.heatmaps import HEATMAP_FORMAT_VERSION
-from common.metrics import binary_metrics, per_patient_rates, softmax
-from common import report as report_module
-from common.report import build_report, load_run, plot_cnn_training
-from common.runfiles import checkpoint_path
+from common.cams.heatmap_file import HEATMAP_FORMAT_VERSION
+from common.cams.methods import CAM_DISPLAY_NAMES
+from common.core.errors import PipelineError
+from common.core.fileio import save_npz, save_torch, sha256_of_file, write_json
+from common.core.runfiles import checkpoint_path
+from common.data.partition import make_split, save_split
+from common.data.records import index_dataset
+from common.evaluation.map_comparison import format_estimate
+from common.evaluation.metrics import binary_metrics, per_patient_rates, softmax
+from common.models.registry import MODEL_ORDER
+from common.report import single as report_module
+from common.report.single import build_report, load_run, plot_cnn_training
 
 DISPLAY_NAMES = {"densenet121": "DenseNet-121", "resnet50": "ResNet-50", "vgg16": "VGG-16",
                  "soft_vote": "Soft vote (mean probability)", "mlp_heatmaps": "MLP on heatmaps",

@@ -1,4 +1,4 @@
-"""common.stats: weighted AUC against scikit-learn, the vectorised patient bootstrap against a plain loop over the
+"""common.evaluation.stats: weighted AUC against scikit-learn, the vectorised patient bootstrap against a plain loop over the
 same resampled patients, patient-level diagnosis by hand, paired differences, per-fold summaries, and the sentence
 that reports a difference. Synthetic arrays only; CPU, seconds.
 """
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from common.errors import PipelineError
-from common.metrics import binary_metrics
-from common.stats import (
+from common.core.errors import PipelineError
+from common.evaluation.metrics import binary_metrics
+from common.evaluation.stats import (
     RESAMPLED_METRICS,
     Interval,
     PatientBootstrap,

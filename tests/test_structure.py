@@ -1,6 +1,6 @@
 """The structure's promises: predict.py does not load the training loop, and a model is one table entry.
 
-A fourth, tiny architecture is registered in common.models.ARCHS for one test: the shared model-script driver
+A fourth, tiny architecture is registered in common.models.registry.ARCHS for one test: the shared model-script driver
 trains it, exports its heatmaps at the layer the table names, and the reference Grad-CAM (resolved from the same
 table) agrees with the exported maps. Nothing else is edited to add it.
 """
@@ -14,15 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-from common import models
-from common.cam import grad_cam
-from common.checkpoints import load_checkpoint, model_from_checkpoint
-from common.heatmaps import load_heatmaps
-from common.model_script import run_model_script
-from common.reference_cam import full_backward_grad_cam
-from common.runfiles import checkpoint_path, heatmap_path
+from common.cams.heatmap_file import load_heatmaps
+from common.cams.methods import grad_cam
+from common.cams.reference import full_backward_grad_cam
+from common.core.runfiles import checkpoint_path, heatmap_path
+from common.models import registry as models
+from common.models.checkpoints import load_checkpoint, model_from_checkpoint
+from common.training.model_script import run_model_script
 
-TRAINING_MODULES = ("common.train", "common.model_script")  # the loop, and the driver that imports it
+TRAINING_MODULES = ("common.training.loop", "common.training.model_script")  # the loop, and the driver that imports it
 
 
 def test_importing_predict_loads_no_training_module(repo_root):
@@ -30,7 +30,7 @@ def test_importing_predict_loads_no_training_module(repo_root):
             "if m.startswith('common.'))))")
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True,
                                        check=True).stdout)
-    assert "common.checkpoints" in loaded and "common.runtime" in loaded  # what predict.py does need
+    assert "common.models.checkpoints" in loaded and "common.training.runtime" in loaded  # what predict.py does need
     assert not set(TRAINING_MODULES) & set(loaded), loaded
 
 

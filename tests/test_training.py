@@ -20,13 +20,13 @@ import torch
 import torchvision
 from PIL import Image
 
-from common.cam import grad_cam
-from common.data import CLASS_NAMES
-from common.demo import make_demo_dataset
-from common.errors import PipelineError
-from common.metrics import binary_metrics, softmax
-from common.models import build_model
-from common.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
+from common.cams.methods import grad_cam
+from common.core.errors import PipelineError
+from common.data.demo import make_demo_dataset
+from common.data.records import CLASS_NAMES
+from common.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
+from common.evaluation.metrics import binary_metrics, softmax
+from common.models.registry import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"resnet50": "cancer_class_resnet_50.py", "densenet121": "cancer_class_densenet_121.py",
@@ -270,8 +270,8 @@ class ListedBatches:
 
 def test_a_last_training_batch_of_one_image_is_skipped_not_a_crash():
     """At 32 px ResNet-50's last maps are 1x1: batch norm cannot train on a batch of one there."""
-    from common.runtime import Runtime
-    from common.train import train_one_epoch
+    from common.training.loop import train_one_epoch
+    from common.training.runtime import Runtime
 
     torch.manual_seed(0)
     model = build_model("resnet50", "none")
@@ -289,8 +289,8 @@ def test_a_last_training_batch_of_one_image_is_skipped_not_a_crash():
 
 def test_batches_of_one_image_train_except_the_last():
     """--batch-size 1: every batch holds one image; only the epoch's last one is skipped (not all of them)."""
-    from common.runtime import Runtime
-    from common.train import train_one_epoch
+    from common.training.loop import train_one_epoch
+    from common.training.runtime import Runtime
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),

@@ -1,0 +1,52 @@
+"""The exceptions the scripts turn into a one-line message instead of a traceback: a bad input, a Ctrl-C."""
+
+import errno
+import sys
+from collections.abc import Callable
+
+# The errors a write gets when the file system has no room left for it (the disk, or the user's quota).
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+# What a Ctrl-C leaves, unless the script says more (an Interrupted): files are only ever replaced whole.
+INTERRUPTED_MESSAGE = "every result written before is intact (files are replaced whole); rerun the command"
+
+
+class PipelineError(Exception):
+    """Bad input or an unusable file: the message names the file or option and says what to do."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C, re-raised by a script that knows what it leaves behind: the message says how to go on."""
+
+
+def message_of(error: PipelineError) -> str:
+    """The error's own message, also when a DataLoader worker raised it: torch re-raises a worker's exception
+    with the worker's whole traceback as its message, which ends with `<module>.PipelineError: <message>`."""
+    message = str(error).strip()
+    marker = f"{PipelineError.__module__}.{PipelineError.__qualname__}: "
+    if "Original Traceback" in message and marker in message:
+        message = message.rpartition(marker)[2]
+    return message
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run a script's main(); a PipelineError becomes `error: ...` (one line) on stderr and exit status 2, a
+    Ctrl-C `interrupted: ...` (what is kept, how to go on) and exit status 130."""
+    try:
+        main()
+    except PipelineError as error:
+        print(f"error: {message_of(error)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        # Last resort: the result files go through common/core/fileio.py, which names the file; this catches the rest
+        # (e.g. a log line appended after each epoch).
+        if error.errno not in DISK_FULL_ERRNOS:
+            raise
+        print(f"error: the disk is full: cannot write {error.filename or 'a file'} ({error.strerror}); results "
+              "written before are intact; free space and rerun", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as interrupt:
+        message = str(interrupt) if isinstance(interrupt, Interrupted) else INTERRUPTED_MESSAGE
+        print(f"interrupted: {message}", file=sys.stderr)
+        sys.exit(130)

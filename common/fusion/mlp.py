@@ -1,0 +1,128 @@
+"""The final stage's pieces: align the three heatmap files, turn maps into features, the MLP and its training.
+
+Features: each model's raw Grad-CAM maps resized to one S x S grid and stacked, (N, 3, S, S), flattened;
+optionally followed by the three models' logits (N, 6). They are standardised with a mean and standard
+deviation fitted on the MLP's fit rows only, and stored with the classifier.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.core.console import progress
+from common.evaluation.metrics import binary_metrics, selection_score, softmax
+from common.fusion.features import Standardizer, build_features, stack_maps
+from common.training.runtime import make_optimizer
+
+CLASSIFIER_FORMAT_VERSION = 1
+
+
+def build_mlp(in_features: int, hidden_sizes: list[int], dropout: float) -> nn.Sequential:
+    """Dense layers, each followed by batch norm, ReLU and dropout; a 2-class linear output."""
+    layers, width = [], in_features
+    for size in hidden_sizes:
+        layers += [nn.Linear(width, size), nn.BatchNorm1d(size), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        width = size
+    layers.append(nn.Linear(width, 2))
+    return nn.Sequential(*layers)
+
+
+def mlp_from_classifier(classifier: dict) -> nn.Sequential:
+    """The MLP a classifier file holds (cancer_class_further.py's or common/stages/cross_validation.py's), in eval mode."""
+    mlp = build_mlp(classifier["in_features"], classifier["hidden_sizes"], classifier["dropout"])
+    mlp.load_state_dict(classifier["model"])
+    return mlp.eval()
+
+
+def classifier_features(classifier: dict, cams_by_arch: dict[str, np.ndarray],
+                        logits_by_arch: dict[str, np.ndarray] | None) -> np.ndarray:
+    """The standardised input of a classifier file's MLP: each CNN's raw maps (of the classifier's cam_method) on
+    its grid, and the logits when its feature set has them, with the statistics stored in the file."""
+    maps = stack_maps(cams_by_arch, classifier["grid_size"])
+    features = build_features(maps, logits_by_arch if classifier["features"] == "heatmaps+logits" else None)
+    return Standardizer(classifier["feature_mean"].numpy(), classifier["feature_std"].numpy())(features)
+
+
+def mlp_logits(model: nn.Module, features: np.ndarray, device: torch.device, batch_size: int = 1024) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        parts = [model(torch.from_numpy(features[start:start + batch_size]).to(device)).float().cpu()
+                 for start in range(0, len(features), batch_size)]
+    return torch.cat(parts).numpy() if parts else np.zeros((0, 2), np.float32)
+
+
+def train_mlp(features: np.ndarray, labels: np.ndarray, patients: np.ndarray, fit_rows: np.ndarray,
+              select_rows: np.ndarray, *, hidden_sizes: list[int], dropout: float, epochs: int, batch_size: int,
+              lr: float, weight_decay: float, optimizer: str, seed: int, device: torch.device,
+              desc: str) -> tuple[nn.Sequential, list[dict]]:
+    """Train on fit rows; keep the epoch with the best balanced accuracy on the selection rows."""
+    torch.manual_seed(seed)
+    model = build_mlp(features.shape[1], hidden_sizes, dropout).to(device)
+    optimizer = make_optimizer(model, name=optimizer, lr=lr, weight_decay=weight_decay)
+    inputs = torch.from_numpy(features[fit_rows]).to(device)
+    targets = torch.from_numpy(labels[fit_rows]).long().to(device)
+    generator = torch.Generator().manual_seed(seed)
+    best_score, best_state, history = None, None, []
+    for epoch in progress(range(epochs), total=epochs, desc=desc):
+        model.train()
+        order = torch.randperm(len(inputs), generator=generator).to(device)
+        loss_sum = 0.0
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            if len(batch) < 2:  # batch norm needs two samples to estimate a variance
+                continue
+            loss = F.cross_entropy(model(inputs[batch]), targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(batch)
+        select_logits = mlp_logits(model, features[select_rows], device)
+        select_loss = float(F.cross_entropy(torch.from_numpy(select_logits), torch.from_numpy(labels[select_rows])))
+        metrics = binary_metrics(labels[select_rows], softmax(select_logits)[:, 1], patients[select_rows])
+        score = selection_score({**metrics, "loss": select_loss})
+        history.append({"epoch": epoch + 1, "fit_loss": loss_sum / max(len(order), 1), "select_loss": select_loss,
+                        "select_balanced_accuracy": metrics["balanced_accuracy"], "select_accuracy": metrics["accuracy"]})
+        if best_score is None or score > best_score:
+            best_score = score
+            best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+            history[-1]["best_so_far"] = True
+    model.load_state_dict(best_state)
+    return model, history
+
+
+@dataclass(frozen=True)
+class MlpSettings:
+    """The heatmap MLP's settings; the defaults are cancer_class_further.py's."""
+
+    grid_size: int = 14
+    hidden_sizes: tuple[int, ...] = (256, 64)
+    dropout: float = 0.3
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args) -> "MlpSettings":
+        """cancer_class_further.py's options."""
+        return cls(grid_size=args.grid_size, hidden_sizes=tuple(args.hidden_sizes), dropout=args.dropout,
+                   epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                   optimizer=args.optimizer, seed=args.seed)
+
+
+def fit_mlp(features: np.ndarray, labels: np.ndarray, patients: np.ndarray, fit_rows: np.ndarray,
+            select_rows: np.ndarray, settings: MlpSettings, device: torch.device, desc: str):
+    """train_mlp on features standardised with the fit rows' statistics (never val's or test's); returns the MLP
+    (at its best epoch on select_rows), the standardizer and the training history."""
+    standardizer = Standardizer.fit(features, fit_rows)
+    mlp, history = train_mlp(standardizer(features), labels, patients, fit_rows, select_rows,
+                             hidden_sizes=list(settings.hidden_sizes), dropout=settings.dropout,
+                             epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+                             weight_decay=settings.weight_decay, optimizer=settings.optimizer, seed=settings.seed,
+                             device=device, desc=desc)
+    return mlp, standardizer, history
