@@ -3,14 +3,17 @@
     python app.py --output-dir runs/breakhis          # then open http://127.0.0.1:7860
     make app                                          # the demo run (runs/demo, made by `make demo`)
 
-Tabs:
+Both kinds of run. Tabs:
     Predict   drop images (PNG, JPEG, TIFF; any size): each CNN's P(malignant), the soft vote, the final MLP's
               probability and decision; the image beside each model's map and the combined map, with a map
-              opacity slider and a choice of map method
-    Browse    the run's test images, filtered by true class, prediction, outcome, patient, magnification and
-              subtype, sorted by the final MLP's confidence; a click shows the same view from the stored heatmap
-              files (nothing recomputed)
-    Results   results.md (the comparison table) and the report's plots (report/*.png, when it was built)
+              opacity slider and a choice of map method. On a K-fold run each CNN is the bagged ensemble of its
+              fold models.
+    Browse    the run's held-out images (a single split: its test split; K-fold: every image, out of fold),
+              filtered by true class, prediction, outcome, patient, magnification, subtype and fold, sorted by the
+              final MLP's confidence; a click shows the same view from the stored files (nothing recomputed), the
+              maps made by the fold model that never saw the patient
+    Results   the comparison table (results.md, or cv_results.md with its intervals) and the report's plots
+              (report/*.png, when it was built)
 
 The models load once, at start-up; a run whose files do not match stops with the same one-line errors as
 predict.py and make_report.py, before the server starts. Nothing is written into the run folder: uploads and the
@@ -35,27 +38,13 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from common.core.errors import PipelineError, message_of, run_main  # noqa: E402
+from common.core.runfiles import REPORT_SCRIPT  # noqa: E402
 from common.data.records import CLASS_NAMES, IMAGE_EXTENSIONS  # noqa: E402
 from common.models.registry import MODEL_ORDER  # noqa: E402
 from common.training.runtime import pick_device  # noqa: E402
-from common.viewer import (
-    DEFAULT_OPACITY,
-    ImageView,
-    ViewerRun,
-    browse_rows,
-    browse_sets,
-    filter_rows,
-    load_viewer_run,
-    method_name,
-    open_uploads,
-    predict_views,
-    probability_markdown,
-    render_panels,
-    report_plots,
-    results_markdown,
-    stored_view,
-    verdict,
-)
+from common.viewer import (DEFAULT_OPACITY, ImageView, ViewerRun, browse_rows, filter_rows,  # noqa: E402
+                           load_viewer_run, method_name, open_uploads, predict_views, probability_markdown,
+                           render_panels, report_plots, results_markdown, stored_view, verdict)
 
 PANEL_NAMES = ("image",) + MODEL_ORDER + ("combined",)  # the pictures of a view, left to right
 CSS = "#warning-banner {background: #fff3cd; border: 1px solid #e0b400; padding: 0.5em 1em; border-radius: 6px}"
@@ -63,10 +52,12 @@ ORDERS = ("most confident first", "least confident first")
 # Events that only redraw from what is in memory (no model runs): answered directly, not through Gradio's queue
 # (which serialises the uploads' model passes), and without a progress overlay: ~100 ms less per click.
 REDRAW = {"queue": False, "show_progress": "hidden"}
-# Browse: each filter's common.viewer.filter_rows keyword and its label; the table's columns.
+# Browse: each filter's common.viewer.filter_rows keyword and its label (the fold: K-fold runs only); the table's
+# columns.
 BROWSE_FILTERS = (("truth", "true class"), ("predicted", "predicted (final MLP)"), ("outcome", "correct / wrong"),
-                  ("patient", "patient"), ("magnification", "magnification"), ("subtype", "subtype"))
-BROWSE_COLUMNS = ["image", "patient", "magnification", "subtype", "true class", "predicted (final MLP)",
+                  ("patient", "patient"), ("magnification", "magnification"), ("subtype", "subtype"),
+                  ("fold", "fold"))
+BROWSE_COLUMNS = ["image", "patient", "magnification", "subtype", "fold", "true class", "predicted (final MLP)",
                   "P(malignant)", "confidence"]
 
 
@@ -110,21 +101,33 @@ def choose_upload(run: ViewerRun, views: list[ImageView], index: int, method: st
     return [views[index]] + show_view(run, views[index], method, opacity)
 
 
-def browse_table(rows) -> list[list]:
-    return [[row.path.rsplit("/", 1)[-1], row.patient, row.magnification, row.subtype, CLASS_NAMES[row.truth],
-             CLASS_NAMES[row.predicted], round(row.p_malignant, 3), round(row.confidence, 3)] for row in rows]
+def browse_filters(run: ViewerRun) -> tuple[tuple[str, str], ...]:
+    """The Browse tab's filters: the fold only where there are folds."""
+    return tuple(item for item in BROWSE_FILTERS if item[0] != "fold" or run.run.kind == "kfold")
 
 
-def browse_filter(run: ViewerRun, set_name: str, *filters: str) -> list:
-    """The Browse tab's table for the chosen filters (in BROWSE_FILTERS order) and sort order."""
-    names = [name for name, _ in BROWSE_FILTERS] + ["order"]
-    rows = filter_rows(browse_rows(run, set_name), **dict(zip(names, filters)))
-    return [rows, browse_table(rows)]
+def browse_columns(run: ViewerRun) -> list[str]:
+    return [column for column in BROWSE_COLUMNS if column != "fold" or run.run.kind == "kfold"]
 
 
-def browse_select(run: ViewerRun, set_name: str, rows, method: str, opacity: float, event: gr.SelectData) -> list:
+def browse_table(run: ViewerRun, rows) -> list[list]:
+    with_fold = run.run.kind == "kfold"
+    return [[row.path.rsplit("/", 1)[-1], row.patient, row.magnification, row.subtype]
+            + ([row.fold] if with_fold else [])
+            + [CLASS_NAMES[row.truth], CLASS_NAMES[row.predicted], round(row.p_malignant, 3), round(row.confidence, 3)]
+            for row in rows]
+
+
+def browse_filter(run: ViewerRun, *filters: str) -> list:
+    """The Browse tab's table for the chosen filters (in browse_filters order) and sort order."""
+    names = [name for name, _ in browse_filters(run)] + ["order"]
+    rows = filter_rows(browse_rows(run), **dict(zip(names, filters)))
+    return [rows, browse_table(run, rows)]
+
+
+def browse_select(run: ViewerRun, rows, method: str, opacity: float, event: gr.SelectData) -> list:
     """A click on a table row: that image's view from the stored files."""
-    view = stored_view(run, rows[event.index[0]], set_name)
+    view = stored_view(run, rows[event.index[0]])
     return [view] + show_view(run, view, method, opacity)
 
 
@@ -137,12 +140,12 @@ def load_picture(path: Path) -> Image.Image:
         return picture.convert("RGB")
 
 
-def filter_choices(run: ViewerRun, set_name: str) -> dict[str, list[str]]:
-    rows = browse_rows(run, set_name)
+def filter_choices(run: ViewerRun) -> dict[str, list[str]]:
+    rows = browse_rows(run)
     return {"truth": list(CLASS_NAMES), "predicted": list(CLASS_NAMES), "outcome": ["correct", "wrong"],
             "patient": sorted({row.patient for row in rows}),
             "magnification": sorted({row.magnification for row in rows}, key=lambda value: (len(value), value)),
-            "subtype": sorted({row.subtype for row in rows})}
+            "subtype": sorted({row.subtype for row in rows}), "fold": [str(fold) for fold in run.run.folds]}
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ class ViewPanel:
 def view_panel(run: ViewerRun, prefix: str, view_state: gr.State) -> ViewPanel:
     """Lay out a view; moving its opacity or choosing its method re-renders the view held in `view_state`."""
     with gr.Row():
-        method = gr.Radio(label="map method", choices=[("Grad-CAM", "cams")], value="cams",
+        method = gr.Radio(label="map method", choices=[("Grad-CAM", "gradcam")], value="gradcam",
                           elem_id=f"{prefix}-method")
         opacity = gr.Slider(0, 1, value=DEFAULT_OPACITY, step=0.05, label="map opacity",
                             elem_id=f"{prefix}-opacity")
@@ -187,28 +190,25 @@ def predict_tab(run: ViewerRun) -> None:
 
 
 def browse_tab(run: ViewerRun) -> None:
-    sets = list(browse_sets(run))
-    set_name = gr.Dropdown(label="images", choices=sets, value=sets[0], elem_id="browse-set",
-                           interactive=len(sets) > 1)
-    choices = filter_choices(run, sets[0])
+    gr.Markdown(f"The run's held-out images: {run.held_out_name}.", elem_id="browse-what")
+    choices = filter_choices(run)
     with gr.Row():
         filters = [gr.Dropdown(label=label, choices=["all"] + choices[name], value="all", elem_id=f"browse-{name}")
-                   for name, label in BROWSE_FILTERS]
+                   for name, label in browse_filters(run)]
         filters.append(gr.Dropdown(label="sort by the final MLP's confidence", choices=list(ORDERS),
                                    value=ORDERS[0], elem_id="browse-order"))
-    rows, table_value = browse_filter(run, sets[0], *(["all"] * len(BROWSE_FILTERS) + [ORDERS[0]]))
+    rows, table_value = browse_filter(run, *(["all"] * len(browse_filters(run)) + [ORDERS[0]]))
     shown_rows, current = gr.State(rows), gr.State(None)
-    table = gr.Dataframe(value=table_value, headers=BROWSE_COLUMNS, interactive=False, elem_id="browse-table",
+    table = gr.Dataframe(value=table_value, headers=browse_columns(run), interactive=False, elem_id="browse-table",
                          label="click an image to see it", max_height=320)
     panel = view_panel(run, "browse", current)
-    for control in [set_name] + filters:
-        control.input(partial(browse_filter, run), [set_name] + filters, [shown_rows, table], **REDRAW)
+    for control in filters:
+        control.input(partial(browse_filter, run), filters, [shown_rows, table], **REDRAW)
 
-    def on_select(chosen_set: str, rows, method: str, opacity: float, event: gr.SelectData) -> list:
-        return browse_select(run, chosen_set, rows, method, opacity, event)  # Gradio fills `event` by its type
+    def on_select(rows, method: str, opacity: float, event: gr.SelectData) -> list:
+        return browse_select(run, rows, method, opacity, event)  # Gradio fills `event` by its type
 
-    table.select(on_select, [set_name, shown_rows, panel.method, panel.opacity], [current] + panel.outputs,
-                 **REDRAW)
+    table.select(on_select, [shown_rows, panel.method, panel.opacity], [current] + panel.outputs, **REDRAW)
 
 
 def results_tab(run: ViewerRun) -> None:
@@ -222,13 +222,12 @@ def results_tab(run: ViewerRun) -> None:
                         gr.Image(load_picture(path), label=f"report/{path.name}", show_label=False, format="png",
                                  interactive=False, buttons=["download", "fullscreen"])
     else:
-        gr.Markdown(f"No report plots yet: `python make_report.py --output-dir {run.output_dir}` builds them.")
+        gr.Markdown(f"No report plots yet: `python {REPORT_SCRIPT} --output-dir {run.output_dir}` builds them.")
 
 
 def build_app(run: ViewerRun) -> gr.Blocks:
     with gr.Blocks(title=f"BreaKHis viewer: {run.output_dir.name}", analytics_enabled=False, fill_width=True) as app:
-        gr.Markdown(f"# Run `{run.output_dir}`\nSplit: {run.report.results['split_protocol']}. Final classifier: "
-                    f"{run.name(run.final_key)}, fit on the {run.report.results['fit_split']} split.")
+        gr.Markdown(f"# Run `{run.output_dir}`\n{run.describe()}", elem_id="run-header")
         if run.warnings:
             gr.Markdown("\n".join(f"**Warning:** {warning}  " for warning in run.warnings), elem_id="warning-banner")
         with gr.Tabs():

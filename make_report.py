@@ -1,10 +1,10 @@
-"""Build the static HTML report of a finished run: comparison table, ROC curves, confusion matrices, training
-curves, a Grad-CAM gallery of test images and per-patient recognition rates.
+"""Build the static HTML report of a finished run, either kind: the comparison table (a K-fold run's with patient-
+bootstrap intervals), ROC curves, the Grad-CAM gallery of held-out images, the faithfulness of the explanations
+(once score_explanations.py has run) and, for a K-fold run, each fold's own page.
 
-    python make_report.py --output-dir runs/demo
+    python make_report.py --output-dir runs/breakhis
 
-Reads the files the three model scripts and cancer_class_further.py wrote in --output-dir; writes
-<output-dir>/report/index.html and its PNGs (a self-contained folder: open index.html in any browser).
+Writes <output-dir>/report/index.html and its files (a self-contained folder: open index.html in any browser).
 """
 
 import argparse
@@ -12,13 +12,14 @@ from pathlib import Path
 
 from common.core.console import HelpFormatter
 from common.core.errors import run_main
-from common.report.single import build_report
+from common.report.build import GALLERY_SIZE, build_report
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--output-dir", default="runs/breakhis", help="the run's output dir")
-    parser.add_argument("--gallery-size", type=int, default=24, help="test images shown in the Grad-CAM gallery")
+    parser.add_argument("--output-dir", default="runs/breakhis", help="the finished run")
+    parser.add_argument("--gallery-size", type=int, default=GALLERY_SIZE,
+                        help="held-out images shown in the Grad-CAM gallery")
     args = parser.parse_args(argv)
     if args.gallery_size < 0:
         parser.error("--gallery-size must be at least 0")

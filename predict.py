@@ -1,47 +1,50 @@
 """Classify new microscopy images with a finished run: each CNN, their soft vote and the final heatmap MLP.
 
     python predict.py --output-dir runs/breakhis path/to/image.png path/to/folder ...
+    python predict.py --output-dir runs/breakhis --explain all path/to/image.png
 
 For each image (any RGB size; it is resized like the training images) prints P(malignant) of DenseNet-121,
 ResNet-50, VGG-16, their mean (soft vote) and the final MLP, and writes to --out (default
-<output-dir>/predictions/): predictions.csv and one overlay PNG per image (image, each model's Grad-CAM, the
-combined map); with --explain, also <image>_explain.png: Grad-CAM, Grad-CAM++ and LayerCAM of each CNN beside
-LIME, Kernel SHAP and occlusion (captum). The maps explain the class chosen by the rule the MLP was trained with. On
-a K-fold run (run_pipeline.py --folds K) each CNN is the bagged ensemble of its K fold models and the final MLP the
-one fitted on every out-of-fold row (common/inference.py; printed when it runs). A run whose checkpoints
-were trained from random initialisation or on the synthetic demo data gets a warning on stderr first.
+<output-dir>/predictions/): predictions.csv and one overlay PNG per image (the image, each model's Grad-CAM and the
+combined map, each panel titled, the image's aspect ratio kept); with --explain, also <image>_explain.png:
+Grad-CAM, Grad-CAM++ and LayerCAM of each CNN beside LIME, Kernel SHAP and occlusion (captum). The maps explain the
+class chosen by the rule the MLP was trained with.
+
+Both kinds of run: on a K-fold run (run_pipeline.py's default) each CNN of a new image is the bagged ensemble of
+its K fold models and the final MLP the one fitted on every out-of-fold row (printed when it runs). An image of
+the run's own dataset is scored honestly instead: on a K-fold run by the fold models that never saw its patient
+(and the final MLP's cross-fitted out-of-fold probability, from oof_predictions.csv); on a single split as usual,
+but with a note when it is a train or val image, which the models have seen. A run whose checkpoints were trained
+from random initialisation or on the synthetic demo data gets a warning above the table.
 """
 
 import argparse
 import csv
+import dataclasses
 import io
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
+from matplotlib.cm import ScalarMappable
+from matplotlib.figure import Figure
 from PIL import Image
 
 from common.cams.display import blend, colorize, combined_map, jet
+from common.cams.ensemble import CnnEnsemble
 from common.core.console import HelpFormatter
 from common.core.errors import PipelineError, run_main
-from common.core.fileio import disk_full_as_pipeline_error, write_text
-from common.core.runfiles import PREDICTIONS_DIR, checkpoint_path, fold_dir
+from common.core.fileio import atomic_path, disk_full_as_pipeline_error, write_text
+from common.core.runfiles import PREDICTIONS_DIR, probability_key
 from common.data.records import IMAGE_EXTENSIONS
 from common.evaluation.metrics import DECISION_THRESHOLD, format_probability
-from common.inference import (
-    BATCH_SIZE,
-    OVERLAY_SIZE,
-    bagged_predict_batches,
-    is_k_fold_run,
-    load_classifier,
-    load_cnns,
-    predict_batches,
-)
-from common.models.checkpoints import load_checkpoint, training_caveats
-from common.models.registry import MODEL_ORDER
+from common.inference import BATCH_SIZE, RunModels, load_run_models, predict_batches
+from common.models.registry import ARCHS, MODEL_ORDER
+from common.run import Run, open_run
 from common.training.runtime import pick_device
+
+COLUMNS = list(MODEL_ORDER) + ["soft_vote", "final_mlp"]
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -59,14 +62,10 @@ def collect_images(inputs: list[str]) -> list[Path]:
     return images
 
 
-def warn_about_training(output_dir: Path) -> None:
+def warn_about_training(caveats: list[str], output_dir: Path) -> None:
     """A prominent warning above the table when the run's checkpoints say its models cannot speak about real
     tissue (random initialisation, synthetic demo data): their confident-looking probabilities mean nothing.
     On stdout, with the numbers it qualifies; stderr keeps to the one-line errors."""
-    paths = {arch: checkpoint_path(output_dir, arch) for arch in MODEL_ORDER}
-    # A missing checkpoint is reported where the models are loaded, after the final classifier's.
-    checkpoints = {arch: load_checkpoint(path, arch) for arch, path in paths.items() if path.is_file()}
-    caveats = training_caveats(checkpoints)
     if caveats:
         banner = "!" * 100
         lines = [banner, f"WARNING: the models of {output_dir} say nothing about real tissue; these probabilities "
@@ -74,12 +73,73 @@ def warn_about_training(output_dir: Path) -> None:
         print("\n".join(lines), flush=True)
 
 
-def overlay_strip(image: Image.Image, cams: dict[str, np.ndarray]) -> Image.Image:
-    """Image | each model's Grad-CAM blended over it | the combined map (mean of the display-scaled maps)."""
+# ------------------------------------------------------------------------------------ the run's own images
+
+
+def dataset_membership(run: Run, image_paths: list[Path]) -> dict[int, int]:
+    """Input index -> row in the run's partition, for inputs that are images of the run's own dataset (the same
+    file under its data root)."""
+    row_of = {record.path: row for row, record in enumerate(run.partition.records)}
+    relative = [dataset_relative(run, path) for path in image_paths]
+    return {index: row_of[path] for index, path in enumerate(relative) if path in row_of}
+
+
+def scoring_groups(run: Run, image_paths: list[Path]) -> list[tuple[int | None, list[int]]]:
+    """(fold, input indices): on a K-fold run the run's own images go to the fold that holds their patient (None:
+    new images, the bagged ensemble); a single split scores every input with its one model set (fold None)."""
+    members = dataset_membership(run, image_paths) if run.kind == "kfold" else {}
+    by_fold: dict[int | None, list[int]] = {}
+    for index in range(len(image_paths)):
+        fold = int(run.partition.folds[members[index]]) if index in members else None
+        by_fold.setdefault(fold, []).append(index)
+    return sorted(by_fold.items(), key=lambda item: (item[0] is not None, item[0] or 0))
+
+
+def fold_models(models: RunModels, fold: int) -> RunModels:
+    """The run's models with each CNN reduced to its fold-k model (the one that never saw fold k's patients)."""
+    cnns = {arch: CnnEnsemble(arch, (ensemble.members[fold - 1],), ensemble.image_size)
+            for arch, ensemble in models.cnns.items()}
+    return dataclasses.replace(models, cnns=cnns)
+
+
+def scored_by(run: Run, fold: int | None, split_side: str | None) -> str:
+    """The predictions.csv note on what scored an image."""
+    if fold is not None:
+        return (f"fold {fold}'s models (out of fold: they never saw this patient); final MLP: its cross-fitted "
+                f"out-of-fold probability ({run.predictions_file.name})")
+    if run.kind == "kfold":
+        return f"the bagged ensemble of {len(run.folds)} fold models"
+    if split_side in ("train", "val"):
+        return f"the run's models; a {split_side} image of this run, which the models have seen (not an evaluation)"
+    return "the run's models" + ("; a test image of this run" if split_side == "test" else "")
+
+
+# ------------------------------------------------------------------------------------ pictures
+
+
+def overlay_figure(image: Image.Image, cams: dict[str, np.ndarray], probabilities: dict[str, float],
+                   title: str) -> Figure:
+    """Image | each CNN's Grad-CAM over it (titled with its P(malignant)) | the combined map (the mean of the
+    display-scaled maps), the image's aspect ratio kept, and a colour bar saying what the colours mean."""
     size = image.size
-    panels = [image] + [blend(image, colorize(cams[arch], size)) for arch in MODEL_ORDER]
-    panels.append(blend(image, jet(combined_map([cams[arch] for arch in MODEL_ORDER], size))))
-    return Image.fromarray(np.concatenate([np.asarray(panel) for panel in panels], axis=1))
+    panels = [(image, "image")]
+    panels += [(blend(image, colorize(cams[arch], size)), f"{ARCHS[arch].display_name}\n"
+                f"P(malignant) {format_probability(probabilities[arch])}") for arch in MODEL_ORDER]
+    panels.append((blend(image, jet(combined_map([cams[arch] for arch in MODEL_ORDER], size))),
+                   f"combined\nfinal MLP P {format_probability(probabilities['final_mlp'])}"))
+    aspect = size[1] / size[0]
+    figure = Figure(figsize=(2.3 * len(panels) + 0.9, 2.3 * aspect + 0.9), layout="constrained")
+    axes = figure.subplots(1, len(panels))
+    for axis, (picture, caption) in zip(axes, panels):
+        axis.imshow(picture)
+        axis.set_title(caption, fontsize=8)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    bar = figure.colorbar(ScalarMappable(cmap="jet"), ax=list(axes), shrink=0.85, pad=0.01)
+    bar.set_ticks([0, 1], labels=["least", "most"])
+    bar.set_label("evidence for the explained class\n(each map scaled to its own range)", fontsize=7)
+    figure.suptitle(title, fontsize=8)
+    return figure
 
 
 def overlay_names(image_paths: list[Path]) -> list[str]:
@@ -95,27 +155,28 @@ def overlay_names(image_paths: list[Path]) -> list[str]:
     return names
 
 
-def write_explanations(image_paths: list[Path], overlay_names_: list[str], output_dir: Path, folder: Path,
-                       explain: str, device: torch.device) -> list[str]:
+def write_explanations(image_paths: list[Path], names: list[str], models: RunModels, folder: Path,
+                       explain: str) -> list[str]:
     """<stem>_explain.png beside each overlay (common.explain.figures.explain_image); returns their names."""
     from common.explain.figures import explain_image  # here: captum is imported only when explanations are asked for
 
-    _, classifier = load_classifier(output_dir)
-    models = load_cnns(output_dir, classifier, device)
-    names = []
-    for path, overlay_name in zip(image_paths, overlay_names_):
+    written = []
+    for path, overlay_name in zip(image_paths, names):
         name = overlay_name.removesuffix("_gradcam.png") + "_explain.png"
         with disk_full_as_pipeline_error(folder / name):
-            explain_image(path, models, folder / name, target_rule=classifier["target_class_rule"],
+            explain_image(path, models.cnns, folder / name, target_rule=models.classifier["target_class_rule"],
                           perturbation_archs=MODEL_ORDER if explain == "all" else (explain,))
-        names.append(name)
-    return names
+        written.append(name)
+    return written
+
+
+# ------------------------------------------------------------------------------------ main
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files or folders")
-    parser.add_argument("--output-dir", default="runs/breakhis", help="the run whose checkpoints to use")
+    parser.add_argument("--output-dir", default="runs/breakhis", help="the finished run whose models to use")
     parser.add_argument("--out", help="where to write predictions.csv and overlays (default: <output-dir>/predictions)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="auto: CUDA if present, else MPS, else the CPU")
@@ -124,51 +185,71 @@ def main(argv=None) -> None:
                              "SHAP and occlusion (captum; hundreds of forward passes per image) of this CNN or all "
                              "(default: no explanation figures)")
     args = parser.parse_args(argv)
-    output_dir = Path(args.output_dir)
-    out_dir = Path(args.out) if args.out else output_dir / PREDICTIONS_DIR
-
+    run = open_run(args.output_dir)
+    out_dir = Path(args.out) if args.out else run.output_dir / PREDICTIONS_DIR
     image_paths = collect_images(args.inputs)
-    k_fold = is_k_fold_run(output_dir)  # bagged fold models and the out-of-fold MLP (common/inference.py)
-    columns = list(MODEL_ORDER) + ["soft_vote", "final_mlp"]
-    rows = [["image"] + [f"p_malignant_{name}" for name in columns] + ["prediction", "overlay"]]
+    models = load_run_models(run, pick_device(args.device))
+    print(models.describe())
+    warn_about_training(run.caveats(), run.output_dir)
     names = overlay_names(image_paths)
+    rows: dict[int, list[str]] = {}
+    print(f"{'image':<40} " + " ".join(f"{name:>12}" for name in COLUMNS) + "  prediction (final MLP)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Overlays are written batch by batch (flat memory) into a staging folder that is moved into --out only when
     # every image has been read: a bad image stops the run with --out as it was.
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as staging:
-        overlay_names_in_order = iter(names)
-        device = pick_device(args.device)
-        batches = bagged_predict_batches(image_paths, output_dir, device, batch_size=BATCH_SIZE,
-                                         overlay_size=OVERLAY_SIZE) if k_fold else \
-            predict_batches(image_paths, output_dir, device)
-        for index, batch in enumerate(batches):
-            if index == 0:  # the run's files passed their checks and the models loaded: now the caveats, the table
-                warn_about_training(fold_dir(output_dir, 1) if k_fold else output_dir)
-                print(f"{'image':<40} " + " ".join(f"{name:>12}" for name in columns) + "  prediction (final MLP)")
-            probabilities = batch["probabilities"]
-            for row, path in enumerate(batch["paths"]):
-                overlay_name = next(overlay_names_in_order)
-                with disk_full_as_pipeline_error(out_dir / overlay_name):
-                    overlay_strip(batch["images"][row], {arch: batch["cams"][arch][row] for arch in MODEL_ORDER}
-                                  ).save(Path(staging) / overlay_name, format="PNG")
-                verdict = "malignant" if probabilities["final_mlp"][row] >= DECISION_THRESHOLD else "benign"
-                values = [probabilities[name][row] for name in columns]
-                # format_probability: never 0.500 beside "benign" (more digits where rounding would say so)
-                print(f"{path.name[-40:]:<40} " + " ".join(f"{format_probability(value):>12}" for value in values)
-                      + f"  {verdict}")
-                rows.append([str(path)] + [format_probability(value, digits=6) for value in values]
-                            + [verdict, str(out_dir / overlay_name)])
+        for fold, indices in scoring_groups(run, image_paths):
+            rows.update(score_group(run, models, fold, indices, image_paths, names, Path(staging), out_dir))
         if args.explain:
-            names += write_explanations(image_paths, names, output_dir, Path(staging), args.explain,
-                                        pick_device(args.device))
+            names += write_explanations(image_paths, names, models, Path(staging), args.explain)
         out_dir.mkdir(exist_ok=True)
         for name in names:
             os.replace(Path(staging) / name, out_dir / name)
     table = io.StringIO()
-    csv.writer(table).writerows(rows)
+    csv.writer(table).writerows([["image"] + [f"p_malignant_{name}" for name in COLUMNS]
+                                 + ["prediction", "overlay", "scored_by"]] + [rows[index] for index in sorted(rows)])
     write_text(out_dir / "predictions.csv", table.getvalue())
     print(f"wrote {out_dir / 'predictions.csv'} and {len(image_paths)} overlay(s): image | "
           f"{' | '.join(MODEL_ORDER)} | combined")
+
+
+def score_group(run: Run, models: RunModels, fold: int | None, indices: list[int], image_paths: list[Path],
+                names: list[str], staging: Path, out_dir: Path) -> dict[int, list[str]]:
+    """Score the inputs `indices` with the run's models (fold None: all of them) or fold k's; write their overlays
+    into `staging`, print their rows; returns their predictions.csv rows by input index."""
+    group_models = fold_models(models, fold) if fold is not None else models
+    stored = run.predictions() if fold is not None else None  # the cross-fitted MLP of the run's own images
+    side_of = dict(zip((record.path for record in run.partition.records), run.partition.splits)) \
+        if run.kind == "single" else {}
+    rows, position = {}, 0
+    for batch in predict_batches([image_paths[index] for index in indices], group_models, batch_size=BATCH_SIZE):
+        for row, path in enumerate(batch["paths"]):
+            index, position = indices[position], position + 1
+            probabilities = {name: float(batch["probabilities"][name][row]) for name in COLUMNS}
+            relative = dataset_relative(run, path)
+            if stored is not None:  # never fitted on this patient's rows, unlike final_classifier.pth
+                stored_row = int(np.flatnonzero(stored["paths"] == relative)[0])
+                final_key = probability_key(f"mlp_{models.classifier['features']}")
+                probabilities["final_mlp"] = float(stored[final_key][stored_row])
+            figure = overlay_figure(batch["images"][row], {arch: batch["cams"][arch][row] for arch in MODEL_ORDER},
+                                    probabilities, path.name)
+            with disk_full_as_pipeline_error(out_dir / names[index]), \
+                    atomic_path(staging / names[index], suffix=".png") as temp_path:
+                figure.savefig(temp_path, format="png", dpi=90)
+            verdict = "malignant" if probabilities["final_mlp"] >= DECISION_THRESHOLD else "benign"
+            print(f"{path.name[-40:]:<40} " + " ".join(f"{format_probability(probabilities[name]):>12}"
+                                                       for name in COLUMNS) + f"  {verdict}")
+            rows[index] = ([str(path)] + [format_probability(probabilities[name], digits=6) for name in COLUMNS]
+                           + [verdict, str(out_dir / names[index]), scored_by(run, fold, side_of.get(relative))])
+    return rows
+
+
+def dataset_relative(run: Run, path: Path) -> str | None:
+    """The image's path relative to the run's data root ('/'-separated), or None when it lies elsewhere."""
+    try:
+        return path.resolve().relative_to(run.data_root.resolve()).as_posix()
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

@@ -1,118 +1,379 @@
-"""The one loader of a finished run (placeholder of the house move)."""
+"""The one loader of a run folder, whatever its kind. Every reader sees a run through it: predict.py, the viewer,
+the report, score_explanations.py and cancer_class_further.py.
 
+    run = open_run(output_dir)            # its kind ('single' or 'kfold') and partition (split.json or folds.json)
+    run.folds, run.model_dir(k)           # 1..K (a single split: 1) and fold k's folder (a single split: the run's)
+    run.fold_heatmaps(k)                  # fold k's three heatmap files: aligned, following its split, made by the
+                                          # checkpoints beside them
+    run.held_out()                        # the images the run's numbers are about, each with the logits and maps of
+                                          # the model that never saw its patient: a single split's test images, a
+                                          # K-fold run's every image (out of fold)
+    run.results(), run.predictions()      # results.json / cv_results.json; every held-out image's P(malignant)
+    run.load_classifier()                 # final_classifier.pth: one schema for both kinds, checked
+    run.load_cnns(device, classifier)     # each CNN as a CnnEnsemble of its fold models, each the very checkpoint
+                                          # the classifier was fitted on (fold by fold)
+    run.caveats()                         # why the models say nothing about real tissue
+
+A fold of a K-fold run is itself a single-split run (fold_<k>/ has a split.json whose test side is fold k), so
+open_run(run / "fold_2") works too. Every check ends in a one-line error that names the file and the command that
+makes or remakes it.
+"""
+
+import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
-from common.cams.heatmap_file import load_heatmaps
+from common.cams.ensemble import CnnEnsemble
+from common.cams.heatmap_file import CAM_ARRAY_KEYS, load_heatmaps, stored_cam_methods
+from common.cams.methods import CAM_METHODS
 from common.core.errors import PipelineError
 from common.core.fileio import sha256_of_file
-from common.core.runfiles import FURTHER_SCRIPT, RESULTS_JSON, checkpoint_path, heatmap_path
-from common.data.partition import SPLIT_FILE_NAME, Split, load_split
-from common.models.checkpoints import load_checkpoint
+from common.core.runfiles import (CV_RESULTS_JSON, FINAL_CLASSIFIER, FOLDS_FILE, FURTHER_SCRIPT, OOF_PREDICTIONS,
+                                  PIPELINE_SCRIPT, RESULTS_JSON, SPLIT_FILE, TEST_PREDICTIONS, checkpoint_path,
+                                  fold_dir, heatmap_path, run_kind)
+from common.data.partition import Folds, Split, load_folds, load_split
+from common.data.records import CLASS_NAMES
+from common.fusion.mlp import CLASSIFIER_FORMAT_VERSION, mlp_from_classifier
+from common.models.checkpoints import load_checkpoint, model_from_checkpoint, training_caveats
 from common.models.registry import ARCHS, MODEL_ORDER
 from common.training.config import heatmaps_only_command
 
-# Same images, order, labels and splits, and maps made by the same target-class rule.
-ALIGNED_KEYS = ("paths", "labels", "splits", "patients", "magnifications", "target_class_rule")
+# Same images, order, labels and splits, and maps made by the same target-class rule, in all three heatmap files.
+ALIGNED_KEYS = ("paths", "labels", "splits", "patients", "magnifications", "target_class_rule", "split_digest")
 
 
-def load_aligned_heatmaps(output_dir: Path, paths: dict[str, Path] | None = None) -> dict[str, dict]:
-    """The three heatmap files, checked to describe the same images in the same order, labels and splits."""
-    paths = paths or {arch: heatmap_path(output_dir, arch) for arch in MODEL_ORDER}
-    loaded = {}
-    for arch in MODEL_ORDER:
-        if not Path(paths[arch]).is_file():
-            raise PipelineError(f"heatmap file {paths[arch]} is missing: run {ARCHS[arch].script} --output-dir "
-                                f"{output_dir} first (or --heatmaps-only if its checkpoint exists)")
-        loaded[arch] = load_heatmaps(paths[arch])
-        if str(loaded[arch]["arch"]) != arch:
-            raise PipelineError(f"{paths[arch]} holds heatmaps of {loaded[arch]['arch']}, not {arch}")
+@dataclass(frozen=True)
+class HeldOut:
+    """The images a run's numbers are about, in the order of its predictions file, each with what the model that
+    never saw its patient made of it (a single split: the test images; K-fold: every image, out of fold)."""
+
+    paths: np.ndarray  # (N,) str, relative to the run's data root
+    labels: np.ndarray  # (N,) int64
+    patients: np.ndarray  # (N,) str
+    magnifications: np.ndarray  # (N,) str
+    subtypes: np.ndarray  # (N,) str
+    folds: np.ndarray  # (N,) int64: the fold whose models scored the row (1..K; a single split: 1)
+    logits: dict[str, np.ndarray]  # arch -> (N, 2)
+    maps: dict[str, dict[str, np.ndarray]]  # CAM method -> arch -> (N, h, w) raw maps; the methods every file holds
+    target_class_rule: str  # the rule every map was made with
+    image_sizes: dict[str, int]  # arch -> the input size its maps were made at
+    checkpoint_sha256: dict[str, list[str]]  # arch -> per fold (index k - 1): the checkpoint that made the rows
+    heatmaps_sha256: dict[str, list[str]]  # arch -> per fold: the heatmap file the rows come from
+
+
+@dataclass(frozen=True)
+class Run:
+    output_dir: Path
+    kind: str  # 'single' or 'kfold'
+    partition: Split | Folds
+
+    # ------------------------------------------------------------------------------------ layout
+
+    @property
+    def folds(self) -> range:
+        return range(1, (self.partition.n_folds if self.kind == "kfold" else 1) + 1)
+
+    def model_dir(self, fold: int = 1) -> Path:
+        """Where fold k's checkpoints and heatmap files are: fold_<k>/ of a K-fold run, a single split's folder."""
+        return fold_dir(self.output_dir, fold) if self.kind == "kfold" else self.output_dir
+
+    @property
+    def data_root(self) -> Path:
+        return self.partition.root
+
+    @property
+    def results_file(self) -> Path:
+        return self.output_dir / (CV_RESULTS_JSON if self.kind == "kfold" else RESULTS_JSON)
+
+    @property
+    def predictions_file(self) -> Path:
+        return self.output_dir / (OOF_PREDICTIONS if self.kind == "kfold" else TEST_PREDICTIONS)
+
+    def further_command(self) -> str:
+        return f"python {FURTHER_SCRIPT} --output-dir {self.output_dir}"
+
+    def model_command(self, arch: str, fold: int) -> str:
+        """The command that trains `arch` (in fold k) into this run."""
+        words = [f"python {ARCHS[arch].script} --data-dir {self.data_root} --output-dir {self.output_dir}"]
+        if self.kind == "kfold":
+            protocol = self.partition.protocol
+            words += [" ".join(f"--fold-file {path}" for path in protocol["fold_files"])
+                      if protocol["method"] == "fold_files" else f"--folds {self.partition.n_folds}", f"--fold {fold}"]
+        return " ".join(words)
+
+    def first_missing(self) -> str | None:
+        """What to run next when a stage has not run: the first missing checkpoint or heatmap file, or the final
+        stage's results; None when every file the readers need is there."""
+        for fold in self.folds:
+            for arch in MODEL_ORDER:
+                for path in (checkpoint_path(self.model_dir(fold), arch), heatmap_path(self.model_dir(fold), arch)):
+                    if not path.is_file():
+                        return f"{path} is missing: run {self.model_command(arch, fold)}"
+        if not self.results_file.is_file():
+            return f"{self.results_file} is missing: run {self.further_command()}"
+        return None
+
+    def require(self, path: Path) -> Path:
+        """`path`, or a one-line error saying what to run first (the run's first missing stage)."""
+        if Path(path).is_file():
+            return Path(path)
+        missing = self.first_missing()
+        raise PipelineError(missing if missing else f"{path} is missing: run {self.further_command()}")
+
+    # ------------------------------------------------------------------------------------ per fold
+
+    def fold_split(self, fold: int = 1) -> Split:
+        """Fold k's split (a single split: the run's), checked to be made from this run's folds."""
+        if self.kind == "single":
+            return self.partition
+        split = load_split(self.require(self.model_dir(fold) / SPLIT_FILE))
+        if split.protocol.get("folds_digest") != self.partition.digest or split.protocol.get("fold") != fold:
+            raise PipelineError(f"{self.model_dir(fold) / SPLIT_FILE} was made from other folds than "
+                                f"{self.output_dir / FOLDS_FILE}; delete {self.model_dir(fold)} and rerun fold {fold}")
+        return Split(self.data_root, split.records, split.splits, split.protocol, split.digest)
+
+    def fold_heatmaps(self, fold: int = 1, heatmap_files: dict[str, Path] | None = None
+                      ) -> tuple[dict[str, dict], dict[str, str]]:
+        """Fold k's three heatmap files (or `heatmap_files`), checked to be aligned, to follow the fold's split,
+        and to be made by the checkpoints beside them; also those checkpoints' SHA-256 (hashed once here)."""
+        folder = self.model_dir(fold)
+        files = heatmap_files or {arch: heatmap_path(folder, arch) for arch in MODEL_ORDER}
+        heatmaps = {arch: load_heatmaps(self.require(files[arch])) for arch in MODEL_ORDER}
+        check_aligned(heatmaps, files)
+        check_against_split(heatmaps[MODEL_ORDER[0]], self.fold_split(fold), folder)
+        digests = {}
+        for arch in MODEL_ORDER:
+            checkpoint_file = self.require(checkpoint_path(folder, arch))
+            load_checkpoint(checkpoint_file, arch)  # a truncated file is an error, not a digest
+            digests[arch] = sha256_of_file(checkpoint_file)
+            check_made_by_checkpoint(arch, files[arch], heatmaps[arch], checkpoint_file, digests[arch])
+        return heatmaps, digests
+
+    # ------------------------------------------------------------------------------------ held-out rows
+
+    def held_out(self) -> HeldOut:
+        """Every held-out image once, with its fold's logits and maps (checked: K-fold test sides cover the folds
+        file exactly once)."""
+        records = self.partition.records
+        row_of = {record.path: index for index, record in enumerate(records)}
+        parts = []
+        for fold in self.folds:
+            heatmaps, checkpoint_digests = self.fold_heatmaps(fold)
+            test = heatmaps[MODEL_ORDER[0]]["splits"] == "test"
+            rows = np.array([row_of[path] for path in heatmaps[MODEL_ORDER[0]]["paths"][test]], dtype=np.int64)
+            if self.kind == "kfold" and np.any(self.partition.folds[rows] != fold):
+                raise PipelineError(f"{self.model_dir(fold)}: its test images are not fold {fold}'s patients")
+            parts.append((fold, rows, test, heatmaps, checkpoint_digests))
+        rows = np.concatenate([part[1] for part in parts])
+        if self.kind == "kfold" and (len(rows) != len(records) or len(np.unique(rows)) != len(records)):
+            raise PipelineError(f"the folds' test sets do not cover {self.output_dir / FOLDS_FILE} once each; "
+                                "rerun the folds")
+        order = np.argsort(rows, kind="stable")  # K-fold: the folds file's order; a single split: the split's
+        rules = {str(part[3][MODEL_ORDER[0]]["target_class_rule"]) for part in parts}
+        if len(rules) > 1:
+            raise PipelineError(f"the folds' maps were made with different --cam-target rules ({sorted(rules)}); "
+                                "rerun the folds with one rule")
+        methods = [method for method in CAM_METHODS
+                   if all(method in stored_cam_methods(part[3][arch]) for part in parts for arch in MODEL_ORDER)]
+
+        def gathered(key: str, arch: str) -> np.ndarray:
+            values = [part[3][arch][key][part[2]] for part in parts]
+            if len({value.shape[1:] for value in values}) > 1:
+                raise PipelineError(f"the folds' {arch} maps have different sizes: run every fold at one --image-size")
+            return np.concatenate(values)[order]
+
+        chosen = [records[index] for index in rows[order]]
+        return HeldOut(
+            paths=np.array([record.path for record in chosen]), labels=np.array([r.label for r in chosen], np.int64),
+            patients=np.array([r.patient for r in chosen]), magnifications=np.array([r.magnification for r in chosen]),
+            subtypes=np.array([r.subtype for r in chosen]),
+            folds=np.concatenate([np.full(len(part[1]), part[0], np.int64) for part in parts])[order],
+            logits={arch: gathered("logits", arch) for arch in MODEL_ORDER},
+            maps={method: {arch: gathered(CAM_ARRAY_KEYS[method], arch) for arch in MODEL_ORDER} for method in methods},
+            target_class_rule=rules.pop(),
+            image_sizes={arch: int(parts[0][3][arch]["image_size"]) for arch in MODEL_ORDER},
+            checkpoint_sha256={arch: [part[4][arch] for part in parts] for arch in MODEL_ORDER},
+            heatmaps_sha256={arch: [sha256_of_file(heatmap_path(self.model_dir(part[0]), arch)) for part in parts]
+                             for arch in MODEL_ORDER})
+
+    # ------------------------------------------------------------------------------------ the final stage's files
+
+    def results(self) -> dict:
+        """results.json (single split) or cv_results.json (K-fold), or an error naming what to run first."""
+        path = self.require(self.results_file)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as error:
+            raise PipelineError(f"{path} is unreadable ({error}); rerun {self.further_command()}") from None
+
+    def check_listed(self, path: Path, results: dict | None = None) -> Path:
+        """`path` must be the very file the results list (same SHA-256): a run stopped between its renames, or
+        files of two runs, would pair a classifier or predictions with another run's results."""
+        results = self.results() if results is None else results
+        listed = results.get("outputs", {}).get(Path(path).name)
+        if listed is None or listed != sha256_of_file(self.require(path)):
+            reason = "is not the file it lists" if listed else "lists no such file"
+            raise PipelineError(f"{path} does not belong to the {self.results_file.name} beside it "
+                                f"({self.results_file.name} {reason}); rerun {self.further_command()}")
+        return Path(path)
+
+    def predictions(self) -> dict[str, np.ndarray]:
+        """Every held-out image's stored P(malignant) of every table row: paths, labels, patients, magnifications,
+        folds and prob_<row key> arrays, in the order of held_out()."""
+        path = self.check_listed(self.predictions_file)
+        if self.kind == "single":
+            try:
+                with np.load(path, allow_pickle=False) as content:
+                    predictions = {key: content[key] for key in content.files}
+            except Exception as error:  # a truncated zip, a pickled array: all mean "rerun the stage"
+                raise PipelineError(f"{path} is unreadable ({type(error).__name__}); rerun "
+                                    f"{self.further_command()}") from None
+            return {**predictions, "folds": np.ones(len(predictions["labels"]), np.int64)}
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        columns = {key: np.array([row[key] for row in rows]) for key in (rows[0] if rows else {})}
+        return {**columns, "labels": np.array([CLASS_NAMES.index(label) for label in columns["label"]], np.int64),
+                "patients": columns["patient"], "magnifications": columns["magnification"],
+                "paths": columns["path"], "folds": columns["fold"].astype(np.int64),
+                **{key: values.astype(np.float64) for key, values in columns.items() if key.startswith("prob_")}}
+
+    def load_classifier(self) -> tuple[nn.Module, dict]:
+        """final_classifier.pth and its MLP (eval mode), checked: listed by the results, this schema, this run."""
+        path = self.check_listed(self.output_dir / FINAL_CLASSIFIER)
+        classifier = load_checkpoint(path, made_by=self.further_command())
+        if classifier.get("format_version") != CLASSIFIER_FORMAT_VERSION:
+            raise PipelineError(f"{path} was written by an earlier version of the pipeline (format "
+                                f"{classifier.get('format_version')}, this version reads {CLASSIFIER_FORMAT_VERSION}); "
+                                f"rewrite it with {self.further_command()}")
+        if classifier["run_kind"] != self.kind or classifier["partition_digest"] != self.partition.digest:
+            raise PipelineError(f"{path} was fitted on another run than the one in {self.output_dir}; rewrite it "
+                                f"with {self.further_command()}")
+        return mlp_from_classifier(classifier), classifier
+
+    # ------------------------------------------------------------------------------------ models
+
+    def checked_checkpoint(self, arch: str, fold: int, classifier: dict) -> Path:
+        """Fold k's checkpoint of `arch`, checked to be the very one the classifier was fitted on (fold by fold:
+        a checkpoint copied from another fold is refused)."""
+        folder = self.model_dir(fold)
+        path = self.require(checkpoint_path(folder, arch))
+        digest = sha256_of_file(path)
+        if digest == classifier["checkpoint_sha256"][arch][fold - 1]:
+            return path
+        heatmap_file = heatmap_path(folder, arch)
+        if heatmap_file.is_file():  # a model script rerun that stopped before its export: regenerate the maps first
+            check_made_by_checkpoint(arch, heatmap_file, load_heatmaps(heatmap_file), path, digest,
+                                     then=self.further_command())
+        where = f"fold {fold}'s " if self.kind == "kfold" else ""
+        raise PipelineError(f"{path} is not {where}checkpoint {FINAL_CLASSIFIER} was fitted on (retrained, or copied "
+                            f"from another fold, since); rerun {self.further_command()}")
+
+    def load_cnns(self, device: torch.device, classifier: dict, folds=None) -> dict[str, CnnEnsemble]:
+        """Each CNN as the ensemble of its models of `folds` (default: every fold), on `device`, each checked to be
+        the checkpoint the classifier was fitted on."""
+        ensembles = {}
+        for arch in MODEL_ORDER:
+            members, sizes = [], set()
+            for fold in folds or self.folds:
+                checkpoint = load_checkpoint(self.checked_checkpoint(arch, fold, classifier), arch)
+                members.append(model_from_checkpoint(checkpoint).to(device).eval())
+                sizes.add(int(checkpoint["image_size"]))
+            if len(sizes) > 1:
+                raise PipelineError(f"the folds' {arch} checkpoints were trained at different --image-size "
+                                    f"({sorted(sizes)}); retrain the folds at one size")
+            ensembles[arch] = CnnEnsemble(arch, tuple(members), sizes.pop())
+        return ensembles
+
+    def caveats(self) -> list[str]:
+        """training_caveats of every checkpoint of the run (read lazily: memory-mapped); a run copied without its
+        checkpoints gets none."""
+        checkpoints = {ARCHS[arch].display_name: [load_checkpoint(checkpoint_path(self.model_dir(fold), arch), arch)
+                                                  for fold in self.folds
+                                                  if checkpoint_path(self.model_dir(fold), arch).is_file()]
+                       for arch in MODEL_ORDER}
+        return training_caveats(checkpoints)
+
+
+def open_run(output_dir: str | Path) -> Run:
+    """The run in `output_dir`, its kind and partition; a one-line error when the folder holds no run."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise PipelineError(f"--output-dir {output_dir} does not exist; make a run there first with python "
+                            f"{PIPELINE_SCRIPT} --output-dir {output_dir} (or --demo)")
+    kind = run_kind(output_dir)
+    if kind is None:
+        raise PipelineError(f"--output-dir {output_dir} holds no run (neither {SPLIT_FILE} nor {FOLDS_FILE}); make "
+                            f"one there with python {PIPELINE_SCRIPT} --output-dir {output_dir} (or the model scripts)")
+    partition = load_folds(output_dir / FOLDS_FILE) if kind == "kfold" else load_split(output_dir / SPLIT_FILE)
+    return Run(output_dir, kind, partition)
+
+
+# ---------------------------------------------------------------------------------------- checks of the files
+
+
+def check_aligned(heatmaps: dict[str, dict], files: dict[str, Path]) -> None:
+    """The three heatmap files describe the same images in the same order, labels and splits."""
     reference_arch = MODEL_ORDER[0]
-    reference = loaded[reference_arch]
+    reference = heatmaps[reference_arch]
+    for arch in MODEL_ORDER:
+        if str(heatmaps[arch]["arch"]) != arch:
+            raise PipelineError(f"{files[arch]} holds heatmaps of {heatmaps[arch]['arch']}, not {arch}")
     for arch in MODEL_ORDER[1:]:
-        for key in ALIGNED_KEYS + ("split_digest",):
-            ours, theirs = loaded[arch][key], reference[key]
+        for key in ALIGNED_KEYS:
+            ours, theirs = heatmaps[arch][key], reference[key]
             if ours.shape != theirs.shape:
-                raise PipelineError(f"{paths[arch]} has {len(ours)} rows, {paths[reference_arch]} has {len(theirs)}: "
+                raise PipelineError(f"{files[arch]} has {len(ours)} rows, {files[reference_arch]} has {len(theirs)}: "
                                     "rerun the model scripts with the same --output-dir and --max-images")
             if not np.array_equal(ours, theirs):
                 row = int(np.flatnonzero(np.atleast_1d(ours != theirs))[0]) if ours.ndim else 0
                 raise PipelineError(
-                    f"{paths[arch]} and {paths[reference_arch]} differ in '{key}' (first at row {row}: "
+                    f"{files[arch]} and {files[reference_arch]} differ in '{key}' (first at row {row}: "
                     f"{np.atleast_1d(ours)[row]!r} vs {np.atleast_1d(theirs)[row]!r}); rerun the model scripts "
                     "on one split (same --output-dir)")
-    return loaded
+
+
+def check_against_split(heatmaps: dict, split: Split, folder: Path) -> None:
+    """Every heatmap row is a row of the split with the same label and side, in the split file's order."""
+    row_of = {record.path: index for index, record in enumerate(split.records)}
+    rows = [row_of.get(path, -1) for path in heatmaps["paths"]]
+    if -1 in rows or rows != sorted(rows) or str(heatmaps["split_digest"]) != split.digest:
+        raise PipelineError(f"the heatmap files in {folder} do not follow its {SPLIT_FILE} (another split, or unknown "
+                            "or reordered images); rerun the model scripts there")
+    if any(split.records[row].label != label or split.splits[row] != name
+           for row, label, name in zip(rows, heatmaps["labels"], heatmaps["splits"])):
+        raise PipelineError(f"the heatmap files in {folder} disagree with its {SPLIT_FILE} on labels or splits; rerun "
+                            "the model scripts there")
 
 
 def check_made_by_checkpoint(arch: str, heatmap_file: Path, heatmaps: dict, checkpoint_file: Path,
-                             checkpoint_sha256: str, *, rerun_further: bool = False) -> None:
+                             checkpoint_sha256: str, *, then: str | None = None) -> None:
     """Refuse maps made by another checkpoint than the one beside them: a model script rerun that wrote its new
     checkpoint and then stopped (a failed export, a full disk) leaves the old maps next to the new model.
-    `rerun_further`: the message also says to rerun FURTHER_SCRIPT (for readers of its results)."""
+    `then`: a command to run after regenerating them (for readers of the final stage's results)."""
     if str(heatmaps["checkpoint_sha256"]) == checkpoint_sha256:
         return
     output_dir = Path(checkpoint_file).parent  # where --heatmaps-only reads the checkpoint and writes the maps
     command = heatmaps_only_command(ARCHS[arch].script, load_checkpoint(checkpoint_file, arch)["config"], output_dir)
-    then = f", then rerun python {FURTHER_SCRIPT} --output-dir {output_dir}" if rerun_further else ""
     raise PipelineError(f"{heatmap_file} is stale: it was made by another checkpoint than {checkpoint_file} (a rerun "
-                        f"of {ARCHS[arch].script} that stopped before its heatmap export finished?); regenerate it with "
-                        f"{command}{then}")
+                        f"of {ARCHS[arch].script} that stopped before its heatmap export finished?); regenerate it "
+                        f"with {command}{f', then {then}' if then else ''}")
 
 
-def check_checkpoints(output_dir: Path, heatmap_files: dict[str, Path], heatmaps: dict[str, dict]) -> dict[str, str]:
-    """Each model's checkpoint in output_dir loads and made that model's maps; returns their SHA-256 digests
-    (hashed once here: the classifier records them)."""
-    digests = {}
-    for arch in MODEL_ORDER:
-        checkpoint_file = checkpoint_path(output_dir, arch)
-        load_checkpoint(checkpoint_file, arch, made_by=ARCHS[arch].script)  # a truncated file is an error, not a digest
-        digests[arch] = sha256_of_file(checkpoint_file)
-        check_made_by_checkpoint(arch, heatmap_files[arch], heatmaps[arch], checkpoint_file, digests[arch])
-    return digests
-
-
-def read_results(output_dir: Path) -> dict:
-    """FURTHER_SCRIPT's results.json, or an error saying how to make it."""
-    path = Path(output_dir) / RESULTS_JSON
-    if not path.is_file():
-        raise PipelineError(f"{path} is missing: run {FURTHER_SCRIPT} --output-dir {output_dir} first")
+def model_complete(folder: Path, arch: str) -> bool:
+    """Whether a model of a run has finished: its checkpoint loads, and its heatmap file was made by that
+    checkpoint on the folder's split. A run stopped midway leaves this False, so run_pipeline.py redoes it."""
+    checkpoint_file, heatmap_file = checkpoint_path(folder, arch), heatmap_path(folder, arch)
+    if not (checkpoint_file.is_file() and heatmap_file.is_file() and (folder / SPLIT_FILE).is_file()):
+        return False
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise PipelineError(f"{path} is unreadable ({error}); rerun {FURTHER_SCRIPT}") from None
-
-
-def check_listed_in_results(results: dict, path: Path) -> None:
-    """`path`, written by FURTHER_SCRIPT, must be the very file its results.json lists (same SHA-256): a run
-    stopped between its renames, or files of two runs, would pair a classifier with another run's results."""
-    listed = results.get("outputs", {}).get(Path(path).name)
-    if listed is None or listed != sha256_of_file(path):
-        reason = "is not the file it lists" if listed else "lists no such file (written by an older version)"
-        raise PipelineError(f"{path} does not belong to the {RESULTS_JSON} beside it ({RESULTS_JSON} {reason}); "
-                            f"rerun python {FURTHER_SCRIPT} --output-dir {Path(path).parent}")
-
-
-def load_run_heatmaps(output_dir: Path, heatmap_files: dict[str, Path] | None = None) -> tuple[dict, Split]:
-    """A finished single-split run's split.json and its three aligned heatmap files (or `heatmap_files`), the files
-    checked to follow the split file row by row."""
-    split_file = Path(output_dir) / SPLIT_FILE_NAME
-    if not split_file.is_file():
-        raise PipelineError(f"{split_file} is missing: --output-dir must be where the model scripts ran")
-    split = load_split(split_file)
-    heatmaps = load_aligned_heatmaps(output_dir, heatmap_files)
-    check_against_split(heatmaps[MODEL_ORDER[0]], split)
-    return heatmaps, split
-
-
-def check_against_split(heatmaps: dict, split) -> None:
-    """Every heatmap row must be a row of split.json with the same label and split, in the file's order."""
-    row_of = {record.path: index for index, record in enumerate(split.records)}
-    rows = [row_of.get(path, -1) for path in heatmaps["paths"]]
-    if -1 in rows or rows != sorted(rows):
-        raise PipelineError("the heatmap files do not follow split.json (unknown or reordered images); "
-                            "rerun the model scripts in this output dir")
-    if any(split.records[row].label != label or split.splits[row] != name
-           for row, label, name in zip(rows, heatmaps["labels"], heatmaps["splits"])):
-        raise PipelineError("the heatmap files disagree with split.json on labels or splits; rerun the model scripts")
+        heatmaps = load_heatmaps(heatmap_file)
+        load_checkpoint(checkpoint_file, arch)
+        check_made_by_checkpoint(arch, heatmap_file, heatmaps, checkpoint_file, sha256_of_file(checkpoint_file))
+        return str(heatmaps["split_digest"]) == load_split(folder / SPLIT_FILE).digest
+    except PipelineError:
+        return False

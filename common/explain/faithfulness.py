@@ -178,7 +178,20 @@ def _summary(deletion: list[float], insertion: list[float], map_seconds: list[fl
     return {"deletion_auc": float(np.mean(deletion)), "deletion_auc_std": float(np.std(deletion)),
             "insertion_auc": float(np.mean(insertion)), "insertion_auc_std": float(np.std(insertion)),
             "map_seconds_per_image": float(np.mean(map_seconds)),
-            "per_image": {"deletion_auc": deletion, "insertion_auc": insertion}}
+            "per_image": {"deletion_auc": deletion, "insertion_auc": insertion, "map_seconds": map_seconds}}
+
+
+def merge_tables(tables: list[dict]) -> dict:
+    """Tables of score_methods on disjoint image sets (e.g. each fold's held-out images scored with that fold's
+    model) as one table over all of them: per-image values concatenated in the given order, summaries recomputed."""
+    first = tables[0]
+    merged = {**first, "images": sum(table["images"] for table in tables), "methods": {}}
+    for name in first["methods"]:
+        per_image = {key: [value for table in tables for value in table["methods"][name]["per_image"][key]]
+                     for key in ("deletion_auc", "insertion_auc", "map_seconds")}
+        merged["methods"][name] = _summary(per_image["deletion_auc"], per_image["insertion_auc"],
+                                           per_image["map_seconds"])
+    return merged
 
 
 def score_methods(class_probabilities: ClassProbabilities, images: torch.Tensor,

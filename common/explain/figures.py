@@ -17,7 +17,8 @@ from PIL import Image
 from torch import nn
 
 from common.cams.display import blend, colorize, combined_map, jet
-from common.cams.methods import CAM_DISPLAY_NAMES, CAM_METHODS, cams_and_logits, target_classes
+from common.cams.ensemble import CnnEnsemble
+from common.cams.methods import CAM_DISPLAY_NAMES, CAM_METHODS, target_classes
 from common.core.fileio import atomic_path
 from common.data.images import load_rgb
 from common.data.records import CLASS_NAMES
@@ -55,18 +56,20 @@ def perturbation_saliency(model: nn.Module, method: str, *, samples: int = DEFAU
     return saliency
 
 
-def explanation_maps(model: nn.Module, arch: str, image: torch.Tensor, target: int, *, methods=EXPLANATION_METHODS,
+def explanation_maps(ensemble: CnnEnsemble, image: torch.Tensor, target: int, *, methods=EXPLANATION_METHODS,
                      samples: int = DEFAULT_SAMPLES, seed: int = 0) -> dict[str, np.ndarray]:
     """{method: map (h, w)} of one normalised image (3, H, W) for class `target`, in `methods`' order: the CAMs
-    raw from one pass (their own grid), the perturbation methods at the input size."""
+    raw from one pass per member (their own grid; a bagged CNN's: the members' mean), the perturbation methods at
+    the input size (of the ensemble's mean probability)."""
     cam_methods = tuple(method for method in methods if method in CAM_METHODS)
     maps = {}
     if cam_methods:
-        cams, _ = cams_and_logits(model, arch, image[None], target=torch.tensor([target]), methods=cam_methods)
-        maps.update({method: cams[method][0].cpu().numpy() for method in cam_methods})
+        cams, _, _ = ensemble.maps_and_probabilities(image[None], target=torch.tensor([target]), methods=cam_methods)
+        maps.update({method: cams[method][0] for method in cam_methods})
     for method in methods:
         if method not in CAM_METHODS:
-            maps[method] = perturbation_map(model, method, image, target, samples=samples, seed=seed).numpy()
+            maps[method] = perturbation_map(ensemble.as_module(), method, image, target, samples=samples,
+                                            seed=seed).numpy()
     return {method: maps[method] for method in methods}
 
 
@@ -104,25 +107,24 @@ def explanation_figure(picture: Image.Image, maps: dict[str, dict[str, np.ndarra
     return target
 
 
-def explain_image(path: Path, models: dict[str, tuple[nn.Module, int]], target: Path, *, target_rule: str,
+def explain_image(path: Path, models: dict[str, CnnEnsemble], target: Path, *, target_rule: str,
                   perturbation_archs=tuple(ARCHS), samples: int = DEFAULT_SAMPLES, seed: int = 0,
                   title: str | None = None) -> Path:
-    """One image file explained by every CAM of every CNN (`models`: arch -> (model, input size)) and by the
-    perturbation methods of the CNNs in `perturbation_archs`; each CNN explains the class its own logits give
-    by `target_rule` (common.cams.methods.TARGET_RULES). With more than one CNN, a last row shows each CAM method's combined
-    map (the mean of the CNNs' display-scaled maps, as the report shows it). Writes the figure to `target` (PNG,
-    atomically)."""
+    """One image file explained by every CAM of every CNN (`models`: arch -> its ensemble: one model, or a K-fold
+    run's fold models, bagged) and by the perturbation methods of the CNNs in `perturbation_archs`; each CNN
+    explains the class its probability gives by `target_rule` (common.cams.methods.TARGET_RULES). With more than
+    one CNN, a last row shows each CAM method's combined map (the mean of the CNNs' display-scaled maps, as the
+    report shows it). Writes the figure to `target` (PNG, atomically)."""
     image = load_rgb(path)
     maps = {}
-    for arch, (model, image_size) in models.items():
-        device = next(model.parameters()).device
-        tensor = build_transforms(train=False, image_size=image_size)(image).to(device)
-        with torch.no_grad():
-            target_class = int(target_classes(model.eval()(tensor[None]), target_rule)[0])
+    for arch, ensemble in models.items():
+        tensor = build_transforms(train=False, image_size=ensemble.image_size)(image).to(ensemble.device)
+        target_class = int(target_classes(ensemble.probabilities(tensor[None]), target_rule)[0])
         methods = EXPLANATION_METHODS if arch in perturbation_archs else CAM_METHODS
-        label = f"{ARCHS[arch].display_name}\n({CLASS_NAMES[target_class]})"
-        maps[label] = explanation_maps(model, arch, tensor, target_class, methods=methods, samples=samples, seed=seed)
-    picture = resize_image(image, max(image_size for _, image_size in models.values()))
+        members = f", {len(ensemble.members)} folds" if len(ensemble.members) > 1 else ""
+        label = f"{ARCHS[arch].display_name}\n({CLASS_NAMES[target_class]}{members})"
+        maps[label] = explanation_maps(ensemble, tensor, target_class, methods=methods, samples=samples, seed=seed)
+    picture = resize_image(image, max(ensemble.image_size for ensemble in models.values()))
     # The combined map as the report's gallery draws it (common.cams.heatmap_file.combined_map), one per CAM method.
     unit_maps = {COMBINED_ROW_LABEL: {method: combined_map([row[method] for row in maps.values()], picture.size)
                                       for method in CAM_METHODS}} if len(models) > 1 else None

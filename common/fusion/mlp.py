@@ -1,10 +1,18 @@
-"""The final stage's pieces: align the three heatmap files, turn maps into features, the MLP and its training.
+"""The heatmap MLP (dense layers, batch norm, ReLU, dropout), its training with the epoch picked on held-out
+patients, and its file: final_classifier.pth has ONE schema for both run kinds (classifier_file).
 
-Features: each model's raw Grad-CAM maps resized to one S x S grid and stacked, (N, 3, S, S), flattened;
-optionally followed by the three models' logits (N, 6). They are standardised with a mean and standard
-deviation fitted on the MLP's fit rows only, and stored with the classifier.
+final_classifier.pth (torch.load(path, weights_only=True)):
+    format_version, kind 'heatmap_mlp', run_kind 'single' | 'kfold'
+    features 'heatmaps' | 'heatmaps+logits', cam_method (the maps it reads), model (state_dict), in_features,
+    input_shape [3, S, S], model_order, grid_size, hidden_sizes, dropout, class_names, target_class_rule
+    feature_mean, feature_std       the standardisation, fitted on its fit rows only (common.fusion.features)
+    fit_rows, best_epoch, settings  which rows it learnt from, the epoch kept on its select rows, MlpSettings
+    partition_digest                the digest of the run's split.json or folds.json
+    checkpoint_sha256, heatmaps_sha256   arch -> [one per fold (a single split: one)]: the files it was fitted on;
+                                    readers refuse it beside other ones, fold by fold
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,8 +24,10 @@ from common.core.console import progress
 from common.evaluation.metrics import binary_metrics, selection_score, softmax
 from common.fusion.features import Standardizer, build_features, stack_maps
 from common.training.runtime import make_optimizer
+from common.data.records import CLASS_NAMES
+from common.models.registry import MODEL_ORDER
 
-CLASSIFIER_FORMAT_VERSION = 1
+CLASSIFIER_FORMAT_VERSION = 2  # 2: one schema for single-split and K-fold runs
 
 
 def build_mlp(in_features: int, hidden_sizes: list[int], dropout: float) -> nn.Sequential:
@@ -31,7 +41,7 @@ def build_mlp(in_features: int, hidden_sizes: list[int], dropout: float) -> nn.S
 
 
 def mlp_from_classifier(classifier: dict) -> nn.Sequential:
-    """The MLP a classifier file holds (cancer_class_further.py's or common/stages/cross_validation.py's), in eval mode."""
+    """The MLP a classifier file holds (classifier_file's), in eval mode."""
     mlp = build_mlp(classifier["in_features"], classifier["hidden_sizes"], classifier["dropout"])
     mlp.load_state_dict(classifier["model"])
     return mlp.eval()
@@ -95,7 +105,7 @@ def train_mlp(features: np.ndarray, labels: np.ndarray, patients: np.ndarray, fi
 
 @dataclass(frozen=True)
 class MlpSettings:
-    """The heatmap MLP's settings; the defaults are cancer_class_further.py's."""
+    """The heatmap MLP's settings. These defaults are cancer_class_further.py's (its parser reads them here)."""
 
     grid_size: int = 14
     hidden_sizes: tuple[int, ...] = (256, 64)
@@ -109,10 +119,8 @@ class MlpSettings:
 
     @classmethod
     def from_args(cls, args) -> "MlpSettings":
-        """cancer_class_further.py's options."""
-        return cls(grid_size=args.grid_size, hidden_sizes=tuple(args.hidden_sizes), dropout=args.dropout,
-                   epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                   optimizer=args.optimizer, seed=args.seed)
+        """cancer_class_further.py's options (the parser names them as the fields are named)."""
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
 
 
 def fit_mlp(features: np.ndarray, labels: np.ndarray, patients: np.ndarray, fit_rows: np.ndarray,
@@ -126,3 +134,30 @@ def fit_mlp(features: np.ndarray, labels: np.ndarray, patients: np.ndarray, fit_
                              weight_decay=settings.weight_decay, optimizer=settings.optimizer, seed=settings.seed,
                              device=device, desc=desc)
     return mlp, standardizer, history
+
+
+def best_epoch(history: list[dict]) -> int:
+    """The epoch train_mlp kept (the last one marked best so far)."""
+    return max(row["epoch"] for row in history if row.get("best_so_far"))
+
+
+def classifier_file(mlp: nn.Module, standardizer: Standardizer, *, run_kind: str, features: str, cam_method: str,
+                    settings: MlpSettings, fit_rows: str, history: list[dict], target_class_rule: str,
+                    partition_digest: str, checkpoint_sha256: dict[str, list[str]],
+                    heatmaps_sha256: dict[str, list[str]]) -> dict:
+    """The contents of final_classifier.pth (the module docstring lists them), for either run kind."""
+    in_features = int(standardizer.mean.shape[0])
+    return {
+        "format_version": CLASSIFIER_FORMAT_VERSION, "kind": "heatmap_mlp", "run_kind": run_kind, "features": features,
+        "cam_method": cam_method, "model": {key: value.detach().cpu() for key, value in mlp.state_dict().items()},
+        "in_features": in_features, "input_shape": [len(MODEL_ORDER), settings.grid_size, settings.grid_size],
+        "model_order": list(MODEL_ORDER), "grid_size": settings.grid_size,
+        "hidden_sizes": list(settings.hidden_sizes), "dropout": settings.dropout,
+        "feature_mean": torch.from_numpy(standardizer.mean), "feature_std": torch.from_numpy(standardizer.std),
+        "fit_rows": fit_rows, "best_epoch": best_epoch(history), "settings": dataclasses.asdict(settings),
+        "class_names": list(CLASS_NAMES), "target_class_rule": target_class_rule,
+        "partition_digest": partition_digest,
+        # Plain str: a numpy str_ in the file would make torch.load(weights_only=True) refuse it.
+        "checkpoint_sha256": {arch: [str(digest) for digest in checkpoint_sha256[arch]] for arch in MODEL_ORDER},
+        "heatmaps_sha256": {arch: [str(digest) for digest in heatmaps_sha256[arch]] for arch in MODEL_ORDER},
+    }

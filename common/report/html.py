@@ -26,7 +26,7 @@ def save_figure(figure: Figure, target: Path) -> str:
     return target.name
 
 
-def _table(header: list[str], rows: list[list[str]], *, table_id: str = "", row_classes=None) -> str:
+def table_html(header: list[str], rows: list[list[str]], *, table_id: str = "", row_classes=None) -> str:
     """An HTML table; cells are already-escaped HTML."""
     head = "".join(f"<th>{cell}</th>" for cell in header)
     lines = []
@@ -34,7 +34,10 @@ def _table(header: list[str], rows: list[list[str]], *, table_id: str = "", row_
         css = f' class="{row_classes[index]}"' if row_classes and row_classes[index] else ""
         lines.append(f"<tr{css}>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>")
     identifier = f' id="{table_id}"' if table_id else ""
-    return f'<table{identifier}><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table>'
+    # In a scrolling box: a wide table (the K-fold tables have a column per metric and interval) never pushes the
+    # page wider than the window.
+    return (f'<div class="table-wrap"><table{identifier}><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(lines)}</tbody></table></div>')
 
 
 def caveat_html(caveats: list[str]) -> str:
@@ -48,11 +51,10 @@ def caveat_html(caveats: list[str]) -> str:
 
 
 def map_type_html(comparison: dict | None) -> str:
-    """The heatmap MLP on Grad-CAM vs Grad-CAM++ vs LayerCAM maps (common/evaluation/map_comparison.py's dict, from results.json
-    or cv_results.json): the protocol, the table with intervals, the paired differences against Grad-CAM."""
+    """The heatmap MLP on Grad-CAM vs Grad-CAM++ vs LayerCAM maps (common.evaluation.map_comparison's dict, from
+    results.json or cv_results.json): the protocol, the table with intervals, the paired differences."""
     if comparison is None:
-        return ("<p>Not in this run's results (written by an earlier version); rerun cancer_class_further.py "
-                "(or python -m common.stages.cross_validation for a K-fold run).</p>")
+        return ("<p>Not in this run's results (written by an earlier version); rerun cancer_class_further.py.</p>")
     rows = [[html.escape(cell) for cell in comparison_cells(comparison, method)] for method in comparison["methods"]]
     classes = ["final" if method == comparison["final_method"] else "" for method in comparison["methods"]]
     sentences = "".join(f"<li>{html.escape(item['sentence'])}</li>" for item in comparison["differences"])
@@ -60,7 +62,7 @@ def map_type_html(comparison: dict | None) -> str:
     return (f"<p>{html.escape(comparison['protocol'])} {comparison['images']} images of {comparison['patients']} "
             f"patients; in brackets the 95 % patient-bootstrap interval ({comparison['bootstrap']['resamples']:,} "
             "resamples). This table reports; it did not choose the final classifier's maps (bold).</p>"
-            + _table([html.escape(cell) for cell in comparison_header()], rows, table_id="map-types",
+            + table_html([html.escape(cell) for cell in comparison_header()], rows, table_id="map-types",
                      row_classes=classes)
             + (f"<ul>{sentences}</ul><p>{html.escape(multiplicity_sentence(comparison))}</p>" if sentences else "")
             + (f"<p>{html.escape(missing)}</p>" if missing else ""))
@@ -73,8 +75,10 @@ h1 { margin-bottom: 0.3em; } h2 { border-bottom: 2px solid #ddd; padding-bottom:
 nav a { margin-right: 1em; }
 dl.facts { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
 dl.facts dt { font-weight: 600; } dl.facts dd { margin: 0; }
+div.table-wrap { max-width: 100%; overflow-x: auto; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { white-space: normal; vertical-align: bottom; }
 td { white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
 thead th { background: #f0f0f0; }

@@ -1,5 +1,5 @@
 """The report's interpretability section, from faithfulness.json (python score_explanations.py): the deletion and
-insertion table of every method of every CNN and of the combined map, the same test images explained by every
+insertion table of every method of every CNN and of the combined map, the same held-out images explained by every
 method side by side (its figures, copied into the report), and what the final MLP looks at (Integrated Gradients
 shares per CNN map, on average and per image).
 
@@ -15,14 +15,15 @@ from urllib.parse import quote
 
 from common.core.errors import PipelineError
 from common.core.fileio import sha256_of_file
-from common.core.runfiles import FAITHFULNESS_DIR, FAITHFULNESS_JSON, checkpoint_path
+from common.core.runfiles import FAITHFULNESS_DIR, FAITHFULNESS_JSON, SCORE_SCRIPT, checkpoint_path
+from common.run import Run
 from common.models.registry import ARCHS, MODEL_ORDER
 
 SHARE_ROWS_SHOWN = 20  # per-image rows of the MLP's shares table
 
 
 def _command(output_dir: Path) -> str:
-    return f"python score_explanations.py --output-dir {output_dir}"
+    return f"python {SCORE_SCRIPT} --output-dir {output_dir}"
 
 
 def _score_table(table: dict) -> str:
@@ -49,26 +50,27 @@ def _shares_html(shares: dict | None) -> str:
     return (f"<p>Share of the final MLP's decision ({html.escape(shares['features'])}, {html.escape(shares['cam_method'])} "
             "maps) carried by each CNN's map: sum of |Integrated Gradients| over the map's inputs / total (captum, "
             f"baseline: the mean feature of the MLP's fit rows; target: {html.escape(shares['target'])}).</p>"
-            f"<table id=\"mlp-shares\"><thead><tr><th>Test images</th>{header}</tr></thead><tbody>"
+            f"<table id=\"mlp-shares\"><thead><tr><th>Image</th>{header}</tr></thead><tbody>"
             f"<tr class=\"final\"><td>mean over {count}</td>{average}</tr>{per_image}</tbody></table>")
 
 
-def faithfulness_html(output_dir: Path, report_dir: Path) -> str | None:
+def faithfulness_html(run: Run, report_dir: Path) -> str | None:
     """The section's HTML (its figures copied into report_dir/faithfulness/), or None without faithfulness.json."""
-    path = Path(output_dir) / FAITHFULNESS_JSON
+    output_dir = run.output_dir
+    path = output_dir / FAITHFULNESS_JSON
     if not path.is_file():
         return None
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:
         raise PipelineError(f"{path} is unreadable ({error}); rerun {_command(output_dir)}") from None
-    current = {arch: sha256_of_file(checkpoint_path(output_dir, arch)) for arch in MODEL_ORDER
-               if checkpoint_path(output_dir, arch).is_file()}
+    current = {arch: [sha256_of_file(checkpoint_path(run.model_dir(fold), arch)) for fold in run.folds
+                      if checkpoint_path(run.model_dir(fold), arch).is_file()] for arch in MODEL_ORDER}
     if result.get("checkpoint_sha256") != current:
         return (f"<p>{FAITHFULNESS_JSON} was made by other checkpoints than this run's (a model was retrained since); "
                 f"rerun <code>{html.escape(_command(output_dir))}</code> to score these ones.</p>")
     parts = [f"<p>Deletion and insertion AUC (Petsiuk et al. 2018) of each explanation on {len(result['images'])} "
-             "test image(s): pixels ranked by the map are replaced by a blurred copy (deletion) or put onto it "
+             f"held-out image(s) ({html.escape(result.get('held_out', 'the test split'))}): pixels ranked by the map are replaced by a blurred copy (deletion) or put onto it "
              "(insertion); the area under the target class's probability curve. Every method is compared with a "
              "random map and a centred Gaussian map (baselines). From faithfulness.json.</p>"]
     for arch, tables in result["cnns"].items():

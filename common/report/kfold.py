@@ -1,60 +1,36 @@
-"""The report page of a K-fold run (common/stages/cross_validation.py's files): <output-dir>/report/index.html.
+"""The report of a K-fold run (cancer_class_further.py's cross-validated files): <output-dir>/report/index.html,
+with each fold's own page in report/fold_<k>/.
 
-    python make_report.py --output-dir runs/demo_cv    # a folder with cv_results.json gets this page
+    python make_report.py --output-dir runs/breakhis     # a K-fold run (run_pipeline.py's default)
 
 Sections: the sentences on the paired differences; the image-level and patient-level tables (pooled out-of-fold
 figure with its patient-bootstrap 95 % interval, and mean ± sd over folds); per-fold ROC curves of every row
-(oof_predictions.csv); patient-level results per magnification; the heatmap MLP on each map type
-(Grad-CAM, Grad-CAM++, LayerCAM). Each fold's own single-split report can be built
-with make_report.py --output-dir <output-dir>/fold_<k>. Built in a staging folder and swapped in whole, as
-common/report/single.py does.
+(oof_predictions.csv); patient-level results per magnification; the heatmap MLP on each map type; the Grad-CAM
+gallery of out-of-fold images (misclassified first, each map from the fold model that never saw the patient); the
+faithfulness of the explanations (faithfulness.json, when score_explanations.py has run); links to the folds'
+pages. The folder is self-contained: the folds' pages are inside it.
 """
 
-import csv
 import html
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from common.core.errors import PipelineError
-from common.core.fileio import sha256_of_file, write_text
-from common.core.runfiles import (
-    CV_RESULTS_JSON,
-    OOF_PREDICTIONS,
-    REPORT_DIR,
-    checkpoint_path,
-    fold_dir,
-    probability_key,
-)
-from common.models.checkpoints import load_checkpoint, training_caveats
-from common.models.registry import MODEL_ORDER
-from common.report.html import _table, caveat_html, fresh_folder, map_type_html, page_html, save_figure, swap_in
+from common.core.fileio import write_text
+from common.core.runfiles import probability_key
+from common.report.gallery import GallerySource, build_gallery, gallery_html
+from common.report.html import caveat_html, map_type_html, page_html, save_figure, table_html
+from common.report.interpretability import faithfulness_html
+from common.report.single import load_single_report, write_single_report
+from common.run import Run, open_run
 from common.stages.cross_validation import format_cell
 
 COLUMNS = {"roc_auc": "AUC", "balanced_accuracy": "Balanced accuracy", "accuracy": "Accuracy",
            "sensitivity": "Sensitivity", "specificity": "Specificity", "f1": "F1",
            "patient_recognition_rate": "Patient recognition rate"}
-
-
-def read_cv_files(output_dir: Path) -> tuple[dict, list[dict]]:
-    """cv_results.json and oof_predictions.csv, checked to be written together (the digest it lists)."""
-    results_file = output_dir / CV_RESULTS_JSON
-    try:
-        results = json.loads(results_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise PipelineError(f"{results_file} is unreadable ({error}); rerun python -m common.stages.cross_validation --output-dir "
-                            f"{output_dir}") from None
-    predictions_file = output_dir / OOF_PREDICTIONS
-    if not predictions_file.is_file() or results.get("outputs", {}).get(OOF_PREDICTIONS) != \
-            sha256_of_file(predictions_file):
-        raise PipelineError(f"{predictions_file} is missing or not the file {results_file} lists; rerun python -m "
-                            f"common.stages.cross_validation --output-dir {output_dir}")
-    with open(predictions_file, encoding="utf-8", newline="") as handle:
-        return results, list(csv.DictReader(handle))
+FOLD_GALLERY_SIZE = 12  # images in each fold's own page (the run's page shows the pooled gallery)
 
 
 def _cell(entry: dict, *, interval: bool) -> str:
@@ -74,19 +50,18 @@ def level_table(results: dict, level: str) -> str:
                     + [_cell(entries[metric], interval=False) for metric in metrics[:2]]
                     + [_cell(entries[metric], interval=True) for metric in metrics[2:]])
         classes.append("final" if key == results["final_row"] else "")
-    return _table(header, rows, table_id=f"cv-{level}", row_classes=classes)
+    return table_html(header, rows, table_id=f"cv-{level}", row_classes=classes)
 
 
-def plot_fold_rocs(results: dict, predictions: list[dict], target: Path) -> str:
+def plot_fold_rocs(results: dict, predictions: dict[str, np.ndarray], target: Path) -> str:
     """One panel per row of the table: the ROC curve of each fold's out-of-fold predictions, and the pooled one."""
     keys = list(results["rows"])
-    labels = np.array([row["label"] == "malignant" for row in predictions], dtype=int)
-    folds = np.array([int(row["fold"]) for row in predictions])
+    labels, folds = predictions["labels"], predictions["folds"]
     columns = 4
     figure = Figure(figsize=(4 * columns, 4 * -(-len(keys) // columns)))
     for index, key in enumerate(keys):
         axes = figure.add_subplot(-(-len(keys) // columns), columns, index + 1)
-        scores = np.array([float(row[probability_key(key)]) for row in predictions])
+        scores = predictions[probability_key(key)]
         for fold in sorted(set(folds)):
             chosen = folds == fold
             if len(set(labels[chosen])) == 2:
@@ -118,43 +93,49 @@ def magnification_table(results: dict) -> str:
                                                                                                    "roc_auc"))
     rows = [[html.escape(results["display_names"][key])] + [pair(by_key[key].get(mag, {})) for mag in magnifications]
             for key in results["rows"]]
-    return _table(header, rows, table_id="cv-magnification")
+    return table_html(header, rows, table_id="cv-magnification")
 
 
-def fold_caveats(output_dir: Path) -> list[str]:
-    """training_caveats of fold 1's checkpoints (every fold is trained the same way)."""
-    checkpoints = {arch: load_checkpoint(checkpoint_path(fold_dir(output_dir, 1), arch), arch)
-                   for arch in MODEL_ORDER if checkpoint_path(fold_dir(output_dir, 1), arch).is_file()}
-    return training_caveats(checkpoints)
+def fold_pages(run: Run, report_dir: Path) -> str:
+    """Each fold's single-split page into report_dir/fold_<k>/; returns the list of links to them."""
+    links = []
+    for fold in run.folds:
+        folder = report_dir / f"fold_{fold}"
+        folder.mkdir()
+        write_single_report(load_single_report(open_run(run.model_dir(fold))), folder, gallery_size=FOLD_GALLERY_SIZE)
+        links.append(f'<li><a href="fold_{fold}/index.html">fold {fold}</a>: its models on its own test patients '
+                     "(the fold's table, per-patient rates, training curves, gallery)</li>")
+    return ("<p>Each fold is a single-split run whose test split is that fold's patients; its table is one fold's "
+            f"illustration, the pooled table above is the result.</p><ul>{''.join(links)}</ul>")
 
 
-def build_cv_report(output_dir: Path) -> Path:
-    """report/index.html of a K-fold run; returns its path."""
-    output_dir = Path(output_dir)
-    results, predictions = read_cv_files(output_dir)
-    report_dir = output_dir / REPORT_DIR
-    staging = fresh_folder(output_dir, prefix=".report.staging.")
-    try:
-        roc = plot_fold_rocs(results, predictions, staging / "cv_roc.png")
-        sentences = "".join(f"<li>{html.escape(item['sentence'])}</li>" for item in results["differences"])
-        best = results["display_names"][results["best_cnn"]]
-        sections = {
-            "Differences": f"<ul>{sentences}</ul><p>Best single CNN: {html.escape(best)}, chosen by pooled "
-                           "out-of-fold AUC on these same images (which favours it).</p>",
-            "Image level": "<p>Pooled: all out-of-fold predictions together, 95 % patient-bootstrap interval in "
-                           "brackets; folds: mean &plusmn; sd over the folds. The final classifier is bold.</p>"
-                           + level_table(results, "image"),
-            "Patient level": f"<p>{results['patients']} patients, each diagnosed by the mean P(malignant) of its "
-                             "images.</p>" + level_table(results, "patient") + "<h3>Per magnification</h3>"
-                             + magnification_table(results),
-            "ROC curves per fold": f'<img class="plot" src="{roc}" alt="per-fold ROC curves of every row">',
-            "Which maps": map_type_html(results.get("cam_method_comparison")),
-        }
-        header = (f"<h1>Cross-validation report ({results['n_folds']} folds)</h1>{caveat_html(fold_caveats(output_dir))}"
-                  f'<dl class="facts"><dt>Protocol</dt><dd>{html.escape(results["protocol"])}</dd>'
-                  f"<dt>Run folder</dt><dd>{html.escape(str(output_dir.resolve()))}</dd></dl>")
-        write_text(staging / "index.html", page_html(f"Cross-validation: {output_dir.name}", sections, header))
-        swap_in(staging, report_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return report_dir / "index.html"
+def write_kfold_report(run: Run, report_dir: Path, *, gallery_size: int) -> None:
+    """index.html, its plots, gallery/ and fold_<k>/ into report_dir (an empty folder)."""
+    results, predictions, held = run.results(), run.predictions(), run.held_out()
+    roc = plot_fold_rocs(results, predictions, report_dir / "cv_roc.png")
+    source = GallerySource(held, predictions, results["display_names"], results["final_row"], run.data_root,
+                           kfold=True)
+    gallery = build_gallery(source, report_dir, gallery_size)
+    sentences = "".join(f"<li>{html.escape(item['sentence'])}</li>" for item in results["differences"])
+    best = results["display_names"][results["best_cnn"]]
+    sections = {
+        "Differences": f"<ul>{sentences}</ul><p>Best single CNN: {html.escape(best)}, chosen by pooled "
+                       "out-of-fold AUC on these same images (which favours it).</p>",
+        "Image level": "<p>Pooled: all out-of-fold predictions together, 95 % patient-bootstrap interval in "
+                       "brackets; folds: mean &plusmn; sd over the folds. The final classifier is bold.</p>"
+                       + level_table(results, "image"),
+        "Patient level": f"<p>{results['patients']} patients, each diagnosed by the mean P(malignant) of its "
+                         "images.</p>" + level_table(results, "patient") + "<h3>Per magnification</h3>"
+                         + magnification_table(results),
+        "ROC curves per fold": f'<img class="plot" src="{roc}" alt="per-fold ROC curves of every row">',
+        "Which maps": map_type_html(results.get("cam_method_comparison")),
+        "Grad-CAM gallery": gallery_html(source, gallery),
+    }
+    faithfulness = faithfulness_html(run, report_dir)  # None until score_explanations.py ran
+    if faithfulness is not None:
+        sections["Faithfulness"] = faithfulness
+    sections["Folds"] = fold_pages(run, report_dir)
+    header = (f"<h1>Cross-validation report ({results['n_folds']} folds)</h1>{caveat_html(run.caveats())}"
+              f'<dl class="facts"><dt>Protocol</dt><dd>{html.escape(results["protocol"])}</dd>'
+              f"<dt>Run folder</dt><dd>{html.escape(str(run.output_dir.resolve()))}</dd></dl>")
+    write_text(report_dir / "index.html", page_html(f"Cross-validation: {run.output_dir.name}", sections, header))

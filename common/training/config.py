@@ -1,25 +1,81 @@
-"""The one command-line parser of the three model scripts; each script passes only its own defaults."""
+"""The model scripts' options: one parser built once (each script passes only its own defaults) and the typed
+config it yields, which the training code takes instead of an argparse Namespace and every checkpoint records."""
 
 import argparse
+import dataclasses
 import os
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.cams.methods import CAM_METHODS, TARGET_RULES, parse_cam_methods
 from common.core.console import HelpFormatter
 from common.core.errors import PipelineError
+from common.core.runfiles import fold_dir
 
-DEFAULTS = dict(
-    output_dir="runs/breakhis", weights="imagenet", epochs=10, batch_size=32, lr=1e-4, weight_decay=1e-4,
-    optimizer="adamw", image_size=224, magnification="all", split="patient", fold_file=None, val_fraction=0.1,
-    test_fraction=0.2, seed=0, device="auto", workers=min(8, os.cpu_count() or 1), class_weights="balanced",
-    cache="disk", max_images=None, cam_target="predicted", overlays=8, amp=True, patient_id="folder",
-    keep_training_state=False, cam_methods=",".join(CAM_METHODS), folds=None, fold=None, fold_files=None,
-)
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a model script was asked to do; `asdict` of it is the checkpoint's `config`."""
+
+    arch: str
+    data_dir: str  # absolute
+    output_dir: str = "runs/breakhis"  # this run's folder: a single split's, or fold k's fold_<k>/ in a K-fold run
+    weights: str = "imagenet"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    image_size: int = 224
+    magnification: str = "all"
+    split: str = "patient"
+    patient_id: str = "folder"
+    fold_file: str | None = None  # one official fold file: the single split's test side (absolute)
+    fold_files: tuple[str, ...] | None = None  # several: their test sides are the K folds (absolute)
+    folds: int | None = None  # K of a K-fold run
+    fold: int | None = None  # the fold this config runs (1..K); None: every fold in turn
+    run_dir: str | None = None  # a fold's config: the K-fold run's folder (folds.json, the shared cache)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    max_images: int | None = None
+    cache: str = "disk"
+    workers: int = min(8, os.cpu_count() or 1)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    class_weights: str = "balanced"
+    resume: bool = False
+    keep_training_state: bool = False
+    heatmaps_only: bool = False
+    cam_target: str = "predicted"
+    cam_methods: str = ",".join(CAM_METHODS)  # as given (repeated by heatmaps_only_command)
+    overlays: int = 8
+
+    @property
+    def n_folds(self) -> int | None:
+        """K of a K-fold run (--folds K, or the number of --fold-file files given), None for a single split."""
+        if self.fold_files:
+            return len(self.fold_files)
+        return self.folds if self.folds and self.folds > 1 else None
+
+    def fold_configs(self) -> list["TrainConfig"]:
+        """One config per run: [self] for a single split; per fold asked for, one whose output_dir is fold_<k>/."""
+        if self.n_folds is None:
+            return [self]
+        folds = [self.fold] if self.fold is not None else range(1, self.n_folds + 1)
+        return [dataclasses.replace(self, run_dir=self.output_dir, fold=fold, folds=self.n_folds,
+                                    output_dir=str(fold_dir(self.output_dir, fold))) for fold in folds]
+
+
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)
+            if field.default is not dataclasses.MISSING}
 # The options that decide which rows a heatmap file holds and how its maps are made: a command that regenerates
 # the file must repeat them (the split file refuses other split options). The image size comes from the checkpoint.
 HEATMAP_DEFINING_OPTIONS = ("magnification", "split", "patient_id", "fold_file", "val_fraction", "test_fraction",
                             "seed", "max_images", "cam_target", "cam_methods")
+# Options of the parser that are not fields of the config (they are turned into fields).
+_PARSER_ONLY = ("fold_file",)
 
 
 def build_parser(*, arch: str, description: str, **script_defaults) -> argparse.ArgumentParser:
@@ -43,8 +99,8 @@ def build_parser(*, arch: str, description: str, **script_defaults) -> argparse.
                            "times (dsfold1..5.txt): their test sides are the K folds of a K-fold run")
     data.add_argument("--folds", type=int, help="patient-level K-fold cross-validation: K folds of patients "
                                                 "(stratified by class and subtype) in --output-dir/folds.json; "
-                                                "fold k runs in --output-dir/fold_<k>/ (see --fold) (default: none, "
-                                                "one train/val/test split)")
+                                                "fold k runs in --output-dir/fold_<k>/ (see --fold) (default: none "
+                                                "or 1: one train/val/test split)")
     data.add_argument("--fold", type=int, help="with --folds K: run fold k only (1..K), e.g. one fold per machine; "
                                                "(default: every fold, in turn)")
     data.add_argument("--val-fraction", type=float, help="fraction of patients (per class) for validation")
@@ -88,17 +144,17 @@ def build_parser(*, arch: str, description: str, **script_defaults) -> argparse.
                                                 "in the heatmap file (Grad-CAM always: the file's cams)")
     heatmaps.add_argument("--overlays", type=int, help="test images saved as heatmap overlay PNGs")
 
-    parser.set_defaults(**{**DEFAULTS, **script_defaults})
-    parser.set_defaults(arch=arch)
+    parser.set_defaults(**{**DEFAULTS, **script_defaults, "fold_file": None})
     return parser
 
 
-def parse_args(*, arch: str, description: str, argv: list[str] | None = None, **script_defaults) -> argparse.Namespace:
+def parse_config(*, arch: str, description: str, argv: list[str] | None = None, **script_defaults) -> TrainConfig:
+    """The command line as a TrainConfig, every option checked (a bad one: argparse's usage error, exit 2)."""
     parser = build_parser(arch=arch, description=description, **script_defaults)
     args = parser.parse_args(argv)
     if not 0 < args.val_fraction < 1 or not 0 < args.test_fraction < 1 or args.val_fraction + args.test_fraction >= 1:
         parser.error("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
-    for option in ("epochs", "batch_size", "image_size", "max_images"):
+    for option in ("epochs", "batch_size", "image_size", "max_images", "folds"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
     for option in ("workers", "overlays", "weight_decay"):
@@ -112,20 +168,59 @@ def parse_args(*, arch: str, description: str, argv: list[str] | None = None, **
         parser.error(str(error))
     if args.image_size < 32:
         parser.error("--image-size must be at least 32 (the networks downsample by 32)")
-    if args.fold_file and len(args.fold_file) > 1:  # several files: the K folds of a K-fold run
-        args.fold_files, args.fold_file = [os.path.abspath(os.path.expanduser(path)) for path in args.fold_file], None
-    elif args.fold_file:
-        args.fold_file = args.fold_file[0]
-    fold_problem = check_fold_options(args)
-    if fold_problem:
-        parser.error(fold_problem)
-    if args.fold_file and args.split == "image":
-        parser.error("--fold-file defines a patient-level split; it cannot be combined with --split image")
     # Absolute, so the config saved in the checkpoint names these files wherever a later command is started.
-    for option in ("data_dir", "fold_file"):
-        if getattr(args, option):
-            setattr(args, option, os.path.abspath(os.path.expanduser(getattr(args, option))))
-    return args
+    absolute = [os.path.abspath(os.path.expanduser(path)) for path in args.fold_file or []]
+    fold_file, fold_files = (None, tuple(absolute)) if len(absolute) > 1 else (absolute[0] if absolute else None, None)
+    fields = {name: value for name, value in vars(args).items() if name not in _PARSER_ONLY}
+    config = TrainConfig(**{**fields, "arch": arch, "data_dir": os.path.abspath(os.path.expanduser(args.data_dir)),
+                            "fold_file": fold_file, "fold_files": fold_files})
+    problem = fold_options_problem(config)
+    if problem:
+        parser.error(problem)
+    if config.fold_file and config.split == "image":
+        parser.error("--fold-file defines a patient-level split; it cannot be combined with --split image")
+    return config
+
+
+def fold_options_problem(config: TrainConfig) -> str | None:
+    """What is wrong with the K-fold options, as a message for parser.error, or None."""
+    n_folds = config.n_folds
+    if config.fold_files and config.folds is not None and config.folds != len(config.fold_files):
+        return (f"--folds {config.folds} but {len(config.fold_files)} --fold-file files were given: give one fold "
+                "file per fold")
+    if config.fold_file and config.folds is not None and config.folds > 1:
+        return "--folds with a single --fold-file: give one --fold-file per fold, or --folds alone"
+    if config.fold is not None and n_folds is None:
+        return "--fold k needs --folds K (or several --fold-file files)"
+    if config.fold is not None and not 1 <= config.fold <= n_folds:
+        return f"--fold {config.fold}: folds are numbered 1 to {n_folds}"
+    if n_folds is not None and config.split == "image":
+        return "--folds makes folds of patients; it cannot be combined with --split image"
+    if n_folds is not None and config.max_images:
+        return "--max-images cannot be combined with --folds: every fold must see the same images"
+    return None
+
+
+def split_protocol(config: TrainConfig) -> dict:
+    """The options that define a single split; stored in split.json and checked by every later script."""
+    return {
+        "method": "fold" if config.fold_file else config.split,
+        "fold_file": config.fold_file,
+        "val_fraction": config.val_fraction,
+        "test_fraction": None if config.fold_file else config.test_fraction,
+        "seed": config.seed,
+        "magnification": config.magnification,
+        "patient_id": config.patient_id,
+    }
+
+
+def fold_protocol(config: TrainConfig) -> dict:
+    """The options that define the folds: stored in folds.json and checked by every later fold run."""
+    common = {"seed": config.seed, "val_fraction": config.val_fraction, "magnification": config.magnification,
+              "patient_id": config.patient_id}
+    if config.fold_files:
+        return {"method": "fold_files", "fold_files": list(config.fold_files), **common}
+    return {"method": "kfold", "n_folds": config.n_folds, **common}
 
 
 def heatmaps_only_command(script: str, config: dict, output_dir: str | os.PathLike) -> str:
@@ -141,53 +236,3 @@ def heatmaps_only_command(script: str, config: dict, output_dir: str | os.PathLi
         if config.get(option, DEFAULTS[option]) != DEFAULTS[option]:
             words += [f"--{option.replace('_', '-')}", str(config[option])]
     return shlex.join(words + ["--heatmaps-only"])
-
-
-def split_protocol(args: argparse.Namespace) -> dict:
-    """The options that define the split; stored in the split file and checked by every later script."""
-    return {
-        "method": "fold" if args.fold_file else args.split,
-        "fold_file": os.path.abspath(args.fold_file) if args.fold_file else None,
-        "val_fraction": args.val_fraction,
-        "test_fraction": None if args.fold_file else args.test_fraction,
-        "seed": args.seed,
-        "magnification": args.magnification,
-        "patient_id": args.patient_id,
-    }
-
-
-def n_folds_of(args: argparse.Namespace) -> int | None:
-    """K of a K-fold run (--folds K, or the number of --fold-file files given), None for a single split."""
-    if args.fold_files:
-        return len(args.fold_files)
-    return args.folds
-
-
-def check_fold_options(args: argparse.Namespace) -> str | None:
-    """What is wrong with the K-fold options, as a message for parser.error, or None."""
-    n_folds = n_folds_of(args)
-    if args.folds is not None and args.folds < 2:
-        return "--folds must be at least 2"
-    if args.fold_files and args.folds is not None and args.folds != len(args.fold_files):
-        return (f"--folds {args.folds} but {len(args.fold_files)} --fold-file files were given: give one fold file "
-                "per fold")
-    if args.fold_file and args.folds is not None:
-        return "--folds with a single --fold-file: give one --fold-file per fold, or --folds alone"
-    if args.fold is not None and n_folds is None:
-        return "--fold k needs --folds K (or several --fold-file files)"
-    if args.fold is not None and not 1 <= args.fold <= n_folds:
-        return f"--fold {args.fold}: folds are numbered 1 to {n_folds}"
-    if n_folds is not None and args.split == "image":
-        return "--folds makes folds of patients; it cannot be combined with --split image"
-    if n_folds is not None and args.max_images:
-        return "--max-images cannot be combined with --folds: every fold must see the same images"
-    return None
-
-
-def fold_protocol(args: argparse.Namespace) -> dict:
-    """The options that define the folds: stored in folds.json and checked by every later fold run."""
-    common = {"seed": args.seed, "val_fraction": args.val_fraction, "magnification": args.magnification,
-              "patient_id": args.patient_id}
-    if args.fold_files:
-        return {"method": "fold_files", "fold_files": list(args.fold_files), **common}
-    return {"method": "kfold", "n_folds": args.folds, **common}

@@ -7,7 +7,7 @@ Where it runs (device, ranks, mixed precision, memory format) is the Runtime's b
 what a checkpoint holds is common/models/checkpoints.py's; the model script around the loop is common/training/model_script.py.
 """
 
-import argparse
+import dataclasses
 import json
 import math
 import time
@@ -28,6 +28,7 @@ from common.data.partition import Split
 from common.data.records import CLASS_NAMES
 from common.evaluation.metrics import binary_metrics, selection_score, softmax
 from common.models.checkpoints import best_checkpoint, load_checkpoint
+from common.training.config import TrainConfig
 from common.training.runtime import Runtime, make_optimizer
 
 
@@ -106,7 +107,7 @@ def evaluate(model, batches, split: Split, *, runtime: Runtime) -> dict:
 # ------------------------------------------------------------------------------------------------- fit
 
 
-def resume_training(path: Path, model, optimizer, scheduler, scaler, *, args: argparse.Namespace,
+def resume_training(path: Path, model, optimizer, scheduler, scaler, *, config: TrainConfig,
                     split: Split) -> tuple[int, tuple | None]:
     """Restore the last completed epoch; returns (epochs done, best selection score so far)."""
     if not path.is_file():
@@ -115,7 +116,7 @@ def resume_training(path: Path, model, optimizer, scheduler, scaler, *, args: ar
     # A state trained on another split may have learned from this split's test patients.
     # max_images is in the protocol only when --max-images really subsampled (it keeps the full split's digest).
     if (state.get("split_digest"), state.get("image_size"), state.get("max_images")) != \
-            (split.digest, args.image_size, split.protocol.get("max_images")):
+            (split.digest, config.image_size, split.protocol.get("max_images")):
         raise PipelineError(f"--resume: {path} was trained on another split or image size than this run's "
                             "(split.json, --image-size, --max-images); start without --resume")
     model.load_state_dict(state["model"])
@@ -124,11 +125,11 @@ def resume_training(path: Path, model, optimizer, scheduler, scaler, *, args: ar
     if state["scaler"]:  # empty when the run that saved it did not use fp16 loss scaling
         scaler.load_state_dict(state["scaler"])
     start_epoch = state["epoch"]
-    if scheduler.T_max != args.epochs:  # --epochs changed: go on along the new cosine (the old one ends at lr 0)
-        scheduler.T_max = args.epochs
+    if scheduler.T_max != config.epochs:  # --epochs changed: go on along the new cosine (the old one ends at lr 0)
+        scheduler.T_max = config.epochs
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = scheduler.eta_min + (base_lr - scheduler.eta_min) * (
-                1 + math.cos(math.pi * start_epoch / args.epochs)) / 2
+                1 + math.cos(math.pi * start_epoch / config.epochs)) / 2
     return start_epoch, tuple(state["best_score"]) if state["best_score"] else None
 
 
@@ -137,29 +138,29 @@ def log_epoch(log_path: Path, row: dict) -> None:
         handle.write(json.dumps(row) + "\n")
 
 
-def fit(model: nn.Module, args: argparse.Namespace, split: Split, runtime: Runtime, cache) -> None:
+def fit(model: nn.Module, config: TrainConfig, split: Split, runtime: Runtime, cache) -> None:
     """Fine-tune every layer; keep the best epoch by val balanced accuracy in fine_tuned_<arch>.pth."""
-    device, output_dir = runtime.device, Path(args.output_dir)
+    device, output_dir = runtime.device, Path(config.output_dir)
     model.to(device, memory_format=torch.channels_last if runtime.channels_last else torch.contiguous_format)
-    optimizer = make_optimizer(model, name=args.optimizer, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    optimizer = make_optimizer(model, name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype == torch.float16)
     start_epoch, best_score = 0, None
-    if args.resume:
-        start_epoch, best_score = resume_training(state_path(output_dir, args.arch), model, optimizer, scheduler,
-                                                  scaler, args=args, split=split)
+    if config.resume:
+        start_epoch, best_score = resume_training(state_path(output_dir, config.arch), model, optimizer, scheduler,
+                                                  scaler, config=config, split=split)
         if runtime.is_main:
-            print(f"resuming {args.arch} after epoch {start_epoch} of {args.epochs}")
+            print(f"resuming {config.arch} after epoch {start_epoch} of {config.epochs}")
     trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if runtime.distributed else model
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights(split, args.class_weights, device))
-    batch_options = dict(image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,
-                         device=device, seed=args.seed, cache=cache, rank=runtime.rank, world_size=runtime.world_size)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(split, config.class_weights, device))
+    batch_options = dict(image_size=config.image_size, batch_size=config.batch_size, workers=config.workers,
+                         device=device, seed=config.seed, cache=cache, rank=runtime.rank, world_size=runtime.world_size)
     train_batches = make_batches(split.root, split.records, split.indices("train"), train=True, **batch_options)
     val_batches = make_batches(split.root, split.records, split.indices("val"), train=False, **batch_options)
     # Leaving the block waits for the last files: the heatmap export reads the best checkpoint back.
     with BackgroundWriter() as writer:
-        for epoch in range(start_epoch, args.epochs):
+        for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             train_metrics = train_one_epoch(trained, train_batches, optimizer, loss_fn, epoch=epoch, runtime=runtime,
                                             scaler=scaler)
@@ -173,34 +174,36 @@ def fit(model: nn.Module, args: argparse.Namespace, split: Split, runtime: Runti
             if improved:
                 best_score = score
             if runtime.is_main:
-                report_epoch(args, epoch, train_metrics, val_metrics, train_seconds, len(split.indices("train")),
+                report_epoch(config, epoch, train_metrics, val_metrics, train_seconds, len(split.indices("train")),
                              improved)
                 weights = model.state_dict()  # one dict in both files: the writer's snapshot copies it once
-                best = [(best_checkpoint(weights, args, split, epoch=epoch + 1, val_metrics=val_metrics),
-                         checkpoint_path(output_dir, args.arch))] if improved else []
-                state = {"model": weights, "arch": args.arch, "optimizer": optimizer.state_dict(),
+                best = [(best_checkpoint(weights, arch=config.arch, image_size=config.image_size,
+                                         config=dataclasses.asdict(config), split=split, epoch=epoch + 1,
+                                         val_metrics=val_metrics),
+                         checkpoint_path(output_dir, config.arch))] if improved else []
+                state = {"model": weights, "arch": config.arch, "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                          "best_score": list(best_score), "split_digest": split.digest,
-                         "image_size": args.image_size, "max_images": split.protocol.get("max_images")}
+                         "image_size": config.image_size, "max_images": split.protocol.get("max_images")}
                 # Written while the next epoch trains.
-                writer.save(best + [(state, state_path(output_dir, args.arch))])
+                writer.save(best + [(state, state_path(output_dir, config.arch))])
             runtime.barrier()
-    if runtime.is_main and not args.keep_training_state:
+    if runtime.is_main and not config.keep_training_state:
         # Every epoch ran: the state exists for --resume of an unfinished run, and is the largest file of a run
         # (model + optimizer moments: 1.6 GB for VGG-16). Keep it only when asked, to extend the run later.
-        state_path(output_dir, args.arch).unlink(missing_ok=True)
+        state_path(output_dir, config.arch).unlink(missing_ok=True)
 
 
-def report_epoch(args, epoch: int, train_metrics: dict, val_metrics: dict, seconds: float, train_images: int,
+def report_epoch(config: TrainConfig, epoch: int, train_metrics: dict, val_metrics: dict, seconds: float, train_images: int,
                  improved: bool) -> None:
     row = {"epoch": epoch + 1, "train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],
            "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
            "val_balanced_accuracy": val_metrics["balanced_accuracy"], "val_roc_auc": val_metrics["roc_auc"],
            "train_seconds": round(seconds, 2), "train_images_per_second": round(train_images / seconds, 1),
            "best_so_far": improved}
-    log_epoch(train_log_path(args.output_dir, args.arch), row)
+    log_epoch(train_log_path(config.output_dir, config.arch), row)
     balanced = val_metrics["balanced_accuracy"]
-    print(f"{args.arch} epoch {epoch + 1}/{args.epochs}: train loss {train_metrics['loss']:.4f} "
+    print(f"{config.arch} epoch {epoch + 1}/{config.epochs}: train loss {train_metrics['loss']:.4f} "
           f"acc {train_metrics['accuracy']:.3f} | val loss {val_metrics['loss']:.4f} acc {val_metrics['accuracy']:.3f} "
           f"bal-acc {'n/a' if balanced is None else f'{balanced:.3f}'} | {seconds:.1f}s"
           f"{' | saved best' if improved else ''}", flush=True)
