@@ -20,6 +20,7 @@ file last with the SHA-256 of the others.
 """
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -88,11 +89,12 @@ def final_stage_options(args: argparse.Namespace) -> FinalStageOptions:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if Path(args.output_dir).is_dir():
+        remove_stale_temporaries(args.output_dir)  # never another live run's (see the function)
     run = open_run(args.output_dir)
     options = final_stage_options(args)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    remove_stale_temporaries(run.output_dir)  # never another live run's (see the function)
     if run.kind == "single":
         print(f"\n{run_single_split(run, options, device)}")
         return

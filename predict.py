@@ -35,8 +35,8 @@ from common.cams.display import blend, colorize, combined_map, jet
 from common.cams.ensemble import CnnEnsemble
 from common.core.console import HelpFormatter
 from common.core.errors import PipelineError, run_main
-from common.core.fileio import atomic_path, disk_full_as_pipeline_error, write_text
-from common.core.runfiles import PREDICTIONS_DIR, probability_key
+from common.core.fileio import disk_full_as_pipeline_error, write_text
+from common.core.runfiles import PREDICTIONS_CSV, PREDICTIONS_DIR, probability_key
 from common.data.records import IMAGE_EXTENSIONS
 from common.evaluation.metrics import DECISION_THRESHOLD, format_probability
 from common.inference import BATCH_SIZE, RunModels, load_run_models, predict_batches
@@ -157,16 +157,20 @@ def overlay_names(image_paths: list[Path]) -> list[str]:
 
 def write_explanations(image_paths: list[Path], names: list[str], models: RunModels, folder: Path,
                        explain: str) -> list[str]:
-    """<stem>_explain.png beside each overlay (common.explain.figures.explain_image); returns their names."""
+    """<stem>_explain.png beside each overlay (common.explain.figures.explain_image), each image explained by the
+    models that scored it (scoring_groups); returns their names."""
     from common.explain.figures import explain_image  # here: captum is imported only when explanations are asked for
 
     written = []
-    for path, overlay_name in zip(image_paths, names):
-        name = overlay_name.removesuffix("_gradcam.png") + "_explain.png"
-        with disk_full_as_pipeline_error(folder / name):
-            explain_image(path, models.cnns, folder / name, target_rule=models.classifier["target_class_rule"],
-                          perturbation_archs=MODEL_ORDER if explain == "all" else (explain,))
-        written.append(name)
+    for fold, indices in scoring_groups(models.run, image_paths):
+        cnns = fold_models(models, fold).cnns if fold is not None else models.cnns
+        for index in indices:
+            name = names[index].removesuffix("_gradcam.png") + "_explain.png"
+            with disk_full_as_pipeline_error(folder / name):
+                explain_image(image_paths[index], cnns, folder / name,
+                              target_rule=models.classifier["target_class_rule"],
+                              perturbation_archs=MODEL_ORDER if explain == "all" else (explain,))
+            written.append(name)
     return written
 
 
@@ -208,8 +212,8 @@ def main(argv=None) -> None:
     table = io.StringIO()
     csv.writer(table).writerows([["image"] + [f"p_malignant_{name}" for name in COLUMNS]
                                  + ["prediction", "overlay", "scored_by"]] + [rows[index] for index in sorted(rows)])
-    write_text(out_dir / "predictions.csv", table.getvalue())
-    print(f"wrote {out_dir / 'predictions.csv'} and {len(image_paths)} overlay(s): image | "
+    write_text(out_dir / PREDICTIONS_CSV, table.getvalue())
+    print(f"wrote {out_dir / PREDICTIONS_CSV} and {len(image_paths)} overlay(s): image | "
           f"{' | '.join(MODEL_ORDER)} | combined")
 
 
@@ -233,9 +237,8 @@ def score_group(run: Run, models: RunModels, fold: int | None, indices: list[int
                 probabilities["final_mlp"] = float(stored[final_key][stored_row])
             figure = overlay_figure(batch["images"][row], {arch: batch["cams"][arch][row] for arch in MODEL_ORDER},
                                     probabilities, path.name)
-            with disk_full_as_pipeline_error(out_dir / names[index]), \
-                    atomic_path(staging / names[index], suffix=".png") as temp_path:
-                figure.savefig(temp_path, format="png", dpi=90)
+            with disk_full_as_pipeline_error(out_dir / names[index]):  # (staging: a whole file or none moves on)
+                figure.savefig(staging / names[index], format="png", dpi=90)
             verdict = "malignant" if probabilities["final_mlp"] >= DECISION_THRESHOLD else "benign"
             print(f"{path.name[-40:]:<40} " + " ".join(f"{format_probability(probabilities[name]):>12}"
                                                        for name in COLUMNS) + f"  {verdict}")

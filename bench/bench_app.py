@@ -51,7 +51,7 @@ def train_run(run_dir: Path, data_dir: Path | None) -> None:
 
 def breakhis_sized_upload(run, folder: Path) -> Path:
     """A test image of the run upscaled to 700x460 and saved as PNG, like a BreaKHis file."""
-    source = run.report.data_root / run.report.predictions["paths"][0]
+    source = run.run.data_root / run.predictions["paths"][0]
     target = folder / "upload_700x460.png"
     Image.open(source).convert("RGB").resize((700, 460), Image.Resampling.BILINEAR).save(target)
     return target
@@ -81,17 +81,17 @@ def main() -> None:
         started = time.perf_counter()
         run = load_viewer_run(run_dir, device=torch.device("cpu"))
         startup = time.perf_counter() - started
-        sizes = {arch: size for arch, (_model, size) in run.cnns.items()}
+        sizes = {arch: ensemble.image_size for arch, ensemble in run.models.cnns.items()}
         upload = str(breakhis_sized_upload(run, Path(work)))
         row = filter_rows(browse_rows(run))[0]
         click = app.gr.SelectData(None, {"index": [0, 0], "value": "", "selected": True})
-        predicted = app.predict_uploads(run, [upload], "cams", DEFAULT_OPACITY)
-        browsed = app.browse_select(run, "test", [row], "cams", DEFAULT_OPACITY, click)
+        predicted = app.predict_uploads(run, [upload], "gradcam", DEFAULT_OPACITY)
+        browsed = app.browse_select(run, [row], "gradcam", DEFAULT_OPACITY, click)
         timings = interleaved_medians({
             "upload: app.predict_uploads (decode, 3 CNNs + Grad-CAM, MLP, overlays)":
-                lambda: app.predict_uploads(run, [upload], "cams", DEFAULT_OPACITY),
+                lambda: app.predict_uploads(run, [upload], "gradcam", DEFAULT_OPACITY),
             "browse: app.browse_select (stored maps, image from disk, overlays)":
-                lambda: app.browse_select(run, "test", [row], "cams", DEFAULT_OPACITY, click),
+                lambda: app.browse_select(run, [row], "gradcam", DEFAULT_OPACITY, click),
             "  + PNG encoding of the 5 pictures of an upload": lambda: encode_pngs(predicted),
             "  + PNG encoding of the 5 pictures of a stored image": lambda: encode_pngs(browsed),
         }, repeats=repeats)

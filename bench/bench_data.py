@@ -45,7 +45,7 @@ import common.data.images as dataset_module
 from common.cams.heatmap_file import export_heatmaps
 from common.data.demo import make_demo_dataset
 from common.data.images import build_cache, make_batches
-from common.data.partition import Split, split_digest
+from common.data.partition import Split, partition_digest
 from common.data.records import Record, index_dataset
 from common.models.registry import build_model
 from common.training.loop import train_one_epoch
@@ -199,7 +199,7 @@ def rss_child(count: int, image_size: int, scratch: Path) -> None:
     data_dir = scratch / "data"
     root, records = repeated_records(data_dir, count)
     splits = ["test"] * len(records)
-    split = Split(root, records, splits, {}, split_digest(records, splits))
+    split = Split(root, records, splits, {}, partition_digest(records, splits, {}))
     model = build_model("resnet50", "none")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out_path = scratch / f"heatmaps_{count}.npz"

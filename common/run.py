@@ -21,6 +21,7 @@ makes or remakes it.
 
 import csv
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,14 +34,27 @@ from common.cams.heatmap_file import CAM_ARRAY_KEYS, load_heatmaps, stored_cam_m
 from common.cams.methods import CAM_METHODS
 from common.core.errors import PipelineError
 from common.core.fileio import sha256_of_file
-from common.core.runfiles import (CV_RESULTS_JSON, FINAL_CLASSIFIER, FOLDS_FILE, FURTHER_SCRIPT, OOF_PREDICTIONS,
-                                  PIPELINE_SCRIPT, RESULTS_JSON, SPLIT_FILE, TEST_PREDICTIONS, checkpoint_path,
-                                  fold_dir, heatmap_path, run_kind)
+from common.core.runfiles import (
+    CV_RESULTS_JSON,
+    FINAL_CLASSIFIER,
+    FOLDS_FILE,
+    FURTHER_SCRIPT,
+    OOF_PREDICTIONS,
+    PIPELINE_SCRIPT,
+    RESULTS_JSON,
+    SPLIT_FILE,
+    TEST_PREDICTIONS,
+    checkpoint_path,
+    fold_dir,
+    heatmap_path,
+    run_kind,
+)
 from common.data.partition import Folds, Split, load_folds, load_split
 from common.data.records import CLASS_NAMES
 from common.fusion.mlp import CLASSIFIER_FORMAT_VERSION, mlp_from_classifier
 from common.models.checkpoints import load_checkpoint, model_from_checkpoint, training_caveats
 from common.models.registry import ARCHS, MODEL_ORDER
+from common.training.config import DEFAULTS as TRAINING_DEFAULTS
 from common.training.config import heatmaps_only_command
 
 # Same images, order, labels and splits, and maps made by the same target-class rule, in all three heatmap files.
@@ -98,13 +112,25 @@ class Run:
         return f"python {FURTHER_SCRIPT} --output-dir {self.output_dir}"
 
     def model_command(self, arch: str, fold: int) -> str:
-        """The command that trains `arch` (in fold k) into this run."""
-        words = [f"python {ARCHS[arch].script} --data-dir {self.data_root} --output-dir {self.output_dir}"]
+        """The command that trains `arch` (in fold k) into this run, with the options its split or folds were made
+        with (the split file refuses other ones)."""
+        protocol = self.partition.protocol
+        words = ["python", ARCHS[arch].script, "--data-dir", str(self.data_root), "--output-dir", str(self.output_dir)]
         if self.kind == "kfold":
-            protocol = self.partition.protocol
-            words += [" ".join(f"--fold-file {path}" for path in protocol["fold_files"])
-                      if protocol["method"] == "fold_files" else f"--folds {self.partition.n_folds}", f"--fold {fold}"]
-        return " ".join(words)
+            words += [arg for path in protocol["fold_files"] for arg in ("--fold-file", path)] \
+                if protocol["method"] == "fold_files" else ["--folds", str(self.partition.n_folds)]
+            words += ["--fold", str(fold)]
+        else:
+            if protocol["method"] == "fold":
+                words += ["--fold-file", protocol["fold_file"]]
+            elif protocol["method"] == "image":
+                words += ["--split", "image"]
+            if protocol.get("test_fraction") not in (None, TRAINING_DEFAULTS["test_fraction"]):
+                words += ["--test-fraction", str(protocol["test_fraction"])]
+        for option in ("val_fraction", "seed", "magnification", "patient_id"):
+            if option in protocol and protocol[option] != TRAINING_DEFAULTS[option]:
+                words += [f"--{option.replace('_', '-')}", str(protocol[option])]
+        return shlex.join(words)
 
     def first_missing(self) -> str | None:
         """What to run next when a stage has not run: the first missing checkpoint or heatmap file, or the final
@@ -149,9 +175,10 @@ class Run:
         digests = {}
         for arch in MODEL_ORDER:
             checkpoint_file = self.require(checkpoint_path(folder, arch))
-            load_checkpoint(checkpoint_file, arch)  # a truncated file is an error, not a digest
+            self.check_fold_of(load_checkpoint(checkpoint_file, arch), checkpoint_file, fold)  # truncated: an error
             digests[arch] = sha256_of_file(checkpoint_file)
-            check_made_by_checkpoint(arch, files[arch], heatmaps[arch], checkpoint_file, digests[arch])
+            check_made_by_checkpoint(arch, files[arch], heatmaps[arch], checkpoint_file, digests[arch],
+                                     then=self.further_command())
         return heatmaps, digests
 
     # ------------------------------------------------------------------------------------ held-out rows
@@ -265,13 +292,23 @@ class Run:
         digest = sha256_of_file(path)
         if digest == classifier["checkpoint_sha256"][arch][fold - 1]:
             return path
+        self.check_fold_of(load_checkpoint(path, arch), path, fold)
         heatmap_file = heatmap_path(folder, arch)
         if heatmap_file.is_file():  # a model script rerun that stopped before its export: regenerate the maps first
             check_made_by_checkpoint(arch, heatmap_file, load_heatmaps(heatmap_file), path, digest,
                                      then=self.further_command())
-        where = f"fold {fold}'s " if self.kind == "kfold" else ""
-        raise PipelineError(f"{path} is not {where}checkpoint {FINAL_CLASSIFIER} was fitted on (retrained, or copied "
-                            f"from another fold, since); rerun {self.further_command()}")
+        where = f" for fold {fold}" if self.kind == "kfold" else ""
+        raise PipelineError(f"{path} is not the checkpoint {FINAL_CLASSIFIER} was fitted on{where} (it was retrained "
+                            f"since); rerun {self.further_command()}")
+
+    def check_fold_of(self, checkpoint: dict, path: Path, fold: int) -> None:
+        """A K-fold run's checkpoint must be its folder's fold's (its config records the fold it was trained for):
+        one copied from another fold trained on this fold's test patients."""
+        trained_for = checkpoint.get("config", {}).get("fold")
+        if self.kind == "kfold" and trained_for != fold:
+            raise PipelineError(f"{path} was trained for fold {trained_for}, not fold {fold} (copied from another "
+                                f"fold?): it has seen fold {fold}'s test patients; retrain it with "
+                                f"{self.model_command(checkpoint['arch'], fold)}")
 
     def load_cnns(self, device: torch.device, classifier: dict, folds=None) -> dict[str, CnnEnsemble]:
         """Each CNN as the ensemble of its models of `folds` (default: every fold), on `device`, each checked to be

@@ -75,19 +75,42 @@ PIPELINE_ARGS = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--
                  "--overlays", "1", "--val-fraction", "0.25", "--test-fraction", "0.25"]
 
 
+FOLDS = 2  # the K of the K-fold test run: 4 patients per class give each fold 2 test patients per class
+
+
+def run_pipeline(base: Path, demo_dir: Path, name: str, *options: str) -> subprocess.CompletedProcess:
+    """run_pipeline.py on the demo tree into base/name, started from `base` with relative paths (they must mean
+    the caller's folder); the faithfulness of the explanations on two held-out images, CAMs only."""
+    finished = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "--data-dir",
+                               os.path.relpath(demo_dir, base), "--output-dir", name, "--faithfulness-images", "2",
+                               "--faithfulness-perturbation-images", "0", *options, *PIPELINE_ARGS],
+                              cwd=base, capture_output=True, text=True, timeout=1500)
+    assert finished.returncode == 0, f"run_pipeline.py failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}"
+    return finished
+
+
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory, demo_dir) -> Path:
-    """run_pipeline.py on the demo tree (three model scripts, cancer_class_further.py, the faithfulness of the CAMs
-    on two test images, the report), once."""
+    """A single-split run (run_pipeline.py --folds 1: the three model scripts, cancer_class_further.py,
+    score_explanations.py, the report) of the demo tree, once."""
     base = tmp_path_factory.getbasetemp()
-    run_dir = base / "pipeline_run"
-    # Started from another folder than the repository, with relative paths: they must mean the caller's folder.
-    finished = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "--data-dir",
-                               os.path.relpath(demo_dir, base), "--output-dir", "pipeline_run",
-                               "--faithfulness-images", "2", "--faithfulness-perturbation-images", "0", *PIPELINE_ARGS],
-                              cwd=base, capture_output=True, text=True, timeout=900)
-    assert finished.returncode == 0, f"run_pipeline.py failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}"
-    return run_dir
+    run_pipeline(base, demo_dir, "pipeline_run", "--folds", "1")
+    return base / "pipeline_run"
+
+
+@pytest.fixture(scope="session")
+def cv_run(tmp_path_factory, demo_dir) -> Path:
+    """A K-fold run (run_pipeline.py --folds 2: every fold's three models and table, the cross-validated table and
+    final classifier, score_explanations.py on out-of-fold images, the report with its folds' pages), once."""
+    base = tmp_path_factory.getbasetemp()
+    run_pipeline(base, demo_dir, "cv_run", "--folds", str(FOLDS))
+    return base / "cv_run"
+
+
+@pytest.fixture
+def cv_copy(cv_run, tmp_path) -> Path:
+    """A copy of the K-fold run to change, made of symbolic links (see run_copy)."""
+    return Path(shutil.copytree(cv_run, tmp_path / "cv", copy_function=os.symlink))
 
 
 @pytest.fixture

@@ -1,14 +1,17 @@
 """app.py end to end in a real browser: headless Chromium (Debian's `chromium`) driven by Playwright against the
-app serving a finished demo run, started in a subprocess on a free port of 127.0.0.1.
+app serving a finished demo run, started in a subprocess on a free port of 127.0.0.1; both kinds of run.
 
-Upload an image and read the probabilities and overlays the page shows; move the opacity slider; open a test
-image from Browse; read the Results tab; the run folder is left exactly as it was. The pictures the page serves
-are compared pixel for pixel with common.viewer's (PNG, lossless).
+Single split: upload an image and read the probabilities and overlays the page shows; move the opacity slider;
+open a test image from Browse; read the Results tab; the run folder is left exactly as it was. K-fold: the page
+names the run and the three models, Browse has a fold column, and a clicked image's view says which fold's models
+scored it and shows that fold's maps. The pictures the page serves are compared pixel for pixel with
+common.viewer's (PNG, lossless).
 
 Skipped only when Chromium, Playwright or Gradio is missing on a developer's machine; with CI=true a missing piece
 fails the test (.ci/install_browser installs them). SAVE_SCREENSHOT=1 writes docs/viewer_screenshot.png (else the
-screenshot goes to the test's tmp folder); VIEWER_RUN=runs/demo runs the test against that run instead of the
-session's tiny pipeline run (for a screenshot with finer maps).
+screenshot goes to the test's tmp folder); VIEWER_RUN=runs/demo runs the tests of that run's kind (a folds.json
+run: the K-fold test; a split.json run: the others) against it instead of the session's tiny pipeline run (for a
+screenshot with finer maps).
 """
 
 import importlib.util
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +59,9 @@ def require_browser_tools() -> str:
 CHROMIUM = require_browser_tools()
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
-from common.viewer import (
+from common.core.runfiles import run_kind  # noqa: E402
+from common.models.registry import MODEL_ORDER  # noqa: E402
+from common.viewer import (  # noqa: E402
     DEFAULT_OPACITY,
     browse_rows,
     filter_rows,
@@ -80,10 +86,22 @@ def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
             for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
+def chosen_run(request, kind: str) -> Path:
+    """$VIEWER_RUN when it holds a run of this kind, else the session's pipeline run of this kind (conftest.py)."""
+    chosen = os.environ.get("VIEWER_RUN")
+    if chosen and run_kind(Path(chosen)) == kind:
+        return Path(chosen).resolve()
+    return request.getfixturevalue("pipeline_run" if kind == "single" else "cv_run")
+
+
 @pytest.fixture(scope="module")
 def run_dir(request) -> Path:
-    chosen = os.environ.get("VIEWER_RUN")
-    return Path(chosen).resolve() if chosen else request.getfixturevalue("pipeline_run")
+    return chosen_run(request, "single")
+
+
+@pytest.fixture(scope="module")
+def cv_dir(request) -> Path:
+    return chosen_run(request, "kfold")
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +111,14 @@ def viewer(run_dir):
 
 
 @pytest.fixture(scope="module")
-def server(run_dir, tmp_path_factory):
-    """app.py in a subprocess on a free port; yields its URL and the run folder's state before it started."""
-    work = tmp_path_factory.mktemp("app_server")
+def cv_viewer(cv_dir):
+    return load_viewer_run(cv_dir, device=torch.device("cpu"))
+
+
+@contextmanager
+def serving(run_dir: Path, work: Path):
+    """app.py on `run_dir` in a subprocess on a free port; yields its URL and the run folder's state before it
+    started; stops it afterwards."""
     before = folder_state(run_dir)
     port = free_port()
     log = open(work / "app.log", "w+")
@@ -129,6 +152,18 @@ def server(run_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory):
+    with serving(run_dir, tmp_path_factory.mktemp("app_server")) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def cv_server(cv_dir, tmp_path_factory):
+    with serving(cv_dir, tmp_path_factory.mktemp("cv_app_server")) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
 def browser():
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -136,21 +171,35 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture
-def page(browser, server):
+@contextmanager
+def opened(browser, url: str):
     context = browser.new_context(viewport={"width": 1500, "height": 1100})
     page = context.new_page()
     page.set_default_timeout(STEP_TIMEOUT_MS)
-    page.goto(server["url"])
-    yield page
-    context.close()
+    page.goto(url)
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    with opened(browser, server["url"]) as single_page:
+        yield single_page
+
+
+@pytest.fixture
+def cv_page(browser, cv_server):
+    with opened(browser, cv_server["url"]) as kfold_page:
+        yield kfold_page
 
 
 @pytest.fixture(scope="module")
 def upload(viewer, tmp_path_factory) -> Path:
     """One of the run's test images as a new upload (a TIFF, under another name)."""
     folder = tmp_path_factory.mktemp("browser_upload")
-    source = viewer.report.data_root / viewer.report.predictions["paths"][0]
+    source = viewer.run.data_root / viewer.held.paths[0]
     target = folder / "slide_upload.tif"
     Image.open(source).convert("RGB").save(target)
     return target
@@ -214,20 +263,29 @@ def test_opacity_slider_redraws_the_overlays(page, viewer, upload):
     assert np.array_equal(served_picture(page, "predict-vgg16"), np.asarray(panels[3][0]))
 
 
+def open_browse_row(page, viewer, row) -> None:
+    """Click `row`'s image name in the Browse table; check the view the page then shows against stored_view's:
+    its heading, its true class, and the pictures of one CNN's map and of the combined map, pixel for pixel."""
+    name = Path(row.path).name
+    table = page.locator("#browse-table")
+    expect(table).to_contain_text(name)
+    old_source = page.locator("#browse-combined img").first.get_attribute("src") \
+        if page.locator("#browse-combined img").count() else None
+    table.get_by_text(name, exact=True).filter(visible=True).first.click()  # Gradio keeps a hidden copy
+    expect(page.locator("#browse-probabilities")).to_contain_text(f"{name}:")
+    expect(page.locator("#browse-probabilities")).to_contain_text("True class:")
+    view = stored_view(viewer, row)
+    panels = render_panels(viewer, view, opacity=DEFAULT_OPACITY)
+    wait_for_picture(page, "browse-combined", not_src=old_source)
+    assert np.array_equal(served_picture(page, "browse-densenet121"), np.asarray(panels[1][0]))
+    assert np.array_equal(served_picture(page, "browse-combined"), np.asarray(panels[4][0]))
+
+
 def test_browse_opens_a_stored_test_image(page, viewer):
     page.get_by_role("tab", name="Browse").click()
     rows = filter_rows(browse_rows(viewer))  # the page's default: every test image, most confident first
-    first_name = Path(rows[0].path).name
-    table = page.locator("#browse-table")
-    expect(table).to_contain_text(first_name)
-    table.get_by_text(first_name, exact=True).filter(visible=True).first.click()  # Gradio keeps a hidden copy
-    expect(page.locator("#browse-probabilities")).to_contain_text(f"{first_name}:")
-    expect(page.locator("#browse-probabilities")).to_contain_text("True class:")
-    view = stored_view(viewer, rows[0])
-    panels = render_panels(viewer, view, opacity=DEFAULT_OPACITY)
-    wait_for_picture(page, "browse-combined")
-    assert np.array_equal(served_picture(page, "browse-densenet121"), np.asarray(panels[1][0]))
-    assert np.array_equal(served_picture(page, "browse-combined"), np.asarray(panels[4][0]))
+    open_browse_row(page, viewer, rows[0])
+    expect(page.locator("#browse-probabilities")).not_to_contain_text("fold")  # a single split has none
 
 
 def test_results_tab_shows_the_table_and_the_report_plots(page, viewer):
@@ -249,3 +307,32 @@ def test_nothing_is_written_into_the_run_folder(server, run_dir, browser, upload
     context.close()
     assert server["process"].poll() is None, "the server is still running"
     assert folder_state(run_dir) == server["before"]
+
+
+def test_kfold_run_names_its_models_and_browse_shows_each_images_fold(cv_page, cv_viewer, cv_server, cv_dir):
+    """A K-fold run: the header says so, the Predict table names the three CNNs, Browse lists every image with its
+    fold, and a clicked image's view names the fold whose models scored it and shows that fold's maps (an image of
+    each fold); the run folder is left as it was."""
+    header = cv_page.locator("#run-header")
+    expect(header).to_contain_text(f"K-fold run, {len(cv_viewer.run.folds)} folds:")
+    expect(header).to_contain_text("bagged ensemble of the fold models")
+    for arch in MODEL_ORDER:
+        expect(cv_page.locator("#predict-summary")).to_contain_text(cv_viewer.name(arch))
+    cv_page.get_by_role("tab", name="Browse").click()
+    expect(cv_page.locator("#browse-what")).to_contain_text("every image, out of fold")
+    expect(cv_page.locator("#browse-table")).to_contain_text("fold")  # the column
+    rows = filter_rows(browse_rows(cv_viewer))  # the page's default: every image, most confident first
+    open_browse_row(cv_page, cv_viewer, rows[0])
+    expect(cv_page.locator("#browse-probabilities")).to_contain_text(
+        f"fold {rows[0].fold}: scored and explained by fold {rows[0].fold}'s models")
+    # The other fold's images, through the page's fold filter (the table only draws the rows in view).
+    other_fold = 3 - rows[0].fold
+    cv_page.locator("#browse-fold input").click()
+    cv_page.get_by_role("option", name=str(other_fold), exact=True).click()
+    other_rows = filter_rows(browse_rows(cv_viewer), fold=str(other_fold))
+    expect(cv_page.locator("#browse-table")).not_to_contain_text(Path(rows[0].path).name)
+    open_browse_row(cv_page, cv_viewer, other_rows[0])
+    expect(cv_page.locator("#browse-probabilities")).to_contain_text(
+        f"fold {other_fold}: scored and explained by fold {other_fold}'s models")
+    assert cv_server["process"].poll() is None, "the server is still running"
+    assert folder_state(cv_dir) == cv_server["before"]

@@ -1,4 +1,4 @@
-"""Which maps make the best final classifier (common/evaluation/map_comparison.py, cancer_class_further.train_cam_method_mlps):
+"""Which maps make the best final classifier (common/evaluation/map_comparison.py, common/stages/single_split.py's train_cam_method_mlps):
 the comparison's numbers are the bootstrap's on the probabilities it is given, an undefined metric stays JSON-safe,
 and each map type's MLP reads that map type and nothing else."""
 
@@ -9,12 +9,14 @@ import pytest
 import torch
 
 import cancer_class_further
+from cancer_class_further import final_stage_options
 from common.cams.heatmap_file import CAM_ARRAY_KEYS
 from common.cams.methods import CAM_METHODS
 from common.evaluation.map_comparison import compare_cam_methods, comparison_markdown
 from common.evaluation.metrics import roc_auc
 from common.evaluation.stats import PatientBootstrap
 from common.models.registry import MODEL_ORDER
+from common.stages.single_split import train_cam_method_mlps
 
 
 def patients_and_labels(n_patients: int = 12, images: int = 5):
@@ -119,8 +121,8 @@ def test_each_map_types_mlp_learns_from_that_map_type_only(signal_method, one_th
     rows = {"fit": np.flatnonzero(splits == "train"), "select": np.flatnonzero(splits == "val")}
     inputs = {arch: {"heatmaps": f"heatmaps_{arch}.npz"} for arch in MODEL_ORDER}
     given = np.full(len(splits), 0.5)  # --cam-method's own MLP is trained by train_mlps; it is reused as given
-    probabilities, missing = cancer_class_further.train_cam_method_mlps(args, heatmaps, inputs, rows,
-                                                                        torch.device("cpu"), given)
+    probabilities, missing = train_cam_method_mlps(final_stage_options(args), heatmaps, inputs, rows,
+                                                   torch.device("cpu"), given)
     assert missing == () and list(probabilities) == ["gradcam", *(m for m in CAM_METHODS if m != "gradcam")]
     assert probabilities["gradcam"] is given
     test = splits == "test"
@@ -137,6 +139,6 @@ def test_a_map_type_missing_from_one_file_is_named_not_compared(one_thread):
     args = cancer_class_further.parse_args(["--grid-size", "4", "--epochs", "1", "--device", "cpu"])
     rows = {"fit": np.flatnonzero(splits == "train"), "select": np.flatnonzero(splits == "val")}
     inputs = {arch: {"heatmaps": f"heatmaps_{arch}.npz"} for arch in MODEL_ORDER}
-    probabilities, missing = cancer_class_further.train_cam_method_mlps(args, heatmaps, inputs, rows,
-                                                                        torch.device("cpu"), np.zeros(40))
+    probabilities, missing = train_cam_method_mlps(final_stage_options(args), heatmaps, inputs, rows,
+                                                   torch.device("cpu"), np.zeros(40))
     assert missing == ("layercam",) and list(probabilities) == ["gradcam", "gradcam++"]

@@ -1,10 +1,11 @@
-"""K-fold runs end to end (common/training/model_script.py, common/stages/cross_validation.py, run_pipeline.py --folds): the fold splits the model
-scripts write, the out-of-fold set, cross-fitting on it, the files, the report page, and resuming an interrupted run.
+"""K-fold runs end to end (common/training/model_script.py, common/run.py, common/stages/cross_validation.py,
+run_pipeline.py's default): the fold splits the model scripts write, the out-of-fold set, cross-fitting on it, the
+files, resuming an interrupted run, and every reader on a K-fold run: predict.py (bagged, --explain, the run's own
+images scored by their own fold), score_explanations.py, the checks of the one classifier schema.
 
-One K-fold pipeline run (K=2, 32 px, one epoch, random init) is made once per session by the `cv_run` fixture.
+One K-fold pipeline run (K=2, 32 px, one epoch, random init) is made once per session by conftest's `cv_run`.
 """
 
-import argparse
 import csv
 import json
 import os
@@ -17,20 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PIPELINE_ARGS, ROOT
+from conftest import FOLDS, PIPELINE_ARGS, ROOT, run_pipeline
 
 from common.cams.methods import CAM_METHODS, grad_cam
 from common.core.errors import PipelineError
-from common.core.runfiles import (
-    CV_RESULTS_JSON,
-    CV_RESULTS_MD,
-    OOF_PREDICTIONS,
-    REPORT_DIR,
-    checkpoint_path,
-    fold_dir,
-)
+from common.core.fileio import save_torch, sha256_of_file
+from common.core.runfiles import (CV_RESULTS_JSON, CV_RESULTS_MD, FAITHFULNESS_JSON, FINAL_CLASSIFIER, FOLDS_FILE,
+                                  OOF_PREDICTIONS, REPORT_DIR, checkpoint_path, fold_dir)
 from common.data.images import build_cache, cache_key, load_rgb, make_batches
-from common.data.partition import FOLDS_FILE_NAME, describe_protocol, load_folds
+from common.data.partition import describe_protocol, load_folds
 from common.data.records import index_dataset
 from common.data.transforms import build_transforms
 from common.evaluation.map_comparison import cam_probability_key, compare_cam_methods
@@ -38,45 +34,26 @@ from common.fusion.mlp import MlpSettings
 from common.fusion.stacking import OutOfFold, cross_fit, mlp_stacker
 from common.models.checkpoints import load_checkpoint, model_from_checkpoint
 from common.models.registry import MODEL_ORDER
-from common.stages.cross_validation import CV_ROW_NAMES, cross_fitted_probabilities, feature_sets, load_out_of_fold
-from common.training.config import heatmaps_only_command, parse_args
-from common.training.model_script import fold_runs, prepare_fold_split
-
-FOLDS = 2
-
-
-def run_cv_pipeline(base: Path, demo_dir: Path, name: str) -> subprocess.CompletedProcess:
-    finished = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "--data-dir", str(demo_dir),
-                               "--output-dir", name, "--folds", str(FOLDS), *PIPELINE_ARGS],
-                              cwd=base, capture_output=True, text=True, timeout=1500)
-    assert finished.returncode == 0, f"run_pipeline.py --folds failed:\n{finished.stdout[-3000:]}\n" \
-                                     f"{finished.stderr[-3000:]}"
-    return finished
+from common.run import open_run
+from common.stages.cross_validation import CV_ROW_NAMES, cross_fitted_probabilities, feature_sets
+from common.training.config import TrainConfig, heatmaps_only_command, parse_config
+from common.training.model_script import prepare_run_split
 
 
-@pytest.fixture(scope="session")
-def cv_run(tmp_path_factory, demo_dir) -> Path:
-    """run_pipeline.py --folds 2 on the demo tree (every fold's three models and table, the aggregation, the
-    report), once. Started from another folder than the repository, as a user would."""
-    base = tmp_path_factory.getbasetemp()
-    run_cv_pipeline(base, demo_dir, "cv_run")
-    return base / "cv_run"
-
-
-def fold_args(demo_dir: Path, output_dir: Path, *extra: str) -> list[argparse.Namespace]:
-    args = parse_args(arch="resnet50", description="", argv=["--data-dir", str(demo_dir), "--output-dir",
-                                                             str(output_dir), *PIPELINE_ARGS, *extra])
-    return fold_runs(args)
+def fold_configs(demo_dir: Path, output_dir: Path, *extra: str) -> list[TrainConfig]:
+    config = parse_config(arch="resnet50", description="", argv=["--data-dir", str(demo_dir), "--output-dir",
+                                                                 str(output_dir), *PIPELINE_ARGS, *extra])
+    return config.fold_configs()
 
 
 # ------------------------------------------------------------------------------------------ the folds' splits
 
 
 def test_fold_splits_cover_every_image_once_share_one_cache_and_say_what_they_are(demo_dir, tmp_path):
-    runs = fold_args(demo_dir, tmp_path, "--folds", "2")
-    assert [run.output_dir for run in runs] == [str(fold_dir(tmp_path, 1)), str(fold_dir(tmp_path, 2))]
-    splits = [prepare_fold_split(run) for run in runs]
-    assert (tmp_path / FOLDS_FILE_NAME).is_file() and (fold_dir(tmp_path, 1) / "split.json").is_file()
+    configs = fold_configs(demo_dir, tmp_path, "--folds", "2")
+    assert [config.output_dir for config in configs] == [str(fold_dir(tmp_path, 1)), str(fold_dir(tmp_path, 2))]
+    splits = [prepare_run_split(config) for config in configs]
+    assert (tmp_path / FOLDS_FILE).is_file() and (fold_dir(tmp_path, 1) / "split.json").is_file()
     times_tested, folds_of_patient = defaultdict(int), defaultdict(set)
     for fold, split in enumerate(splits, start=1):
         for record, name in zip(split.records, split.splits):
@@ -91,25 +68,27 @@ def test_fold_splits_cover_every_image_once_share_one_cache_and_say_what_they_ar
     assert describe_protocol(splits[1].protocol).startswith(
         "patient-level 2-fold cross-validation, fold 2 of 2 (test = fold 2's patients; val carved from the other "
         "folds' patients), seed 0")
-    # A second call reads and checks what the first wrote.
-    assert prepare_fold_split(runs[0]).digest == splits[0].digest
+    # A second call reads and checks what the first wrote; folds.json numbers the folds 1..K.
+    assert prepare_run_split(configs[0]).digest == splits[0].digest
+    assert sorted(set(load_folds(tmp_path / FOLDS_FILE).folds.tolist())) == [1, 2]
 
 
 def test_fold_options_are_checked(demo_dir, tmp_path, capsys):
     for extra, message in ((["--fold", "1"], "--fold k needs --folds K"),
                            (["--folds", "2", "--fold", "3"], "folds are numbered 1 to 2"),
-                           (["--folds", "1"], "--folds must be at least 2"),
+                           (["--folds", "0"], "--folds must be at least 1"),
                            (["--folds", "2", "--max-images", "10"], "--max-images cannot be combined with --folds"),
                            (["--folds", "2", "--fold-file", str(tmp_path / "dsfold1.txt")],
                             "give one --fold-file per fold")):
         with pytest.raises(SystemExit):
-            fold_args(demo_dir, tmp_path, *extra)
+            fold_configs(demo_dir, tmp_path, *extra)
         assert message in capsys.readouterr().err
-    runs = fold_args(demo_dir, tmp_path, "--folds", "2")
-    prepare_fold_split(runs[0])
-    other = fold_args(demo_dir, tmp_path, "--folds", "2", "--seed", "1")
-    with pytest.raises(PipelineError, match="made with other fold options"):
-        prepare_fold_split(other[0])
+    assert fold_configs(demo_dir, tmp_path, "--folds", "1")[0].n_folds is None  # --folds 1: one split
+    configs = fold_configs(demo_dir, tmp_path, "--folds", "2")
+    prepare_run_split(configs[0])
+    other = fold_configs(demo_dir, tmp_path, "--folds", "2", "--seed", "1")
+    with pytest.raises(PipelineError, match=r"folds.json was made with other options \(seed 0 there, 1 now\)"):
+        prepare_run_split(other[0])
 
 
 def write_fold_files(folder: Path, demo_dir: Path, test_groups: list[set[str]]) -> list[Path]:
@@ -131,16 +110,17 @@ def test_official_fold_files_are_the_folds_of_a_k_fold_run(demo_dir, tmp_path):
     malignant = [patient for patient in patients if patient not in benign]
     halves = [set(benign[:2] + malignant[:2]), set(benign[2:] + malignant[2:])]
     files = write_fold_files(tmp_path, demo_dir, halves)
-    runs = fold_args(demo_dir, tmp_path / "run", *(arg for path in files for arg in ("--fold-file", str(path))))
-    assert len(runs) == 2 and runs[1].fold_files == [str(path) for path in files]
-    split = prepare_fold_split(runs[1])
+    configs = fold_configs(demo_dir, tmp_path / "run", *(arg for path in files for arg in ("--fold-file", str(path))))
+    assert len(configs) == 2 and configs[1].fold_files == tuple(str(path) for path in files)
+    split = prepare_run_split(configs[1])
     assert {r.patient for r, name in zip(split.records, split.splits) if name == "test"} == halves[1]
     assert describe_protocol(split.protocol).startswith("the test sides of 2 fold files, fold 2 of 2")
     # Overlapping test sides (the official dsfold files are independent splits, not a partition): refused.
     overlapping = write_fold_files(tmp_path, demo_dir, [halves[0], halves[0] | {benign[2]}])
-    runs = fold_args(demo_dir, tmp_path / "other", *(arg for path in overlapping for arg in ("--fold-file", str(path))))
+    configs = fold_configs(demo_dir, tmp_path / "other",
+                           *(arg for path in overlapping for arg in ("--fold-file", str(path))))
     with pytest.raises(PipelineError, match="both put .* on their test side"):
-        prepare_fold_split(runs[0])
+        prepare_run_split(configs[0])
 
 
 def test_heatmaps_only_command_of_a_fold_names_the_k_fold_folder_and_the_fold(tmp_path):
@@ -153,13 +133,13 @@ def test_heatmaps_only_command_of_a_fold_names_the_k_fold_folder_and_the_fold(tm
 
 
 def test_k_fold_run_writes_the_out_of_fold_files(cv_run):
-    folds = load_folds(cv_run / FOLDS_FILE_NAME)
+    folds = load_folds(cv_run / FOLDS_FILE)
     results = json.loads((cv_run / CV_RESULTS_JSON).read_text())
     with open(cv_run / OOF_PREDICTIONS, newline="") as handle:
         rows = list(csv.DictReader(handle))
     # Every image exactly once, with the fold whose test set holds it.
     assert [row["path"] for row in rows] == [record.path for record in folds.records]
-    assert [int(row["fold"]) for row in rows] == (folds.folds + 1).tolist()
+    assert [int(row["fold"]) for row in rows] == folds.folds.tolist()  # 1..K, as in folds.json
     for arch in MODEL_ORDER:  # each row names the checkpoint of its own fold
         for fold in (1, 2):
             digests = {row[f"checkpoint_sha256_{arch}"] for row in rows if row["fold"] == str(fold)}
@@ -178,6 +158,7 @@ def test_k_fold_run_writes_the_out_of_fold_files(cv_run):
     assert "patient-level 2-fold cross-validation" in results["protocol"]
     page = (cv_run / REPORT_DIR / "index.html").read_text()
     assert "Cross-validation report (2 folds)" in page and 'id="cv-patient"' in page and 'id="map-types"' in page
+    assert all((cv_run / REPORT_DIR / f"fold_{fold}" / "index.html").is_file() for fold in (1, 2))
     assert (cv_run / REPORT_DIR / "cv_roc.png").is_file()
 
 
@@ -220,17 +201,17 @@ def recompute_map(folder: Path, arch: str, demo_dir: Path, record_path: str) -> 
 
 
 def test_out_of_fold_map_is_the_map_of_the_fold_model_that_never_saw_the_patient(cv_run, demo_dir):
-    oof = load_out_of_fold(cv_run)
-    row = int(np.flatnonzero(oof.folds == 1)[0])  # an image of fold 2: fold_2's models never trained on it
+    held = open_run(cv_run).held_out()
+    row = int(np.flatnonzero(held.folds == 2)[0])  # an image of fold 2: fold_2's models never trained on it
     arch = "resnet50"
-    fold_two = recompute_map(fold_dir(cv_run, 2), arch, demo_dir, str(oof.paths[row]))
-    np.testing.assert_allclose(oof.cams_by_method["gradcam"][arch][row], fold_two, rtol=1e-4, atol=1e-6)
-    fold_one = recompute_map(fold_dir(cv_run, 1), arch, demo_dir, str(oof.paths[row]))
-    assert not np.allclose(oof.cams_by_method["gradcam"][arch][row], fold_one)  # the model that trained on it made another map
+    fold_two = recompute_map(fold_dir(cv_run, 2), arch, demo_dir, str(held.paths[row]))
+    np.testing.assert_allclose(held.maps["gradcam"][arch][row], fold_two, rtol=1e-4, atol=1e-6)
+    fold_one = recompute_map(fold_dir(cv_run, 1), arch, demo_dir, str(held.paths[row]))
+    assert not np.allclose(held.maps["gradcam"][arch][row], fold_one)  # the model that trained on it made another
 
 
 def test_stackers_fit_rows_never_hold_the_outer_folds_patients(cv_run):
-    oof = load_out_of_fold(cv_run)
+    oof = open_run(cv_run).held_out()
     seen = []
     settings = MlpSettings(epochs=2)
     real_mlp = mlp_stacker(settings, torch.device("cpu"), "test")
@@ -249,7 +230,7 @@ def test_stackers_fit_rows_never_hold_the_outer_folds_patients(cv_run):
     # The same holds for every stacker of the aggregation, on the rows it reports.
     _probabilities, rows_used = cross_fitted_probabilities(oof, feature_sets(oof, 4), settings, torch.device("cpu"))
     for used in rows_used.values():
-        for fold in range(FOLDS):
+        for fold in range(1, FOLDS + 1):
             outer = set(oof.patients[oof.folds == fold])
             assert not outer & set(oof.patients[used["fit"][fold]])
             assert not outer & set(oof.patients[used["select"][fold]])
@@ -265,10 +246,10 @@ def test_an_interrupted_k_fold_run_resumes_with_the_folds_not_complete(cv_run, d
     original = log.resolve()
     log.unlink()
     shutil.copyfile(original, log)
-    finished = run_cv_pipeline(base, demo_dir, "resumed")
+    finished = run_pipeline(base, demo_dir, "resumed", "--folds", str(FOLDS))
     for arch in MODEL_ORDER:
-        assert f"fold 1/2 {arch}: complete in" in finished.stdout
-    assert "fold 2/2 densenet121: complete in" in finished.stdout
+        assert f"fold_1 {arch}: complete, skipped" in finished.stdout
+    assert "fold_2 densenet121: complete, skipped" in finished.stdout
     assert "cancer_class_vgg_16.py" in finished.stdout and "--fold 2" in finished.stdout
     assert "cancer_class_resnet_50.py" not in finished.stdout
     assert (fold_dir(copy, 2) / "heatmaps_vgg16.npz").is_file()
@@ -277,7 +258,8 @@ def test_an_interrupted_k_fold_run_resumes_with_the_folds_not_complete(cv_run, d
 
 def test_predict_on_a_k_fold_run_bags_the_fold_models_and_says_so(cv_run, demo_dir, tmp_path, capsys):
     import predict  # a script at the repository root (conftest puts the root on sys.path)
-    image = demo_dir / index_dataset(demo_dir).records[0].path
+    image = tmp_path / "new.png"  # a copy outside the run's dataset: a new image
+    shutil.copyfile(demo_dir / index_dataset(demo_dir).records[0].path, image)
     predict.main([str(image), "--output-dir", str(cv_run), "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert "the mean over its 2 fold models (a bagged ensemble)" in capsys.readouterr().out
     with open(tmp_path / "out" / "predictions.csv", newline="") as handle:
@@ -290,3 +272,97 @@ def test_predict_on_a_k_fold_run_bags_the_fold_models_and_says_so(cv_run, demo_d
             logits = model(build_transforms(train=False, image_size=checkpoint["image_size"])(load_rgb(image))[None])
         expected.append(torch.softmax(logits, dim=1)[0, 1].item())
     assert float(row["p_malignant_resnet50"]) == pytest.approx(np.mean(expected), abs=1e-5)
+
+
+def oof_rows(run_dir: Path) -> dict[str, dict]:
+    with open(run_dir / OOF_PREDICTIONS, newline="") as handle:
+        return {row["path"]: row for row in csv.DictReader(handle)}
+
+
+def test_predict_scores_an_image_of_the_run_by_the_fold_that_never_saw_its_patient(cv_run, tmp_path, capsys):
+    """The run's own image is not given to the bagged ensemble (half of whose models trained on it): its CNN
+    probabilities are its fold's models' (= oof_predictions.csv) and its final MLP's the cross-fitted one."""
+    import predict
+    run = open_run(cv_run)
+    record = run.partition.records[int(np.flatnonzero(run.partition.folds == 2)[0])]
+    predict.main([str(run.data_root / record.path), "--output-dir", str(cv_run), "--out", str(tmp_path / "out"),
+                  "--device", "cpu"])
+    with open(tmp_path / "out" / "predictions.csv", newline="") as handle:
+        row = next(csv.DictReader(handle))
+    stored = oof_rows(cv_run)[record.path]
+    for arch in MODEL_ORDER:
+        assert float(row[f"p_malignant_{arch}"]) == pytest.approx(float(stored[f"prob_{arch}"]), abs=1e-5)
+    assert float(row["p_malignant_final_mlp"]) == pytest.approx(float(stored["prob_mlp_heatmaps"]), abs=1e-5)
+    assert row["scored_by"].startswith("fold 2's models (out of fold")
+
+
+def test_predict_explain_on_a_k_fold_run_writes_every_figure(cv_run, demo_dir, tmp_path):
+    image = tmp_path / "new.png"  # a copy outside the dataset: a new image, for the bagged ensemble
+    shutil.copyfile(demo_dir / index_dataset(demo_dir).records[0].path, image)
+    finished = run_script("predict.py", str(image), "--output-dir", str(cv_run), "--out", str(tmp_path / "out"),
+                          "--device", "cpu", "--explain", "resnet50")
+    assert finished.returncode == 0, finished.stderr
+    assert "bagged ensemble" in finished.stdout
+    assert {path.name for path in (tmp_path / "out").iterdir()} == {"new_gradcam.png", "new_explain.png",
+                                                                     "predictions.csv"}
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_a_checkpoint_copied_from_another_fold_is_refused_naming_the_fold(cv_copy, tmp_path):
+    import predict
+    target = checkpoint_path(fold_dir(cv_copy, 1), "resnet50")
+    target.unlink()
+    shutil.copyfile(checkpoint_path(fold_dir(cv_copy, 2), "resnet50"), target)
+    image = cv_copy / "image.png"  # not an image of the run's dataset: the bagged ensemble, every fold's model
+    load_rgb(open_run(cv_copy).data_root / open_run(cv_copy).partition.records[0].path).save(image)
+    with pytest.raises(PipelineError, match="fold_1/fine_tuned_resnet50.pth was trained for fold 2, not fold 1 .copied"):
+        predict.main([str(image), "--output-dir", str(cv_copy), "--out", str(tmp_path / "out"), "--device", "cpu"])
+
+
+def test_a_classifier_of_the_older_schema_is_refused_with_the_command_that_rewrites_it(cv_copy):
+    path = cv_copy / FINAL_CLASSIFIER
+    classifier = torch.load(path, map_location="cpu", weights_only=True)
+    path.unlink()
+    save_torch({**classifier, "format_version": 1}, path)
+    results = json.loads((cv_copy / CV_RESULTS_JSON).read_text())
+    results["outputs"][FINAL_CLASSIFIER] = sha256_of_file(path)  # listed, so the format is what is refused
+    (cv_copy / CV_RESULTS_JSON).unlink()
+    (cv_copy / CV_RESULTS_JSON).write_text(json.dumps(results))
+    with pytest.raises(PipelineError, match=r"written by an earlier version .* rewrite it with python "
+                                            r"cancer_class_further.py --output-dir"):
+        open_run(cv_copy).load_classifier()
+
+
+def test_explanations_of_a_k_fold_run_are_scored_on_out_of_fold_images_by_their_own_fold(cv_run):
+    """score_explanations.py (run by run_pipeline.py): every scored image is a run image, and its Grad-CAM deletion
+    AUC is what its own fold's model gives (recomputed here), not the other fold's."""
+    from common.explain.faithfulness import cam_saliency, score_methods, soft_vote_probabilities
+    result = json.loads((cv_run / FAITHFULNESS_JSON).read_text())
+    run = open_run(cv_run)
+    assert result["run_kind"] == "kfold" and "out of fold" in result["held_out"]
+    fold_of = {record.path: int(fold) for record, fold in zip(run.partition.records, run.partition.folds)}
+    first = result["images"][0]
+    checkpoint = load_checkpoint(checkpoint_path(fold_dir(cv_run, fold_of[first]), "resnet50"), "resnet50")
+    model = model_from_checkpoint(checkpoint).eval()
+    image = build_transforms(train=False, image_size=checkpoint["image_size"])(load_rgb(run.data_root / first))[None]
+    table = score_methods(soft_vote_probabilities([model]), image, {"Grad-CAM": cam_saliency(model, "resnet50",
+                                                                                             method="gradcam")},
+                          target=result["target_class_rule"], steps=result["steps"], seed=result["seed"])
+    stored = result["cnns"]["resnet50"]["cams"]["methods"]["Grad-CAM"]["per_image"]["deletion_auc"][0]
+    assert stored == pytest.approx(table["methods"]["Grad-CAM"]["deletion_auc"], abs=1e-6)
+    assert result["checkpoint_sha256"]["resnet50"] == [json.loads((fold_dir(cv_run, fold) / "results.json")
+                                                                  .read_text())["sources"]["resnet50"]
+                                                       ["checkpoint_sha256"] for fold in (1, 2)]
+
+
+def test_a_run_of_the_other_kind_is_refused_without_touching_the_folder(cv_copy, demo_dir, tmp_path):
+    before = sorted(path.name for path in cv_copy.iterdir())
+    finished = run_script("run_pipeline.py", "--data-dir", str(demo_dir), "--output-dir", str(cv_copy),
+                          "--folds", "1", *PIPELINE_ARGS)
+    assert finished.returncode == 2
+    assert f"error: --output-dir {cv_copy} holds a K-fold run (folds.json); a single-split run needs another " \
+           "--output-dir" in finished.stderr
+    assert sorted(path.name for path in cv_copy.iterdir()) == before

@@ -8,6 +8,7 @@ The demo tree (tests/conftest.py) holds, per class, 4 patients x magnifications 
 """
 
 import json
+import re
 import shutil
 import struct
 import zlib
@@ -20,18 +21,21 @@ import torch
 from PIL import Image
 
 from common.core.errors import PipelineError
+from common.core.runfiles import SPLIT_FILE
 from common.data.demo import SYNTHETIC_MARKER, is_synthetic_dataset, make_demo_dataset
 from common.data.images import ImageRecords, build_cache, load_rgb
 from common.data.partition import (
+    PARTITION_FORMAT_VERSION,
     describe_protocol,
+    load_folds,
     load_split,
     make_split,
+    partition_digest,
     prepare_split,
     read_fold_file,
     split_by_fold_file,
     split_by_image,
     split_by_patient,
-    split_digest,
     subsample_split,
 )
 from common.data.records import (
@@ -43,7 +47,7 @@ from common.data.records import (
     patient_labels,
 )
 from common.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, resize_image
-from common.training.config import parse_args, split_protocol
+from common.training.config import parse_config, split_protocol
 
 BENIGN_PATIENTS = {"14-10000AB", "14-10100AB", "14-10200AB", "14-10300AB"}
 MALIGNANT_PATIENTS = {"14-10050", "14-10150", "14-10250", "14-10350"}
@@ -395,29 +399,44 @@ def test_fold_file_naming_no_image_of_the_dataset(demo_dir, tmp_path):
 # ------------------------------------------------------------------------------------------- split file
 
 
+def parse(*argv: str):
+    return parse_config(arch="resnet50", description="x", argv=list(argv))
+
+
 def test_protocol_from_the_command_line(demo_dir, tmp_path):
-    args = parse_args(arch="resnet50", description="x", argv=["--data-dir", str(demo_dir)])
-    assert split_protocol(args) == protocol()
+    config = parse("--data-dir", str(demo_dir))
+    assert split_protocol(config) == protocol()
     fold = tmp_path / "dsfold1.txt"
-    args = parse_args(arch="resnet50", description="x",
-                      argv=["--data-dir", str(demo_dir), "--fold-file", str(fold), "--magnification", "100"])
-    assert split_protocol(args) == protocol(method="fold", fold_file=str(fold.resolve()), test_fraction=None,
-                                            magnification="100")
+    config = parse("--data-dir", str(demo_dir), "--fold-file", str(fold), "--magnification", "100")
+    assert split_protocol(config) == protocol(method="fold", fold_file=str(fold.resolve()), test_fraction=None,
+                                              magnification="100")
+    # --folds 1 is one split (run_pipeline.py --folds 1): the same single run as no --folds at all.
+    one_fold = parse("--data-dir", str(demo_dir), "--folds", "1")
+    assert one_fold.n_folds is None and one_fold.fold_configs() == [one_fold]
+    assert split_protocol(one_fold) == protocol()
+
+
+def split_file(tmp_path: Path, name: str = "out") -> Path:
+    """A run folder's split.json (prepare_split takes the file's path)."""
+    return tmp_path / name / SPLIT_FILE
 
 
 def test_prepare_split_writes_once_and_reuses(demo_dir, tmp_path):
-    out = tmp_path / "out"
-    args = parse_args(arch="resnet50", description="x", argv=["--data-dir", str(demo_dir)])
-    first = prepare_split(str(demo_dir), out, split_protocol(args))
-    split_path = out / "split.json"
+    split_path = split_file(tmp_path)
+    config = parse("--data-dir", str(demo_dir))
+    first = prepare_split(str(demo_dir), split_path, split_protocol(config))
     assert split_path.is_file()
     content = json.loads(split_path.read_text())
-    assert content["digest"] == first.digest == split_digest(first.records, first.splits)
+    assert (content["format_version"], content["kind"]) == (PARTITION_FORMAT_VERSION, "split") == (2, "split")
+    assert content["data_root"] == str(demo_dir.resolve())
+    assert content["digest"] == first.digest == partition_digest(first.records, first.splits, first.protocol)
     assert len(content["rows"]) == 48
-    assert set(content["rows"][0]) >= {"path", "label", "patient", "magnification", "split"}
+    assert set(content["rows"][0]) == {"path", "label", "subtype", "patient", "magnification", "split"}
+    # The digest names the protocol too: the same rows made under other options are another split.
+    assert partition_digest(first.records, first.splits, {**first.protocol, "seed": 1}) != first.digest
     before = split_path.stat()
 
-    second = prepare_split(str(demo_dir), out, split_protocol(args))
+    second = prepare_split(str(demo_dir), split_path, split_protocol(config))
     after = split_path.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
     assert second.digest == first.digest
@@ -439,66 +458,110 @@ def test_patient_id_accession_keeps_folders_of_one_biopsy_number_together(demo_d
     for path in list(data.rglob("*14-10100AB*")):
         if path.is_file():
             path.rename(path.with_name(path.name.replace("14-10100AB", "14-10000CD")))
-    by_folder = prepare_split(str(data), tmp_path / "folder", protocol(val_fraction=0.25, test_fraction=0.25))
+    by_folder = prepare_split(str(data), split_file(tmp_path, "folder"),
+                              protocol(val_fraction=0.25, test_fraction=0.25))
     assert {"14-10000AB", "14-10000CD"} <= {r.patient for r in by_folder.records}
     options = protocol(val_fraction=0.25, test_fraction=0.25, patient_id="accession")
-    by_accession = prepare_split(str(data), tmp_path / "accession", options)
+    by_accession = prepare_split(str(data), split_file(tmp_path, "accession"), options)
     assert {r.patient for r in by_accession.records if r.label == 0} == {"14-10000", "14-10200", "14-10300"}
     sides = {split for record, split in zip(by_accession.records, by_accession.splits) if record.patient == "14-10000"}
     assert len(sides) == 1  # the 6 images of both folders on one side
     assert "patients by accession number" in describe_protocol(by_accession.protocol)
-    with pytest.raises(PipelineError, match=r"other split options \(patient_id: split file 'accession', this run"):
-        prepare_split(str(data), tmp_path / "accession", protocol(val_fraction=0.25, test_fraction=0.25))
+    with pytest.raises(PipelineError, match=r"other options \(patient_id 'accession' there, 'folder' now\)"):
+        prepare_split(str(data), split_file(tmp_path, "accession"), protocol(val_fraction=0.25, test_fraction=0.25))
 
 
 def test_prepare_split_with_a_fold_file_is_reused(demo_dir, tmp_path):
     fold = write_fold_file(tmp_path / "dsfold1.txt", index_dataset(demo_dir).records)
     options = protocol(method="fold", fold_file=str(fold), test_fraction=None)
-    first = prepare_split(str(demo_dir), tmp_path / "out", options)
-    second = prepare_split(str(demo_dir), tmp_path / "out", options)
+    # The fold file names 21 of the 48 images: a split of a part of the dataset is accepted when read back.
+    first = prepare_split(str(demo_dir), split_file(tmp_path), options)
+    second = prepare_split(str(demo_dir), split_file(tmp_path), options)
     assert second.digest == first.digest and len(second.records) == 21
 
 
-def test_prepare_split_rejects_a_dataset_with_an_image_removed(demo_dir, tmp_path):
-    data, out = copy_demo(demo_dir, tmp_path), tmp_path / "out"
-    split = prepare_split(str(data), out, protocol())
-    (data / split.records[5].path).unlink()
-    with pytest.raises(PipelineError, match=r"does not match .*split\.json \(1 image\(s\) of the split file"):
-        prepare_split(str(data), out, protocol())
+def test_prepare_split_rejects_a_dataset_with_an_image_removed_or_added(demo_dir, tmp_path):
+    data, split_path = copy_demo(demo_dir, tmp_path), split_file(tmp_path)
+    split = prepare_split(str(data), split_path, protocol())
+    removed = data / split.records[5].path
+    added = removed.with_name(f"{removed.stem[:-3]}099.png")  # the same patient's image 099, new to the split
+    shutil.copy(removed, added)
+    with pytest.raises(PipelineError, match=r"the dataset does not match .*split\.json \(0 image\(s\) of it are "
+                                            r"missing or relabelled, 1 image\(s\) are new\)"):
+        prepare_split(str(data), split_path, protocol())
+    added.unlink()
+    removed.unlink()
+    with pytest.raises(PipelineError, match=r"the dataset does not match .*split\.json \(1 image\(s\) of it are "
+                                            r"missing or relabelled, 0 image\(s\) are new\)"):
+        prepare_split(str(data), split_path, protocol())
 
 
 def test_prepare_split_rejects_another_dataset(demo_dir, tmp_path):
-    out = tmp_path / "out"
-    prepare_split(str(demo_dir), out, protocol())
+    split_path = split_file(tmp_path)
+    prepare_split(str(demo_dir), split_path, protocol())
     other = tmp_path / "other"
     make_demo_dataset(other, patients_per_class=5, images_per_patient=1, magnifications=("100",), width=16,
                       height=16, seed=1)
-    with pytest.raises(PipelineError, match=r"split\.json"):
-        prepare_split(str(other), out, protocol())
+    with pytest.raises(PipelineError, match=r"the dataset does not match .*split\.json .*use the dataset it was "
+                                            r"made for, or another --output-dir"):
+        prepare_split(str(other), split_path, protocol())
 
 
 @pytest.mark.parametrize("option, value", [("seed", 1), ("magnification", "100"), ("val_fraction", 0.25),
                                            ("method", "image")])
 def test_prepare_split_rejects_other_split_options(demo_dir, tmp_path, option, value):
-    out = tmp_path / "out"
-    prepare_split(str(demo_dir), out, protocol())
-    with pytest.raises(PipelineError, match=rf"split\.json was made with other split options \({option}: "):
-        prepare_split(str(demo_dir), out, protocol(**{option: value}))
+    split_path = split_file(tmp_path)
+    prepare_split(str(demo_dir), split_path, protocol())
+    expected = (f"{split_path} was made with other options ({option} {protocol()[option]!r} there, {value!r} now); "
+                "pass the same options, or use another --output-dir")
+    with pytest.raises(PipelineError) as error:
+        prepare_split(str(demo_dir), split_path, protocol(**{option: value}))
+    assert str(error.value) == expected
 
 
 def test_prepare_split_rejects_a_hand_edited_split_file(demo_dir, tmp_path):
-    out = tmp_path / "out"
-    prepare_split(str(demo_dir), out, protocol())
-    split_path = out / "split.json"
-    content = json.loads(split_path.read_text())
+    split_path = split_file(tmp_path)
+    prepare_split(str(demo_dir), split_path, protocol())
+    original = split_path.read_text()
+    content = json.loads(original)
     row = content["rows"][0]
     row["split"] = "test" if row["split"] != "test" else "train"
     split_path.write_text(json.dumps(content))
     with pytest.raises(PipelineError, match=r"split\.json was edited by hand"):
-        prepare_split(str(demo_dir), out, protocol())
+        prepare_split(str(demo_dir), split_path, protocol())
+    content = json.loads(original)
+    content["protocol"]["seed"] = 1  # the digest covers the protocol: a file cannot be made to claim other options
+    split_path.write_text(json.dumps(content))
+    with pytest.raises(PipelineError, match=r"split\.json was edited by hand"):
+        prepare_split(str(demo_dir), split_path, protocol(seed=1))
     split_path.write_text("{not json")
-    with pytest.raises(PipelineError, match=r"split file .*split\.json is unreadable"):
-        prepare_split(str(demo_dir), out, protocol())
+    with pytest.raises(PipelineError, match=r"split\.json is unreadable"):
+        prepare_split(str(demo_dir), split_path, protocol())
+
+
+def test_a_split_file_of_format_1_is_refused_in_one_line(demo_dir, tmp_path):
+    split_path = split_file(tmp_path)
+    prepare_split(str(demo_dir), split_path, protocol())
+    content = json.loads(split_path.read_text())
+    # As the earlier version wrote split.json: format_version 1 and no kind.
+    old = {"format_version": 1, **{key: content[key] for key in ("data_root", "protocol", "digest", "rows")}}
+    split_path.write_text(json.dumps(old))
+    expected = (f"{split_path} was written by an earlier version of the pipeline (format 1, this version reads 2); "
+                "start the run again in a new --output-dir")
+    with pytest.raises(PipelineError) as error:
+        load_split(split_path)
+    assert str(error.value) == expected and "\n" not in expected
+    with pytest.raises(PipelineError) as error:  # what a model script meets: refused, never remade over the old run
+        prepare_split(str(demo_dir), split_path, protocol())
+    assert str(error.value) == expected
+    assert json.loads(split_path.read_text()) == old
+
+
+def test_a_split_file_is_not_read_as_a_folds_file(demo_dir, tmp_path):
+    split_path = split_file(tmp_path)
+    prepare_split(str(demo_dir), split_path, protocol())
+    with pytest.raises(PipelineError, match=re.escape(str(split_path))):
+        load_folds(split_path)
 
 
 def test_subsample_split(demo_dir):
@@ -556,13 +619,13 @@ def test_too_few_patients_for_the_split(tmp_path):
                       height=16)
     with pytest.raises(PipelineError, match=r"too few patients .*'benign' has 2 patient\(s\), the split needs "
                                             r"at least 3; lower --val-fraction/--test-fraction"):
-        prepare_split(str(tmp_path), tmp_path / "out", protocol())
-    assert not (tmp_path / "out" / "split.json").exists()
+        prepare_split(str(tmp_path), split_file(tmp_path), protocol())
+    assert not split_file(tmp_path).exists()
 
 
 def test_unknown_magnification(demo_dir, tmp_path):
     with pytest.raises(PipelineError, match=r"--magnification 50"):
-        prepare_split(str(demo_dir), tmp_path / "out", protocol(magnification="50"))
+        prepare_split(str(demo_dir), split_file(tmp_path), protocol(magnification="50"))
 
 
 def test_corrupt_image_names_the_file(demo_dir, tmp_path):
@@ -709,7 +772,7 @@ def test_protocol_line_names_a_subsample_and_options_are_checked():
     assert "subsampled to at most 200 images (--max-images)" in describe_protocol({**protocol, "max_images": 200})
     for bad in (["--max-images", "0"], ["--workers", "-1"], ["--lr", "0"], ["--overlays", "-2"]):
         with pytest.raises(SystemExit):
-            parse_args(arch="resnet50", description="x", argv=["--data-dir", "d", *bad])
+            parse("--data-dir", "d", *bad)
 
 
 @pytest.mark.parametrize("below", ["", "BreaKHis_v1", "BreaKHis_v1/histology_slides",

@@ -126,7 +126,9 @@ def test_map_right_by_construction_beats_the_random_and_gaussian_baselines():
 def test_random_baseline_is_seeded():
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     first, second = (score_methods(local_detail_probabilities, images, {}, seed=3) for _ in range(2))
-    assert first["methods"][RANDOM_BASELINE]["per_image"] == second["methods"][RANDOM_BASELINE]["per_image"]
+    for scores in ("deletion_auc", "insertion_auc"):  # (the per-image map times are measured, not seeded)
+        assert first["methods"][RANDOM_BASELINE]["per_image"][scores] == \
+            second["methods"][RANDOM_BASELINE]["per_image"][scores]
 
 
 def test_blur_is_rises_substrate_at_224_and_scales():
@@ -155,13 +157,11 @@ def test_combined_map_scored_against_the_soft_vote():
 def test_the_sample_lets_patients_take_turns_so_the_first_images_span_patients():
     """LIME, Kernel SHAP, occlusion and the figures take the sample's first images: they must not all be one
     patient's (file order groups images by patient)."""
-    from common.stages.explanation_scores import sample_test_rows
+    from common.stages.explanation_scores import sample_rows
 
-    patients = np.repeat([f"p{index}" for index in range(6)], 20)
-    splits = np.where(np.isin(patients, ["p1", "p2", "p4", "p5"]), "test", "train")
-    rows = sample_test_rows(splits, patients, 50, seed=3)
-    assert len(rows) == len(set(rows)) == 50 and set(splits[rows]) == {"test"}
-    assert len(set(patients[rows[:4]])) == 4  # one image of each test patient first
-    np.testing.assert_array_equal(rows, sample_test_rows(splits, patients, 50, seed=3))  # a fixed sample
-    everything = sample_test_rows(splits, patients, 1000, seed=0)
-    assert sorted(everything) == list(np.flatnonzero(splits == "test"))  # all test rows when fewer than asked
+    patients = np.repeat([f"p{index}" for index in range(4)], 20)  # held-out rows in file order: by patient
+    rows = sample_rows(patients, 50, seed=3)
+    assert len(rows) == len(set(rows)) == 50
+    assert len(set(patients[rows[:4]])) == 4  # one image of each patient first
+    np.testing.assert_array_equal(rows, sample_rows(patients, 50, seed=3))  # a fixed sample
+    assert sorted(sample_rows(patients, 1000, seed=0)) == list(range(80))  # all rows when fewer than asked

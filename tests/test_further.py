@@ -1,4 +1,5 @@
-"""cancer_class_further.py and common/fusion: alignment of the three heatmap files and its errors, the MLP
+"""cancer_class_further.py on a single-split run, common/fusion and the run model's checks (common/run.py):
+alignment of the three heatmap files and its errors, the MLP
 (learns a separable heatmap pattern, not shuffled labels, never sees test labels), feature statistics fitted on
 the fit rows only, fit/selection rows, map stacking; end to end on a real run of the four scripts on the demo
 tree: the saved classifier reproduces its test predictions and the table's numbers are the saved logits'.
@@ -21,7 +22,6 @@ import pytest
 import torch
 
 import cancer_class_further
-import predict
 from common.cams.heatmap_file import HEATMAP_FORMAT_VERSION, HEATMAP_KEYS, load_heatmaps
 from common.cams.methods import CAM_METHODS
 from common.core.errors import PipelineError
@@ -33,8 +33,8 @@ from common.evaluation.metrics import binary_metrics, metrics_table, softmax
 from common.fusion.features import Standardizer, build_features, stack_maps
 from common.fusion.mlp import build_mlp, mlp_logits, train_mlp
 from common.models.registry import ARCHS, MODEL_ORDER
-from common.report.single import load_run
-from common.run import load_aligned_heatmaps
+from common.run import check_aligned, open_run
+from common.stages import single_split
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_SCRIPTS = {"densenet121": "cancer_class_densenet_121.py", "resnet50": "cancer_class_resnet_50.py",
@@ -52,6 +52,14 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run_dir(pipeline_run) -> Path:
     return pipeline_run
+
+
+def load_aligned_heatmaps(folder: Path) -> dict[str, dict]:
+    """The folder's three heatmap files, each read and then checked together (common.run.check_aligned)."""
+    files = {arch: heatmap_path(folder, arch) for arch in MODEL_ORDER}
+    heatmaps = {arch: load_heatmaps(path) for arch, path in files.items()}
+    check_aligned(heatmaps, files)
+    return heatmaps
 
 
 # --------------------------------------------------------------------------------- synthetic heatmap files
@@ -145,12 +153,14 @@ def test_alignment_catches_a_file_of_another_model(heatmap_dir):
 
 
 @pytest.mark.parametrize("arch", MODEL_ORDER)
-def test_missing_heatmap_file_names_it_and_its_script(heatmap_dir, arch):
-    heatmap_path(heatmap_dir, arch).unlink()
+def test_missing_heatmap_file_names_it_and_the_command_that_makes_it(run_copy, arch):
+    heatmap_path(run_copy, arch).unlink()
     with pytest.raises(PipelineError) as error:
-        load_aligned_heatmaps(heatmap_dir)
-    assert str(heatmap_path(heatmap_dir, arch)) in str(error.value)
-    assert MODEL_SCRIPTS[arch] in str(error.value) and ARCHS[arch].script == MODEL_SCRIPTS[arch]
+        open_run(run_copy).fold_heatmaps()
+    data_root = load_split(run_copy / "split.json").root
+    assert str(error.value) == (f"{heatmap_path(run_copy, arch)} is missing: run python {MODEL_SCRIPTS[arch]} "
+                                f"--data-dir {data_root} --output-dir {run_copy}")
+    assert ARCHS[arch].script == MODEL_SCRIPTS[arch]
 
 
 @pytest.mark.parametrize("change", [{"drop": ("target_class_rule",)}, {"drop": ("format_version",)},
@@ -170,7 +180,7 @@ def test_unreadable_heatmap_file_is_named(heatmap_dir):
 
 
 def test_output_dir_without_split_file(heatmap_dir):
-    with pytest.raises(PipelineError, match=r"split\.json is missing"):
+    with pytest.raises(PipelineError, match=r"holds no run \(neither split\.json nor folds\.json\)"):
         cancer_class_further.main(["--output-dir", str(heatmap_dir), "--device", "cpu"])
 
 
@@ -178,6 +188,7 @@ def test_script_reports_a_missing_split_file_in_one_line(tmp_path):
     finished = run_script("cancer_class_further.py", "--output-dir", str(tmp_path), "--device", "cpu")
     assert finished.returncode == 2
     assert finished.stderr.strip().startswith("error:") and "split.json" in finished.stderr
+    assert "python run_pipeline.py --output-dir" in finished.stderr
     assert "Traceback" not in finished.stderr and len(finished.stderr.strip().splitlines()) == 1
 
 
@@ -243,7 +254,7 @@ def patient_table(n_patients_per_split: dict[str, int], images: int = 3):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fit_and_selection_rows_never_touch_test(fit_split, seed):
     splits, labels, patients = patient_table({"train": 10, "val": 8, "test": 6})
-    fit_rows, select_rows = cancer_class_further.fit_and_selection_rows(splits, labels, patients, fit_split, seed)
+    fit_rows, select_rows = single_split.fit_and_selection_rows(splits, labels, patients, fit_split, seed)
     assert len(fit_rows) and len(select_rows)
     assert not set(fit_rows) & set(select_rows)
     assert (splits[fit_rows] != "test").all() and (splits[select_rows] != "test").all()
@@ -261,7 +272,7 @@ def test_fit_and_selection_rows_never_touch_test(fit_split, seed):
 def test_fit_split_val_needs_enough_val_patients():
     splits, labels, patients = patient_table({"train": 10, "val": 2, "test": 4})
     with pytest.raises(PipelineError, match="--fit-split val needs"):
-        cancer_class_further.fit_and_selection_rows(splits, labels, patients, "val", 0)
+        single_split.fit_and_selection_rows(splits, labels, patients, "val", 0)
 
 
 # ------------------------------------------------------------------------------------------------ the MLP
@@ -358,13 +369,14 @@ def aligned(run_dir) -> dict:
     ("final_classifier_heatmaps_logits.pth", "heatmaps+logits", "prob_mlp_heatmaps_logits")])
 def test_final_classifier_reproduces_its_test_predictions(run_dir, aligned, name, features, prediction_key):
     classifier = torch.load(run_dir / name, map_location="cpu", weights_only=True)
-    assert classifier["features"] == features and classifier["fit_split"] == "train"
+    assert classifier["features"] == features and classifier["fit_rows"] == "the train split"
+    assert classifier["format_version"] == 2 and classifier["run_kind"] == "single"
+    assert classifier["partition_digest"] == load_split(run_dir / "split.json").digest
     grid_size = classifier["grid_size"]
     assert classifier["input_shape"] == [3, grid_size, grid_size] and classifier["model_order"] == list(MODEL_ORDER)
-    for arch in MODEL_ORDER:  # sources name the files it was made from, with their hashes
-        source = classifier["sources"][arch]
-        assert source["heatmaps_sha256"] == sha256_of_file(heatmap_path(run_dir, arch))
-        assert source["checkpoint_sha256"] == sha256_of_file(checkpoint_path(run_dir, arch))
+    for arch in MODEL_ORDER:  # it names the files it was made from, with their hashes (one fold: one each)
+        assert classifier["heatmaps_sha256"][arch] == [sha256_of_file(heatmap_path(run_dir, arch))]
+        assert classifier["checkpoint_sha256"][arch] == [sha256_of_file(checkpoint_path(run_dir, arch))]
 
     heatmaps = aligned["heatmaps"]
     maps = stack_maps({arch: heatmaps[arch]["cams"] for arch in MODEL_ORDER}, grid_size)
@@ -453,8 +465,9 @@ def test_heatmap_files_follow_the_split_file(run_dir, aligned):
 def test_results_and_classifier_name_the_files_they_were_made_from(run_dir):
     results = json.loads((run_dir / "results.json").read_text())
     classifier = torch.load(run_dir / "final_classifier.pth", map_location="cpu", weights_only=True)
-    assert results["sources"] == classifier["sources"]
     for arch in MODEL_ORDER:
+        assert [results["sources"][arch]["checkpoint_sha256"]] == classifier["checkpoint_sha256"][arch]
+        assert [results["sources"][arch]["heatmaps_sha256"]] == classifier["heatmaps_sha256"][arch]
         assert results["sources"][arch]["heatmaps_sha256"] == sha256_of_file(run_dir / f"heatmaps_{arch}.npz")
         assert results["sources"][arch]["checkpoint_sha256"] == sha256_of_file(run_dir / f"fine_tuned_{arch}.pth")
 
@@ -523,7 +536,7 @@ def test_a_failure_while_writing_leaves_the_previous_results_intact(run_copy, mo
     def full_disk(target, text):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cancer_class_further, "write_text", full_disk)  # results.md, written after the classifiers
+    monkeypatch.setattr(single_split, "write_text", full_disk)  # results.md, written after the classifiers
     with pytest.raises(PipelineError, match=r"^the disk is full: cannot write final_classifier\.pth, .*results\.md, "
                                             r"results\.json in .* \(one of them\) \(No space left on device\); the "
                                             r"previous ones, if any, and all earlier results are intact"):
@@ -551,9 +564,10 @@ def test_readers_refuse_a_classifier_without_its_results(run_copy, monkeypatch):
         with pytest.raises(Killed):
             cancer_class_further.main(["--output-dir", str(run_copy), "--device", "cpu", "--seed", "1"])
     assert not (run_copy / "final_classifier.pth").is_symlink() and (run_copy / "results.json").is_symlink()
-    for read, name in ((predict.load_classifier, "final_classifier.pth"), (load_run, "test_predictions.npz")):
+    run = open_run(run_copy)
+    for read, name in ((run.load_classifier, "final_classifier.pth"), (run.predictions, "test_predictions.npz")):
         with pytest.raises(PipelineError) as error:
-            read(run_copy)
+            read()
         message = str(error.value)
         assert f"{run_copy / name} does not belong to the results.json beside it" in message and "\n" not in message
         assert f"rerun python cancer_class_further.py --output-dir {run_copy}" in message

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from common.cams.display import combined_map
+from common.cams.ensemble import CnnEnsemble
 from common.cams.heatmap_file import CAM_ARRAY_KEYS, load_heatmaps, stored_cam_methods, stored_cams
 from common.cams.methods import CAM_METHODS, cams_and_logits, parse_cam_methods
 from common.core.errors import PipelineError
@@ -29,11 +30,19 @@ from common.fusion.features import Standardizer, build_features, stack_maps
 from common.fusion.mlp import build_mlp, mlp_logits
 from common.models.checkpoints import load_checkpoint, model_from_checkpoint
 from common.models.registry import MODEL_ORDER
-from common.report.single import build_report
-from common.run import load_aligned_heatmaps
+from common.report.build import build_report
+from common.run import check_aligned
 from common.training.config import heatmaps_only_command
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_aligned_heatmaps(folder: Path) -> dict[str, dict]:
+    """The folder's three heatmap files, each read and then checked together (common.run.check_aligned)."""
+    files = {arch: heatmap_path(folder, arch) for arch in MODEL_ORDER}
+    heatmaps = {arch: load_heatmaps(path) for arch, path in files.items()}
+    check_aligned(heatmaps, files)
+    return heatmaps
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -219,7 +228,7 @@ def test_predict_explain_writes_a_figure_of_every_method(pipeline_run, tmp_path)
 
 def test_explanation_figure_ends_with_each_cam_methods_combined_map(pipeline_run, tmp_path, monkeypatch):
     """The side-by-side figure's last row is the combined map of each CAM method, as the report's gallery draws it:
-    the mean of the CNNs' display-scaled maps of that method (common.cams.heatmap_file.combined_map)."""
+    the mean of the CNNs' display-scaled maps of that method (common.cams.display.combined_map)."""
     import common.explain.figures as explain
 
     captured = {}
@@ -233,7 +242,7 @@ def test_explanation_figure_ends_with_each_cam_methods_combined_map(pipeline_run
     split = load_split(pipeline_run / "split.json")
     image = split.root / split.records[split.indices("test")[0]].path
     checkpoints = {arch: load_checkpoint(checkpoint_path(pipeline_run, arch), arch) for arch in MODEL_ORDER}
-    models = {arch: (model_from_checkpoint(checkpoint), checkpoint["image_size"])
+    models = {arch: CnnEnsemble(arch, (model_from_checkpoint(checkpoint).eval(),), checkpoint["image_size"])
               for arch, checkpoint in checkpoints.items()}
     target = explain.explain_image(image, models, tmp_path / "figure.png", target_rule="predicted",
                                    perturbation_archs=())

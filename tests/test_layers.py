@@ -2,7 +2,6 @@
 a lower one of common.LAYERS, no import cycle exists between modules, and every part says what it owns."""
 
 import ast
-from collections import defaultdict
 from pathlib import Path
 
 import pytest

@@ -37,7 +37,7 @@ def ctrl_c(*_args, **_kwargs):
 
 
 def test_interrupted_further_says_earlier_results_are_intact(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cancer_class_further, "load_inputs", ctrl_c)
+    monkeypatch.setattr(cancer_class_further, "open_run", ctrl_c)
     printed = interrupted_stderr(lambda: cancer_class_further.main(["--output-dir", str(tmp_path)]), capsys)
     assert "intact" in printed and "rerun" in printed
     assert "--resume" not in printed  # cancer_class_further.py has no --resume

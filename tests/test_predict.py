@@ -1,9 +1,10 @@
-"""predict.py on a finished run: each CNN's P(malignant) equals a direct forward pass of its saved model, the soft
-vote is their mean, the final MLP agrees with the run's own test predictions; any image size and mode works;
-predictions.csv and one overlay per image; bad inputs stop with a one-line error. Also run_pipeline.py's
-argument check.
+"""predict.py on a finished single-split run: each CNN's P(malignant) equals a direct forward pass of its saved
+model, the soft vote is their mean, the final MLP agrees with the run's own test predictions; any image size and
+mode works; predictions.csv and one overlay per image (titled panels, the image's aspect ratio, a colour bar); bad
+inputs and unfinished runs stop with a one-line error naming what to run. Also run_pipeline.py's argument check.
+(predict.py on a K-fold run: tests/test_cv.py.)
 
-The run dir is the one tests/test_further.py builds (the four scripts on the demo tree), made once per session.
+The run dir is conftest's `pipeline_run` (run_pipeline.py --folds 1 on the demo tree), made once per session.
 """
 
 import csv
@@ -22,13 +23,15 @@ from PIL import Image
 import predict
 from common.cams.heatmap_file import load_heatmaps
 from common.core.errors import run_main
-from common.core.fileio import save_npz, save_torch, sha256_of_file
+from common.core.fileio import save_npz, sha256_of_file
 from common.core.runfiles import checkpoint_path, heatmap_path
 from common.data.partition import load_split
 from common.data.transforms import build_transforms
 from common.evaluation.metrics import softmax
-from common.models.checkpoints import load_checkpoint, model_from_checkpoint
+from common.inference import load_run_models, predict_batches
+from common.models.checkpoints import load_checkpoint, model_from_checkpoint, training_caveats
 from common.models.registry import MODEL_ORDER
+from common.run import open_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -88,11 +91,16 @@ def images(tmp_path_factory, split) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def predicted(run_dir, images) -> dict:
-    """predict.predict_batches over `images`, gathered into whole arrays (logits, cams, probabilities, images)."""
-    parts = list(predict.predict_batches(list(images.values()), run_dir, CPU))
+def models(run_dir):
+    return load_run_models(open_run(run_dir), CPU)
+
+
+@pytest.fixture(scope="module")
+def predicted(models, images) -> dict:
+    """predict_batches over `images`, gathered into whole arrays (cams, probabilities, images)."""
+    parts = list(predict_batches(list(images.values()), models))
     whole = {key: {name: np.concatenate([part[key][name] for part in parts]) for name in parts[0][key]}
-             for key in ("logits", "cams", "probabilities")}
+             for key in ("cams", "probabilities")}
     return {**whole, "images": [image for part in parts for image in part["images"]]}
 
 
@@ -133,15 +141,16 @@ def test_soft_vote_is_the_mean_of_the_three(predicted):
 
 
 def test_demo_images_match_the_runs_heatmaps_and_test_predictions(run_dir, predicted, images, split):
-    """Predicting an image of the run gives the logits and maps its model scripts exported, and for a test image
-    the final MLP's probability in test_predictions.npz."""
+    """Predicting an image of the run gives the probabilities and maps its model scripts exported, and for a test
+    image the final MLP's probability in test_predictions.npz."""
     names = list(images)
     row_of = {str(split.root / record.path): row for row, record in enumerate(split.records)}
     for arch in MODEL_ORDER:
         exported = load_heatmaps(heatmap_path(run_dir, arch))
         for name in ("test_a", "test_b", "train"):
             row, index = row_of[str(images[name])], names.index(name)
-            np.testing.assert_allclose(predicted["logits"][arch][index], exported["logits"][row], atol=1e-4)
+            assert predicted["probabilities"][arch][index] == pytest.approx(
+                softmax(exported["logits"][row:row + 1])[0, 1], abs=1e-5)
             np.testing.assert_allclose(predicted["cams"][arch][index], exported["cams"][row], rtol=1e-3, atol=1e-5)
     saved = np.load(run_dir / "test_predictions.npz", allow_pickle=False)
     saved_paths = list(saved["paths"])
@@ -151,9 +160,9 @@ def test_demo_images_match_the_runs_heatmaps_and_test_predictions(run_dir, predi
             float(saved["prob_mlp_heatmaps"][saved_row]), abs=1e-4)
 
 
-def test_batches_give_the_same_numbers_as_one_pass(run_dir, predicted, images):
+def test_batches_give_the_same_numbers_as_one_pass(models, predicted, images):
     """predict.py streams batches (flat memory); each image's numbers do not depend on its batch."""
-    batches = list(predict.predict_batches(list(images.values()), run_dir, CPU, batch_size=4))
+    batches = list(predict_batches(list(images.values()), models, batch_size=4))
     assert [len(batch["paths"]) for batch in batches] == [4, 4, 1]  # 9 images
     assert [path for batch in batches for path in batch["paths"]] == list(images.values())
     for column in COLUMNS:
@@ -202,7 +211,8 @@ def test_cli_writes_one_csv_row_per_image_with_the_printed_columns(cli_run):
     printed_header = next(line for line in printed if line.startswith("image "))
     printed_columns = printed_header.split()[1:1 + len(COLUMNS)]
     assert printed_columns == COLUMNS
-    assert header == ["image"] + [f"p_malignant_{name}" for name in printed_columns] + ["prediction", "overlay"]
+    assert header == ["image"] + [f"p_malignant_{name}" for name in printed_columns] + ["prediction", "overlay",
+                                                                                       "scored_by"]
     assert [row[0] for row in rows] == [str(path) for path in cli_run["inputs"]]  # the folder expanded, sorted
     body = printed[printed.index(printed_header) + 1:][:len(rows)]
     for row, line in zip(rows, body):
@@ -227,13 +237,40 @@ def test_cli_agrees_with_predict_batches(cli_run, predicted, images):
 def test_cli_writes_one_overlay_per_image(cli_run):
     """Also for two images of the same file name in different folders (they must not overwrite each other)."""
     _, *rows = cli_run["table"]
-    overlays = [Path(row[-1]) for row in rows]
+    overlays = [Path(row[-2]) for row in rows]
     assert len(set(overlays)) == len(rows)
     assert overlays[2].name == "b_first_gradcam.png" and overlays[3].name == "b_first_2_gradcam.png"
     assert sorted(cli_run["out"].glob("*.png")) == sorted(overlays)
     for overlay in overlays:
         with Image.open(overlay) as image:
-            assert image.mode == "RGB" and image.size == (224 * (len(MODEL_ORDER) + 2), 224)
+            image.load()
+            assert image.format == "PNG" and image.width > 2 * image.height
+
+
+def test_overlay_panels_are_titled_keep_the_aspect_ratio_and_have_a_colour_bar():
+    """A 700x460 BreaKHis-sized image: every panel 700:460 (maps stretched to it), titled with its model and
+    P(malignant), and a colour bar saying what red means."""
+    image = Image.new("RGB", (700, 460), (200, 120, 160))
+    cams = {arch: np.arange(49, dtype=np.float32).reshape(7, 7) for arch in MODEL_ORDER}
+    probabilities = {**{arch: 0.25 for arch in MODEL_ORDER}, "soft_vote": 0.25, "final_mlp": 0.75}
+    figure = predict.overlay_figure(image, cams, probabilities, "x.png")
+    panels = [axes for axes in figure.axes if axes.images and axes.get_title()]
+    assert [axes.get_title().split("\n")[0] for axes in panels] == ["image", "DenseNet-121", "ResNet-50", "VGG-16",
+                                                                    "combined"]
+    assert all(axes.images[0].get_array().shape[:2] == (460, 700) for axes in panels)
+    assert "P(malignant) 0.250" in panels[1].get_title() and "final MLP P 0.750" in panels[-1].get_title()
+    bar = next(axes for axes in figure.axes if axes not in panels)
+    assert "evidence for the explained class" in bar.get_ylabel()
+
+
+def test_an_image_of_the_runs_training_split_is_noted(run_dir, images, tmp_path, capsys):
+    """A single-split run's models have seen its train images: predict.py says so beside the numbers."""
+    predict.main(["--output-dir", str(run_dir), "--out", str(tmp_path / "out"), "--device", "cpu",
+                  str(images["train"]), str(images["test_a"]), str(images["odd_size"])])
+    with open(tmp_path / "out" / "predictions.csv", newline="", encoding="utf-8") as handle:
+        notes = [row["scored_by"] for row in csv.DictReader(handle)]
+    assert notes == ["the run's models; a train image of this run, which the models have seen (not an evaluation)",
+                     "the run's models; a test image of this run", "the run's models"]
 
 
 def test_cli_warns_that_a_random_init_run_on_demo_data_says_nothing(cli_run):
@@ -241,36 +278,35 @@ def test_cli_warns_that_a_random_init_run_on_demo_data_says_nothing(cli_run):
     stdout = cli_run["finished"].stdout
     assert "WARNING: the models of" in stdout and "say nothing about real tissue" in stdout
     assert stdout.index("WARNING: the models of") < stdout.index("image ")  # above the table it qualifies
-    assert "densenet121, resnet50, vgg16: trained from random initialisation (--weights none)" in stdout
-    assert "densenet121, resnet50, vgg16: trained on synthetic demo data" in stdout
+    assert "DenseNet-121, ResNet-50, VGG-16: trained from random initialisation (--weights none)" in stdout
+    assert "DenseNet-121, ResNet-50, VGG-16: trained on synthetic demo data" in stdout
 
 
 def test_no_warning_for_pretrained_models_on_real_data(tmp_path, capsys):
-    for arch in MODEL_ORDER:
-        save_torch({"model": {}, "arch": arch, "config": {"weights": "imagenet"}, "synthetic_data": False},
-                   checkpoint_path(tmp_path, arch))
-    predict.warn_about_training(tmp_path)
+    pretrained = {"model": {}, "config": {"weights": "imagenet"}, "synthetic_data": False}
+    predict.warn_about_training(training_caveats({arch: [pretrained] for arch in MODEL_ORDER}), tmp_path)
     assert capsys.readouterr().out == ""
-    save_torch({"model": {}, "arch": "resnet50", "config": {"weights": "imagenet"}, "synthetic_data": True},
-               checkpoint_path(tmp_path, "resnet50"))
-    predict.warn_about_training(tmp_path)
-    assert "WARNING:   resnet50: trained on synthetic demo data" in capsys.readouterr().out
+    # One fold's checkpoint of one model on demo data is enough for the warning.
+    caveats = training_caveats({**{arch: [pretrained] for arch in MODEL_ORDER},
+                                "ResNet-50": [pretrained, {**pretrained, "synthetic_data": True}]})
+    predict.warn_about_training(caveats, tmp_path)
+    assert "WARNING:   ResNet-50: trained on synthetic demo data" in capsys.readouterr().out
 
 
-def test_printed_probability_beside_the_threshold_agrees_with_the_verdict(tmp_path, capsys, monkeypatch):
+def test_printed_probability_beside_the_threshold_agrees_with_the_verdict(run_dir, tmp_path, capsys, monkeypatch):
     """A final MLP at 0.4996 is benign: predict.py must not print 0.500 beside it (nor 0.500000 in the CSV)."""
     inputs = [tmp_path / "below.png", tmp_path / "at.png"]
     for path in inputs:
         Image.new("RGB", (8, 8)).save(path)
     final = np.array([0.4996, 0.5])
 
-    def two_images(image_paths, output_dir, device):
+    def two_images(image_paths, models, batch_size):
         yield {"paths": image_paths, "cams": {arch: np.ones((2, 2, 2), np.float32) for arch in MODEL_ORDER},
                "probabilities": {**{name: np.full(2, 0.49999) for name in COLUMNS[:-1]}, "final_mlp": final},
-               "images": [Image.new("RGB", (predict.OVERLAY_SIZE, predict.OVERLAY_SIZE))] * 2}
+               "images": [Image.new("RGB", (64, 64))] * 2}
 
     monkeypatch.setattr(predict, "predict_batches", two_images)
-    predict.main(["--output-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--device", "cpu",
+    predict.main(["--output-dir", str(run_dir), "--out", str(tmp_path / "out"), "--device", "cpu",
                   *map(str, inputs)])
     printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.endswith(("benign", "malignant"))]
     assert [line[1:] for line in printed] == [["0.49999"] * 4 + ["0.4996", "benign"],
@@ -303,14 +339,31 @@ def test_image_with_an_image_extension_but_other_content(run_dir, images, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_run_dir_without_final_classifier(images, tmp_path, capsys):
+def test_a_folder_that_holds_no_run_says_how_to_make_one(images, tmp_path, capsys):
     status, stderr = predict_in_process(["--output-dir", str(tmp_path), "--device", "cpu", str(images["odd_size"])],
                                         capsys)
-    assert_one_line_error(status, stderr, str(tmp_path / "final_classifier.pth"), "cancer_class_further.py")
+    assert_one_line_error(status, stderr, f"--output-dir {tmp_path} holds no run", "python run_pipeline.py")
+
+
+def test_an_unfinished_run_names_its_first_missing_stage(run_dir, images, tmp_path, capsys):
+    """Only the split: the first model script is what to run; every model but no final stage: the final stage."""
+    shutil.copy(run_dir / "split.json", tmp_path / "split.json")
+    status, stderr = predict_in_process(["--output-dir", str(tmp_path), "--device", "cpu", str(images["odd_size"])],
+                                        capsys)
+    data_root = load_split(run_dir / "split.json").root
+    assert_one_line_error(status, stderr, f"{checkpoint_path(tmp_path, 'densenet121')} is missing: run python "
+                                          f"cancer_class_densenet_121.py --data-dir {data_root} --output-dir {tmp_path}")
+    for arch in MODEL_ORDER:
+        for path in (checkpoint_path(run_dir, arch), heatmap_path(run_dir, arch)):
+            os.symlink(path, tmp_path / path.name)
+    status, stderr = predict_in_process(["--output-dir", str(tmp_path), "--device", "cpu", str(images["odd_size"])],
+                                        capsys)
+    assert_one_line_error(status, stderr, f"{tmp_path / 'results.json'} is missing: run python "
+                                          f"cancer_class_further.py --output-dir {tmp_path}")
 
 
 def test_run_dir_without_a_cnn_checkpoint(run_dir, images, tmp_path, capsys):
-    for name in ("final_classifier.pth", "results.json"):
+    for name in ("final_classifier.pth", "results.json", "split.json"):
         shutil.copy(run_dir / name, tmp_path / name)
     status, stderr = predict_in_process(["--output-dir", str(tmp_path), "--device", "cpu", str(images["odd_size"])],
                                         capsys)
@@ -324,8 +377,8 @@ def test_cnn_checkpoint_changed_after_the_mlp_was_trained(run_copy, retrain, ima
     save_npz(heatmap_file, **{**load_heatmaps(heatmap_file), "checkpoint_sha256": np.array(sha256_of_file(checkpoint))})
     status, stderr = predict_in_process(["--output-dir", str(run_copy), "--device", "cpu", str(images["odd_size"])],
                                         capsys)
-    assert_one_line_error(status, stderr, f"{checkpoint} changed after final_classifier.pth",
-                          f"rerun cancer_class_further.py --output-dir {run_copy}")
+    assert_one_line_error(status, stderr, f"{checkpoint} is not the checkpoint final_classifier.pth was fitted on",
+                          f"rerun python cancer_class_further.py --output-dir {run_copy}")
 
 
 def test_heatmaps_of_another_checkpoint_are_refused(run_copy, retrain, demo_dir, images, capsys):
@@ -337,7 +390,7 @@ def test_heatmaps_of_another_checkpoint_are_refused(run_copy, retrain, demo_dir,
     assert_one_line_error(status, stderr, f"{heatmap_path(run_copy, 'resnet50')} is stale",
                           f"python cancer_class_resnet_50.py --data-dir {demo_dir} --output-dir {run_copy}",
                           "--heatmaps-only",
-                          f"then rerun python cancer_class_further.py --output-dir {run_copy}")
+                          f"then python cancer_class_further.py --output-dir {run_copy}")
 
 
 def test_a_full_disk_while_writing_overlays_is_one_line_and_keeps_the_earlier_results(run_dir, images, tmp_path,
@@ -387,18 +440,20 @@ def test_run_pipeline_needs_exactly_one_of_demo_and_data_dir(arguments, tmp_path
 
 def test_demo_gives_each_model_its_own_lr_and_vgg16_a_smaller_one():
     """VGG-16 has no batch norm: at the demo's former shared lr 1e-3 it diverged (first-epoch train loss 21.5) and
-    stayed at chance. 1e-4 with 15 epochs is what learned the demo data (see DEMO_SCRIPT_ARGS)."""
+    stayed at chance. 1e-4 with 15 epochs is what learned the demo data (see run_pipeline.DEMO_ARCH_ARGS)."""
     import importlib
 
     import run_pipeline
     from common.models.registry import ARCHS
-    from common.training.config import parse_args
+    from common.training.config import parse_config
 
-    assert set(run_pipeline.DEMO_ARCH_ARGS) == set(ARCHS)
-    demo = {}
-    for spec in ARCHS.values():  # the options each script really gets, parsed by its own parser
-        module = importlib.import_module(spec.script.removesuffix(".py"))
-        argv = ["--data-dir", "demo_data", *run_pipeline.DEMO_MODEL_ARGS, *run_pipeline.DEMO_ARCH_ARGS[spec.name]]
-        demo[module.ARCH] = parse_args(arch=module.ARCH, description="", argv=argv, **module.DEFAULTS)
-    assert (demo["vgg16"].lr, demo["vgg16"].epochs) == (1e-4, 15)
-    assert demo["densenet121"].lr == demo["resnet50"].lr == 1e-3
+    for kind, vgg_epochs in (("single", 15), ("kfold", 6)):
+        assert set(run_pipeline.DEMO_ARCH_ARGS[kind]) == set(ARCHS)
+        demo = {}
+        for spec in ARCHS.values():  # the options each script really gets, parsed by its own parser
+            module = importlib.import_module(spec.script.removesuffix(".py"))
+            argv = ["--data-dir", "demo_data", *run_pipeline.DEMO_MODEL_ARGS,
+                    *run_pipeline.DEMO_ARCH_ARGS[kind][spec.name]]
+            demo[module.ARCH] = parse_config(arch=module.ARCH, description="", argv=argv, **module.DEFAULTS)
+        assert (demo["vgg16"].lr, demo["vgg16"].epochs) == (1e-4, vgg_epochs)
+        assert demo["densenet121"].lr == demo["resnet50"].lr == 1e-3

@@ -26,7 +26,7 @@ from torch import nn
 
 from common.core.errors import PipelineError
 from common.data.records import CLASS_NAMES
-from common.models.registry import body, head
+from common.models.registry import body, evaluating, head
 
 # The one vocabulary of CAM methods: the name options and files use -> (display name, tag). The tag is the name
 # where a '+' cannot go (array keys in a zip, file and column names): prob_mlp_<tag>, cams_<tag>.
@@ -104,9 +104,7 @@ def cams_and_logits(model: nn.Module, arch: str, images: torch.Tensor, *, target
     afterwards.
     """
     methods = check_cam_methods(methods, option="methods")
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         with torch.autocast(images.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             with torch.no_grad():
                 activation = body(model, arch, images)  # (B, C, h, w)
@@ -121,8 +119,6 @@ def cams_and_logits(model: nn.Module, arch: str, images: torch.Tensor, *, target
                 score = logits.gather(1, classes[:, None]).sum()
                 (gradient,) = torch.autograd.grad(score, activation, only_inputs=True)
         return cam_maps(activation, gradient, methods), logits.detach()
-    finally:
-        model.train(was_training)
 
 
 def grad_cam(model: nn.Module, arch: str, images: torch.Tensor, *, target: str = "predicted",

@@ -24,7 +24,7 @@ Both kinds:
     faithfulness.json, faithfulness.md  deletion/insertion AUC of every explanation method (score_explanations.py)
     faithfulness/*.png                  held-out images explained by every method side by side
     report/                             the static report (a K-fold run's holds each fold's page in report/fold_<k>/)
-    predictions/                        predict.py's default --out
+    predictions/                        predict.py's default --out (predictions.csv and the figures)
 
 (The decision rule, malignant when P(malignant) >= 0.5, is common.evaluation.metrics.DECISION_THRESHOLD.)
 """
@@ -48,6 +48,7 @@ FAITHFULNESS_MD = "faithfulness.md"
 FAITHFULNESS_DIR = "faithfulness"
 REPORT_DIR = "report"
 PREDICTIONS_DIR = "predictions"
+PREDICTIONS_CSV = "predictions.csv"  # predict.py's table, in its --out
 
 # The commands (top-level scripts) that write a run, named in messages that say what to run next. The model
 # scripts are named by the models table (common.models.registry.ARCHS).

@@ -26,8 +26,15 @@ import numpy as np
 
 from common.core.errors import PipelineError
 from common.core.fileio import write_json
-from common.data.records import (CLASS_NAMES, NO_PATIENT_PREFIX, Record, filter_magnification, group_patients,
-                                 index_dataset, patient_labels)
+from common.data.records import (
+    CLASS_NAMES,
+    NO_PATIENT_PREFIX,
+    Record,
+    filter_magnification,
+    group_patients,
+    index_dataset,
+    patient_labels,
+)
 
 SPLIT_NAMES = ("train", "val", "test")
 PARTITION_FORMAT_VERSION = 2  # 2: one file format and digest for split.json and folds.json, folds numbered 1..K
@@ -224,7 +231,7 @@ def make_split(records: list[Record], root: Path, protocol: dict) -> Split:
         print(f"WARNING: {without_patient} of {len(records)} images have no patient ID (a plain folder pair, or a "
               "manifest without a patient column): each is its own group, so images of one patient may land on "
               "both sides of the split. Give a manifest with a patient column for a patient-level split.")
-    protocol = {**protocol, "groups": groups}
+    protocol = _plain({**protocol, "groups": groups})
     return Split(root, records, splits, protocol, partition_digest(records, splits, protocol))
 
 
@@ -382,9 +389,11 @@ def load_partition(path: Path, kind: str) -> Split | Folds:
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
         version = content.get("format_version")
-        if version != PARTITION_FORMAT_VERSION or content.get("kind", kind) != kind:
+        if version != PARTITION_FORMAT_VERSION:
             raise PipelineError(f"{path} was written by an earlier version of the pipeline (format {version}, this "
                                 f"version reads {PARTITION_FORMAT_VERSION}); start the run again in a new --output-dir")
+        if content.get("kind") != kind:
+            raise PipelineError(f"{path} holds {content.get('kind')}, not {kind}")
         rows, protocol = content["rows"], content["protocol"]
         records = [Record(row["path"], int(row["label"]), row["subtype"], row["patient"], row["magnification"])
                    for row in rows]

@@ -1,4 +1,4 @@
-"""Datasets as records, and the patient-level split every script shares.
+"""Datasets as records: what each image is (its label, subtype, patient and magnification).
 
 Three layouts are indexed into the same `Record`s:
   * the official BreaKHis tree (`.../histology_slides/breast/{benign,malignant}/SOB/<type>/<patient>/<mag>X/*.png`),
@@ -228,7 +228,7 @@ def filter_magnification(records: list[Record], magnification: str) -> list[Reco
     return kept
 
 
-# ----------------------------------------------------------------------------------------------- splits
+# ----------------------------------------------------------------------------------------------- labels
 
 
 def majority_labels(groups, labels) -> dict[str, int]:
@@ -241,8 +241,3 @@ def majority_labels(groups, labels) -> dict[str, int]:
 
 def patient_labels(records: list[Record]) -> dict[str, int]:
     return majority_labels([record.patient for record in records], [record.label for record in records])
-
-
-# ----------------------------------------------------------------------------------------------- split file
-
-

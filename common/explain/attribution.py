@@ -21,7 +21,7 @@ from captum.attr import IntegratedGradients, KernelShap, Lime, Occlusion
 from torch import nn
 
 from common.cams.methods import target_classes
-from common.models.registry import MODEL_ORDER
+from common.models.registry import MODEL_ORDER, evaluating
 
 DEFAULT_GRID = 8  # patches per side: 64 features for LIME and Kernel SHAP
 DEFAULT_SAMPLES = 200  # perturbed images drawn by LIME and Kernel SHAP
@@ -29,19 +29,6 @@ DEFAULT_IG_STEPS = 50
 LOGIT_FEATURES = 2 * len(MODEL_ORDER)  # the 'heatmaps+logits' feature set appends each CNN's two logits
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-
-
-@contextmanager
-def _evaluating(forward):
-    """An nn.Module is evaluated in eval mode (batch norm on running statistics); its mode is restored after."""
-    was_training = isinstance(forward, nn.Module) and forward.training
-    if isinstance(forward, nn.Module):
-        forward.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            forward.train()
 
 
 @contextmanager
@@ -80,7 +67,7 @@ def _patch_attribution(explainer, forward: Forward, image: torch.Tensor, target:
                        baseline, seed: int, batch_size: int, pooled: bool) -> torch.Tensor:
     mask = grid_feature_mask(*image.shape[1:], grid=grid).to(image.device)
     baselines = baseline[None] if isinstance(baseline, torch.Tensor) else baseline
-    with _evaluating(forward), _seeded(seed):
+    with evaluating(forward), _seeded(seed):
         attribution = explainer.attribute(image[None], baselines=baselines, target=target, feature_mask=mask,
                                           n_samples=samples, perturbations_per_eval=batch_size)
     return _shaped(attribution, grid=grid, pooled=pooled)
@@ -110,7 +97,7 @@ def occlusion_map(forward: Forward, image: torch.Tensor, target: int, *, grid: i
     window = window or max(1, min(image.shape[1:]) // grid)
     stride = stride or max(1, window // 2)
     baselines = baseline[None] if isinstance(baseline, torch.Tensor) else baseline
-    with _evaluating(forward):
+    with evaluating(forward):
         attribution = Occlusion(forward).attribute(image[None], sliding_window_shapes=(image.shape[0], window, window),
                                                    strides=(image.shape[0], stride, stride), baselines=baselines,
                                                    target=target, perturbations_per_eval=batch_size)
@@ -135,7 +122,7 @@ def heatmap_shares(mlp: nn.Module, features, *, grid_size: int, target: str | to
         raise ValueError(f"features of shape {tuple(features.shape)} do not fit {len(MODEL_ORDER)} maps of "
                          f"{grid_size}x{grid_size} (expected (N, {map_size}) or (N, {map_size + LOGIT_FEATURES}))")
     baselines = torch.zeros_like(features) if baseline is None else torch.as_tensor(baseline).expand_as(features)
-    with _evaluating(mlp):
+    with evaluating(mlp):
         with torch.no_grad():
             logits = mlp(features)
         classes = target if isinstance(target, torch.Tensor) else target_classes(logits, target)
@@ -149,12 +136,3 @@ def heatmap_shares(mlp: nn.Module, features, *, grid_size: int, target: str | to
         groups["logits"] = magnitude[:, map_size:].sum(dim=1)
     total = sum(groups.values())
     return {name: torch.where(total > 0, value / total, torch.nan).numpy() for name, value in groups.items()}
-
-
-def as_saliency_method(attribute: Callable[..., torch.Tensor], forward: Forward, **options):
-    """One of lime_map, kernel_shap_map, occlusion_map as a common.explain.faithfulness saliency method:
-    (images (B, 3, H, W), classes (B,)) -> maps (B, H, W), one image at a time; `options` go to `attribute`."""
-    def saliency(images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return torch.stack([attribute(forward, image, int(target), **options)
-                            for image, target in zip(images, classes)])
-    return saliency

@@ -21,7 +21,6 @@ class that is scored. `class_probabilities` callables map images to softmax prob
 
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +32,7 @@ from torchvision.transforms.functional import gaussian_blur
 from common.cams.display import combined_map
 from common.cams.methods import cams_and_logits, target_classes
 from common.core.console import progress
+from common.models.registry import evaluating
 
 DEFAULT_STEPS = 16
 BLUR_SIGMA_AT_224 = 5.0  # px; RISE's blurred substrate: an 11 px kernel, sigma 5, at 224 px
@@ -63,23 +63,10 @@ def blur_for(image_size: int) -> Blur:
     return Blur(kernel_size=2 * max(1, round(sigma)) + 1, sigma=sigma)
 
 
-@contextmanager
-def _evaluating(models: Sequence[nn.Module]):
-    """Eval mode (batch norm on running statistics, no dropout) for the block; each model's mode restored after."""
-    modes = [model.training for model in models]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for model, mode in zip(models, modes):
-            model.train(mode)
-
-
 def soft_vote_probabilities(models: Sequence[nn.Module]) -> ClassProbabilities:
     """images -> (B, K): the mean of the models' softmax probabilities (one model: its own probabilities)."""
     def probabilities(images: torch.Tensor) -> torch.Tensor:
-        with _evaluating(models), torch.no_grad():
+        with evaluating(*models), torch.no_grad():
             return torch.stack([torch.softmax(model(images).float(), dim=1) for model in models]).mean(dim=0)
     return probabilities
 

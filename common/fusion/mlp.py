@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.core.console import progress
+from common.data.records import CLASS_NAMES
 from common.evaluation.metrics import binary_metrics, selection_score, softmax
 from common.fusion.features import Standardizer, build_features, stack_maps
-from common.training.runtime import make_optimizer
-from common.data.records import CLASS_NAMES
 from common.models.registry import MODEL_ORDER
+from common.training.runtime import make_optimizer
 
 CLASSIFIER_FORMAT_VERSION = 2  # 2: one schema for single-split and K-fold runs
 

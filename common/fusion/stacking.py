@@ -1,13 +1,6 @@
-"""Patient-level K-fold evaluation: the folds, each fold's train/val/test split, the folds file, and cross-fitted
-stacking on out-of-fold rows.
+"""Cross-fitted stacking on out-of-fold rows (the folds themselves are common.data.partition's).
 
-    folds = make_kfold(records, n_folds=5, seed=0, val_fraction=0.2)     # or folds_from_fold_files(records, [...])
-    folds.folds                  # (N,) fold index of every record: fold k's patients are fold k's test set
-    fold_splits(folds, k)        # 'train' / 'val' / 'test' of every record for fold k
-    save_folds(path, folds); load_folds(path)                              # folds.json, digest-checked
-    prepare_folds(records, path, protocol)                                 # make + save once, then load + check
-
-Cross-fitting (DESIGN.md, "Cross-fitted stacking"): each CNN trained on fold k's train side exports the rows of
+Cross-fitting: each CNN trained on fold k's train side exports the rows of
 fold k's images; together these are the out-of-fold set (every image once, each row made by a model that never
 saw its patient). A stacker for outer fold k is fitted on the other folds' rows only and predicts fold k:
 
@@ -29,12 +22,6 @@ from common.data.partition import assign_groups
 from common.data.records import majority_labels
 from common.evaluation.metrics import softmax
 from common.fusion.mlp import MlpSettings, fit_mlp, mlp_logits
-
-# ------------------------------------------------------------------------------------------ making folds
-
-
-# ------------------------------------------------------------------------------------------ the folds file
-
 
 # ------------------------------------------------------------------------------------- cross-fitted stacking
 
@@ -167,7 +154,7 @@ def logistic_regression_stacker(*, c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 
 
 
 def mlp_stacker(settings: MlpSettings, device: torch.device, desc: str):
-    """crossval.cross_fit's fit_predict hook for the MLP on the rows' features."""
+    """cross_fit's fit_predict hook for the MLP on the rows' features."""
     def fit_predict(fit: OutOfFold, select: OutOfFold, predict: OutOfFold) -> np.ndarray:
         features = np.concatenate([fit.features, select.features, predict.features])
         labels = np.concatenate([fit.labels, select.labels, predict.labels])  # predict's are -1, never used

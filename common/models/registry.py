@@ -9,7 +9,8 @@ only the small head is differentiated (see common/cams/methods.py). No hooks are
 
 import re
 import urllib.error
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,17 +88,28 @@ def head(model: nn.Module, arch: str, activation: torch.Tensor) -> torch.Tensor:
     return ARCHS[arch].head(model, activation)
 
 
+@contextmanager
+def evaluating(*modules) -> Iterator[None]:
+    """Eval mode (batch norm on running statistics, no dropout) for the block, each module's own mode restored
+    after; anything that is not an nn.Module (e.g. a plain function) is left alone."""
+    modules = [module for module in modules if isinstance(module, nn.Module)]
+    modes = [module.training for module in modules]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for module, mode in zip(modules, modes):
+            module.train(mode)
+
+
 @torch.no_grad()
 def cam_shape(model: nn.Module, arch: str, image_size: int) -> tuple[int, int]:
     """(h, w) of the target activation for square inputs: 7x7 (VGG-16: 14x14) at 224 px."""
     parameter = next(model.parameters())
     probe = torch.zeros(1, 3, image_size, image_size, device=parameter.device, dtype=parameter.dtype)
-    was_training = model.training
-    model.eval()  # batch norm in train mode would update its running statistics
-    try:
+    with evaluating(model):  # batch norm in train mode would update its running statistics
         return tuple(body(model, arch, probe).shape[2:])
-    finally:
-        model.train(was_training)
 
 
 def _replace_head(model: nn.Module, spec: ArchSpec) -> None:

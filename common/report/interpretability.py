@@ -16,8 +16,8 @@ from urllib.parse import quote
 from common.core.errors import PipelineError
 from common.core.fileio import sha256_of_file
 from common.core.runfiles import FAITHFULNESS_DIR, FAITHFULNESS_JSON, SCORE_SCRIPT, checkpoint_path
-from common.run import Run
 from common.models.registry import ARCHS, MODEL_ORDER
+from common.run import Run
 
 SHARE_ROWS_SHOWN = 20  # per-image rows of the MLP's shares table
 
@@ -31,10 +31,10 @@ def _score_table(table: dict) -> str:
         f"<tr><td>{html.escape(name)}</td><td>{row['deletion_auc']:.3f} &plusmn; {row['deletion_auc_std']:.3f}</td>"
         f"<td>{row['insertion_auc']:.3f} &plusmn; {row['insertion_auc_std']:.3f}</td>"
         f"<td>{1000 * row['map_seconds_per_image']:.1f}</td></tr>" for name, row in table["methods"].items())
-    return ("<table class=\"faithfulness\"><thead><tr><th>Method</th><th>Deletion AUC (lower is better)</th>"
-            "<th>Insertion AUC (higher is better)</th><th>Map ms / image</th></tr></thead>"
-            f"<tbody>{rows}</tbody></table><p><small>{table['images']} image(s), {table['steps']} steps, "
-            f"{html.escape(table['blur']['description'])}.</small></p>")
+    return ('<div class="table-wrap"><table class="faithfulness"><thead><tr><th>Method</th>'
+            "<th>Deletion AUC (lower is better)</th><th>Insertion AUC (higher is better)</th><th>Map ms / image</th>"
+            f"</tr></thead><tbody>{rows}</tbody></table></div><p><small>{table['images']} image(s), "
+            f"{table['steps']} steps, {html.escape(table['blur']['description'])}.</small></p>")
 
 
 def _shares_html(shares: dict | None) -> str:
@@ -44,14 +44,16 @@ def _shares_html(shares: dict | None) -> str:
     header = "".join(f"<th>{html.escape(ARCHS[name].display_name if name in ARCHS else name)}</th>" for name in names)
     average = "".join(f"<td>{shares['average'][name]:.3f}</td>" for name in names)
     per_image = "".join(
-        f"<tr><td>{html.escape(path)}</td>" + "".join(f"<td>{shares['per_image'][name][row]:.3f}</td>" for name in names)
-        + "</tr>" for row, path in enumerate(shares["per_image"]["paths"][:SHARE_ROWS_SHOWN]))
+        f"<tr><td>{html.escape(path)}</td>"
+        + "".join(f"<td>{shares['per_image'][name][row]:.3f}</td>" for name in names) + "</tr>"
+        for row, path in enumerate(shares["per_image"]["paths"][:SHARE_ROWS_SHOWN]))
     count = len(shares["per_image"]["paths"])
-    return (f"<p>Share of the final MLP's decision ({html.escape(shares['features'])}, {html.escape(shares['cam_method'])} "
-            "maps) carried by each CNN's map: sum of |Integrated Gradients| over the map's inputs / total (captum, "
-            f"baseline: the mean feature of the MLP's fit rows; target: {html.escape(shares['target'])}).</p>"
-            f"<table id=\"mlp-shares\"><thead><tr><th>Image</th>{header}</tr></thead><tbody>"
-            f"<tr class=\"final\"><td>mean over {count}</td>{average}</tr>{per_image}</tbody></table>")
+    return (f"<p>Share of the final MLP's decision ({html.escape(shares['features'])}, "
+            f"{html.escape(shares['cam_method'])} maps) carried by each CNN's map: sum of |Integrated Gradients| over "
+            "the map's inputs / total (captum, baseline: the mean feature of the MLP's fit rows; target: "
+            f"{html.escape(shares['target'])}).</p>"
+            f'<div class="table-wrap"><table id="mlp-shares"><thead><tr><th>Image</th>{header}</tr></thead><tbody>'
+            f'<tr class="final"><td>mean over {count}</td>{average}</tr>{per_image}</tbody></table></div>')
 
 
 def faithfulness_html(run: Run, report_dir: Path) -> str | None:
@@ -70,9 +72,10 @@ def faithfulness_html(run: Run, report_dir: Path) -> str | None:
         return (f"<p>{FAITHFULNESS_JSON} was made by other checkpoints than this run's (a model was retrained since); "
                 f"rerun <code>{html.escape(_command(output_dir))}</code> to score these ones.</p>")
     parts = [f"<p>Deletion and insertion AUC (Petsiuk et al. 2018) of each explanation on {len(result['images'])} "
-             f"held-out image(s) ({html.escape(result.get('held_out', 'the test split'))}): pixels ranked by the map are replaced by a blurred copy (deletion) or put onto it "
-             "(insertion); the area under the target class's probability curve. Every method is compared with a "
-             "random map and a centred Gaussian map (baselines). From faithfulness.json.</p>"]
+             f"held-out image(s) ({html.escape(result.get('held_out', 'the test split'))}): pixels ranked by the map "
+             "are replaced by a blurred copy (deletion) or put onto it (insertion); the area under the target class's "
+             "probability curve. Every method is compared with a random map and a centred Gaussian map "
+             "(baselines). From faithfulness.json.</p>"]
     for arch, tables in result["cnns"].items():
         parts.append(f"<h3>{html.escape(ARCHS[arch].display_name)}</h3>" + _score_table(tables["cams"]))
         if "perturbation" in tables:

@@ -40,7 +40,7 @@ from common.data.records import CLASS_NAMES
 from common.evaluation.metrics import DECISION_THRESHOLD, METRIC_COLUMNS, format_metric
 from common.models.registry import MODEL_ORDER
 from common.report.gallery import GallerySource, build_gallery, gallery_html
-from common.report.html import table_html, caveat_html, map_type_html, page_html, save_figure
+from common.report.html import caveat_html, map_type_html, page_html, save_figure, table_html
 from common.report.interpretability import faithfulness_html
 from common.run import HeldOut, Run
 
@@ -322,10 +322,6 @@ def per_patient_html(report: SingleReport) -> str:
     note = ("<p>Recognition rate of each test patient: correctly classified images / images of that patient "
             "(Spanhol et al. 2016); the table's patient recognition rate is their mean.</p>")
     return note + table_html(header, rows, table_id="per-patient")
-
-
-def _plot(name: str, alt: str) -> str:
-    return f'<img class="plot" src="{quote(name)}" alt="{html.escape(alt)}">'
 
 
 def _plot(name: str, alt: str) -> str:

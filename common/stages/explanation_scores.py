@@ -23,9 +23,9 @@ file atomically; faithfulness.json last, listing the figures):
   by Integrated Gradients on its input (common.explain.attribution.heatmap_shares), on every held-out image.
 """
 
-import argparse
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,45 +33,38 @@ import torch
 
 from common.cams.ensemble import CnnEnsemble
 from common.cams.methods import CAM_DISPLAY_NAMES, CAM_METHODS
-from common.core.console import HelpFormatter
 from common.core.errors import PipelineError
 from common.core.fileio import write_json, write_text, written_together
-from common.core.runfiles import (FAITHFULNESS_DIR, FAITHFULNESS_JSON, FAITHFULNESS_MD, FINAL_CLASSIFIER,
-                                  checkpoint_path)
+from common.core.runfiles import FAITHFULNESS_DIR, FAITHFULNESS_JSON, FAITHFULNESS_MD, FINAL_CLASSIFIER, checkpoint_path
 from common.data.images import load_rgb
 from common.data.transforms import build_transforms
 from common.explain.attribution import DEFAULT_SAMPLES, heatmap_shares
-from common.explain.faithfulness import (DEFAULT_STEPS, cam_saliency, faithfulness_markdown, merge_tables,
-                                         score_combined, score_methods, soft_vote_probabilities)
+from common.explain.faithfulness import (
+    DEFAULT_STEPS,
+    cam_saliency,
+    faithfulness_markdown,
+    merge_tables,
+    score_combined,
+    score_methods,
+    soft_vote_probabilities,
+)
 from common.explain.figures import METHOD_DISPLAY_NAMES, PERTURBATION_METHODS, explain_image, perturbation_saliency
 from common.fusion.mlp import classifier_features
 from common.models.checkpoints import load_checkpoint, model_from_checkpoint
 from common.models.registry import ARCHS, MODEL_ORDER
-from common.run import HeldOut, Run, open_run
-from common.training.runtime import pick_device
+from common.run import HeldOut, Run
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python score_explanations.py", description=__doc__,
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("--output-dir", default="runs/breakhis", help="a finished run, either kind")
-    parser.add_argument("--images", type=int, default=100,
-                        help="held-out images scored (a seeded sample; all if fewer)")
-    parser.add_argument("--perturbation-images", type=int, default=5,
-                        help="of those, the first N also explained by LIME, Kernel SHAP and occlusion (0: none)")
-    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
-                        help="perturbed images drawn by LIME and Kernel SHAP per explanation")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="deletion/insertion steps per curve")
-    parser.add_argument("--figures", type=int, default=3,
-                        help="images drawn with every method side by side (of the perturbation images)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the sample, the random baseline and LIME/SHAP")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
-                        help="auto: CUDA if present, else MPS, else the CPU")
-    args = parser.parse_args(argv)
-    if min(args.images, args.steps, args.samples) < 1 or min(args.perturbation_images, args.figures) < 0:
-        parser.error("--images, --steps and --samples must be at least 1, --perturbation-images and --figures "
-                     "not negative")
-    return args
+@dataclass(frozen=True)
+class ScoringOptions:
+    """What score_explanations.py scores (its options)."""
+
+    images: int = 100  # held-out images scored (a seeded sample; all if fewer)
+    perturbation_images: int = 5  # of those, the first N also by LIME, Kernel SHAP and occlusion
+    samples: int = DEFAULT_SAMPLES  # perturbed images drawn by LIME and Kernel SHAP per explanation
+    steps: int = DEFAULT_STEPS  # deletion/insertion steps per curve
+    figures: int = 3  # images drawn with every method side by side (of the perturbation images)
+    seed: int = 0  # seeds the sample, the random baseline and LIME/SHAP
 
 
 def sample_rows(patients: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -221,10 +214,9 @@ def faithfulness_report_markdown(result: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    run = open_run(args.output_dir)
-    device = pick_device(args.device)
+def score_explanations(run: Run, args: ScoringOptions, device: torch.device) -> dict:
+    """Score the run's explanations and write faithfulness.md, faithfulness.json and the figures; returns the
+    JSON's contents."""
     held = run.held_out()
     sample = sample_rows(held.patients, args.images, args.seed)
     perturbation_count = min(args.perturbation_images, len(sample))
@@ -252,8 +244,7 @@ def main(argv=None) -> None:
     with written_together(targets) as (markdown, table):
         write_text(markdown, faithfulness_report_markdown(result))
         write_json(table, result)
-    print(f"wrote {run.output_dir / FAITHFULNESS_MD}, {run.output_dir / FAITHFULNESS_JSON} and {len(figures)} "
-          f"figure(s) in {run.output_dir / FAITHFULNESS_DIR}")
+    return result
 
 
 def held_out_words(run: Run) -> str:

@@ -17,11 +17,27 @@ from common.cams.heatmap_file import export_heatmaps
 from common.cams.methods import parse_cam_methods
 from common.core.errors import Interrupted, PipelineError
 from common.core.fileio import remove_stale_temporaries, sha256_of_file, write_json
-from common.core.runfiles import (CACHE_DIR, FOLDS_FILE, SPLIT_FILE, checkpoint_path, check_run_kind, heatmap_path,
-                                  metrics_path, overlay_dir, state_path)
+from common.core.runfiles import (
+    CACHE_DIR,
+    FOLDS_FILE,
+    SPLIT_FILE,
+    check_run_kind,
+    checkpoint_path,
+    heatmap_path,
+    metrics_path,
+    overlay_dir,
+    state_path,
+)
 from common.data.images import build_cache
-from common.data.partition import (Split, describe_protocol, prepare_fold_split, prepare_folds, prepare_split,
-                                   subsample_split, summarize_split)
+from common.data.partition import (
+    Split,
+    describe_protocol,
+    prepare_fold_split,
+    prepare_folds,
+    prepare_split,
+    subsample_split,
+    summarize_split,
+)
 from common.evaluation.metrics import binary_metrics, metrics_table, softmax
 from common.models.checkpoints import SELECTION_METRIC, load_checkpoint, model_from_checkpoint
 from common.models.registry import build_model
