@@ -11,7 +11,6 @@ from common.models.registry import MODEL_ORDER
 
 pytest.importorskip("captum")
 from common.explain.attribution import (
-    as_saliency_method,
     grid_feature_mask,
     heatmap_shares,
     kernel_shap_map,
@@ -81,12 +80,14 @@ def test_patch_methods_are_seeded_and_leave_the_callers_generator_alone(image):
     torch.testing.assert_close(first, lime_map(OnePatchModel(), image, 1, samples=32, seed=7), rtol=0, atol=0)
 
 
-def test_as_saliency_method_maps_each_image_for_its_class(image):
+def test_perturbation_saliency_maps_each_image_for_its_class(image):
+    from common.explain.figures import perturbation_map, perturbation_saliency
     images, classes = torch.stack([image, image.flip(-1)]), torch.tensor([1, 0])
-    maps = as_saliency_method(occlusion_map, OnePatchModel(), pooled=True)(images, classes)
-    assert maps.shape == (2, GRID, GRID)
-    torch.testing.assert_close(maps[0], occlusion_map(OnePatchModel(), images[0], 1, pooled=True))
-    torch.testing.assert_close(maps[1], occlusion_map(OnePatchModel(), images[1], 0, pooled=True))
+    maps = perturbation_saliency(OnePatchModel(), "occlusion")(images, classes)
+    assert maps.shape[0] == 2
+    torch.testing.assert_close(maps[0], perturbation_map(OnePatchModel(), "occlusion", images[0], 1))
+    torch.testing.assert_close(maps[1], perturbation_map(OnePatchModel(), "occlusion", images[1], 0))
+    assert not torch.equal(maps[0], maps[1])  # the flipped image's patch is elsewhere
 
 
 def test_grid_feature_mask_covers_the_image_in_patches():

@@ -35,6 +35,7 @@ from common.fusion.mlp import build_mlp, mlp_logits, train_mlp
 from common.models.registry import ARCHS, MODEL_ORDER
 from common.run import check_aligned, open_run
 from common.stages import single_split
+from common.training.config import parse_config, split_protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_SCRIPTS = {"densenet121": "cancer_class_densenet_121.py", "resnet50": "cancer_class_resnet_50.py",
@@ -157,9 +158,15 @@ def test_missing_heatmap_file_names_it_and_the_command_that_makes_it(run_copy, a
     heatmap_path(run_copy, arch).unlink()
     with pytest.raises(PipelineError) as error:
         open_run(run_copy).fold_heatmaps()
-    data_root = load_split(run_copy / "split.json").root
-    assert str(error.value) == (f"{heatmap_path(run_copy, arch)} is missing: run python {MODEL_SCRIPTS[arch]} "
-                                f"--data-dir {data_root} --output-dir {run_copy}")
+    split = load_split(run_copy / "split.json")
+    prefix = f"{heatmap_path(run_copy, arch)} is missing: run "
+    assert str(error.value).startswith(prefix)
+    words = shlex.split(str(error.value)[len(prefix):])
+    assert words[:6] == ["python", MODEL_SCRIPTS[arch], "--data-dir", str(split.root), "--output-dir", str(run_copy)]
+    # The command repeats the options that define the split, so it runs on the very split of the run.
+    config = parse_config(arch=arch, description="", argv=words[2:])
+    # split.json adds what the partition found (how patients were grouped) to the requested options.
+    assert split_protocol(config).items() <= split.protocol.items()
     assert ARCHS[arch].script == MODEL_SCRIPTS[arch]
 
 
