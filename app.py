@@ -21,6 +21,8 @@ pictures served go to Gradio's temporary folder (GRADIO_TEMP_DIR). Binds to 127.
 """
 
 import argparse
+import atexit
+import contextlib
 import os
 import socket
 import tempfile
@@ -29,13 +31,20 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from common.core.fileio import remove_stale_temporaries, scratch_folder
+
+UPLOADS = "breakhis_viewer"  # the name of each viewer process's own folder for uploads and served pictures
 # Gradio reads both when it is imported: no usage analytics (these machines have no network, and a local viewer
-# of medical images should not call home anyway), and its uploads and served pictures in a folder of its own.
+# of medical images should not call home anyway), and its uploads and served pictures in a folder of this process
+# alone (unless GRADIO_TEMP_DIR says otherwise), removed when it ends; one a killed viewer left, by the next one.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(tempfile.gettempdir(), "breakhis_viewer"))
+if "GRADIO_TEMP_DIR" not in os.environ:
+    remove_stale_temporaries(tempfile.gettempdir(), name=UPLOADS)
+    _uploads = contextlib.ExitStack()
+    os.environ["GRADIO_TEMP_DIR"] = str(_uploads.enter_context(scratch_folder(tempfile.gettempdir(), UPLOADS)))
+    atexit.register(_uploads.close)
 
 import gradio as gr  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from common.core.errors import PipelineError, message_of, run_main  # noqa: E402
 from common.core.runfiles import REPORT_SCRIPT  # noqa: E402
@@ -134,12 +143,6 @@ def browse_select(run: ViewerRun, rows, method: str, opacity: float, event: gr.S
 # --------------------------------------------------------------------------------------------- the page
 
 
-def load_picture(path: Path) -> Image.Image:
-    """A report plot read into memory (Gradio then serves its own copy, from its temporary folder)."""
-    with Image.open(path) as picture:
-        return picture.convert("RGB")
-
-
 def filter_choices(run: ViewerRun) -> dict[str, list[str]]:
     rows = browse_rows(run)
     return {"truth": list(CLASS_NAMES), "predicted": list(CLASS_NAMES), "outcome": ["correct", "wrong"],
@@ -218,8 +221,8 @@ def results_tab(run: ViewerRun) -> None:
         with gr.Column(elem_id="results-plots"):
             for start in range(0, len(plots), 2):  # two plots a row, each shown whole
                 with gr.Row():
-                    for path in plots[start:start + 2]:
-                        gr.Image(load_picture(path), label=f"report/{path.name}", show_label=False, format="png",
+                    for path, picture in plots[start:start + 2]:
+                        gr.Image(picture, label=f"report/{path.name}", show_label=False, format="png",
                                  interactive=False, buttons=["download", "fullscreen"])
     else:
         gr.Markdown(f"No report plots yet: `python {REPORT_SCRIPT} --output-dir {run.output_dir}` builds them.")

@@ -27,7 +27,7 @@ import torch
 from common.cams.methods import CAM_METHODS
 from common.core.console import HelpFormatter
 from common.core.errors import PipelineError, run_main
-from common.core.fileio import remove_stale_temporaries
+from common.core.fileio import check_writable_folder, remove_stale_temporaries
 from common.fusion.features import FEATURE_SETS
 from common.fusion.mlp import MlpSettings
 from common.models.registry import MODEL_ORDER
@@ -92,6 +92,7 @@ def main(argv=None) -> None:
     if Path(args.output_dir).is_dir():
         remove_stale_temporaries(args.output_dir)  # never another live run's (see the function)
     run = open_run(args.output_dir)
+    check_writable_folder(run.output_dir, option="--output-dir")  # before the training, not after it
     options = final_stage_options(args)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)

@@ -23,7 +23,6 @@ import csv
 import dataclasses
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +34,14 @@ from common.cams.display import blend, colorize, combined_map, jet
 from common.cams.ensemble import CnnEnsemble
 from common.core.console import HelpFormatter
 from common.core.errors import PipelineError, run_main
-from common.core.fileio import disk_full_as_pipeline_error, write_text
-from common.core.runfiles import PREDICTIONS_CSV, PREDICTIONS_DIR, probability_key
+from common.core.fileio import (
+    check_writable_folder,
+    disk_full_as_pipeline_error,
+    remove_stale_temporaries,
+    scratch_folder,
+    write_text,
+)
+from common.core.runfiles import PREDICTIONS_CSV, PREDICTIONS_DIR, distinct_stems, probability_key
 from common.data.records import IMAGE_EXTENSIONS
 from common.evaluation.metrics import DECISION_THRESHOLD, format_probability
 from common.inference import BATCH_SIZE, RunModels, load_run_models, predict_batches
@@ -144,15 +149,7 @@ def overlay_figure(image: Image.Image, cams: dict[str, np.ndarray], probabilitie
 
 def overlay_names(image_paths: list[Path]) -> list[str]:
     """<stem>_gradcam.png per image; images sharing a name (e.g. in two subfolders) get <stem>_2_gradcam.png, ..."""
-    names, taken = [], set()
-    for path in image_paths:
-        name, copy = f"{path.stem}_gradcam.png", 1
-        while name in taken:
-            copy += 1
-            name = f"{path.stem}_{copy}_gradcam.png"
-        taken.add(name)
-        names.append(name)
-    return names
+    return [f"{stem}_gradcam.png" for stem in distinct_stems(image_paths)]
 
 
 def write_explanations(image_paths: list[Path], names: list[str], models: RunModels, folder: Path,
@@ -191,6 +188,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     run = open_run(args.output_dir)
     out_dir = Path(args.out) if args.out else run.output_dir / PREDICTIONS_DIR
+    check_writable_folder(out_dir, option="--out")  # before the models load, not after the work
     image_paths = collect_images(args.inputs)
     models = load_run_models(run, pick_device(args.device))
     print(models.describe())
@@ -198,17 +196,17 @@ def main(argv=None) -> None:
     names = overlay_names(image_paths)
     rows: dict[int, list[str]] = {}
     print(f"{'image':<40} " + " ".join(f"{name:>12}" for name in COLUMNS) + "  prediction (final MLP)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir.parent)  # a killed predict.py's staging folder (never a live one's)
     # Overlays are written batch by batch (flat memory) into a staging folder that is moved into --out only when
     # every image has been read: a bad image stops the run with --out as it was.
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as staging:
+    with scratch_folder(out_dir.parent, out_dir.name) as staging:
         for fold, indices in scoring_groups(run, image_paths):
-            rows.update(score_group(run, models, fold, indices, image_paths, names, Path(staging), out_dir))
+            rows.update(score_group(run, models, fold, indices, image_paths, names, staging, out_dir))
         if args.explain:
-            names += write_explanations(image_paths, names, models, Path(staging), args.explain)
+            names += write_explanations(image_paths, names, models, staging, args.explain)
         out_dir.mkdir(exist_ok=True)
         for name in names:
-            os.replace(Path(staging) / name, out_dir / name)
+            os.replace(staging / name, out_dir / name)
     table = io.StringIO()
     csv.writer(table).writerows([["image"] + [f"p_malignant_{name}" for name in COLUMNS]
                                  + ["prediction", "overlay", "scored_by"]] + [rows[index] for index in sorted(rows)])

@@ -21,6 +21,7 @@ and this command (or cancer_class_further.py and what follows) once they are don
 """
 
 import argparse
+import importlib
 import subprocess
 import sys
 import time
@@ -28,10 +29,13 @@ from pathlib import Path
 
 from common.core.console import HelpFormatter
 from common.core.errors import run_main
+from common.core.fileio import check_writable_folder
 from common.core.runfiles import FURTHER_SCRIPT, REPORT_DIR, REPORT_SCRIPT, SCORE_SCRIPT, check_run_kind
 from common.data.demo import make_demo_dataset, mark_as_synthetic
 from common.data.partition import DEFAULT_FOLDS
 from common.models.registry import ARCHS
+from common.run import finished_fold_models
+from common.training.config import TrainConfig, parse_config
 
 HERE = Path(__file__).resolve().parent
 # Small enough for 2 CPU cores in a few minutes, yet enough for randomly initialised CNNs to learn the synthetic
@@ -43,11 +47,12 @@ DEMO_MODEL_ARGS = ["--weights", "none", "--batch-size", "8", "--val-fraction", "
                    "--workers", "0", "--overlays", "4"]
 # Each model's own demo settings. K-fold trains every model K times, so 48 px and few epochs. DenseNet-121 and
 # ResNet-50 (batch norm) learn at lr 1e-3; VGG-16 (no batch norm) diverges there (first-epoch train loss 21.5 to
-# 56) and needs 1e-4 and more epochs; it may stay near chance at this size. --folds 1 (one split) affords 64 px and
-# more epochs (measured on the demo data: VGG-16 reaches val accuracy 0.875 from epoch 14 at 64 px).
+# 56) and needs 1e-4. At 48 px it stays at chance on the demo data (val balanced accuracy 0.500 after 6 epochs in
+# every fold), so it gets 3 epochs: its 6 took half of `make demo`'s 4.5 minutes. --folds 1 (one split) affords
+# 64 px and more epochs (measured on the demo data: VGG-16 reaches val accuracy 0.875 from epoch 14 at 64 px).
 DEMO_ARCH_ARGS = {"kfold": {"densenet121": ["--image-size", "48", "--lr", "1e-3", "--epochs", "2"],
                             "resnet50": ["--image-size", "48", "--lr", "1e-3", "--epochs", "2"],
-                            "vgg16": ["--image-size", "48", "--lr", "1e-4", "--epochs", "6"]},
+                            "vgg16": ["--image-size", "48", "--lr", "1e-4", "--epochs", "3"]},
                   "single": {"densenet121": ["--image-size", "64", "--lr", "1e-3", "--epochs", "5"],
                              "resnet50": ["--image-size", "64", "--lr", "1e-3", "--epochs", "5"],
                              "vgg16": ["--image-size", "64", "--lr", "1e-4", "--epochs", "15"]}}
@@ -85,6 +90,15 @@ def model_commands(args: argparse.Namespace, kind: str, n_folds: int, data_dir: 
                                             "--output-dir", str(output_dir), *fold_options,
                                             *(["--fold", str(fold)] if fold else []), *demo_args, *extra_args]))
     return commands
+
+
+def requested_config(arch: str, command: list[str]) -> TrainConfig:
+    """What a model command asks for, parsed by its own script's parser (its defaults included); a bad option
+    stops here with that script's usage error. A fold's command gives the config of that fold's run."""
+    script = importlib.import_module(Path(ARCHS[arch].script).stem)
+    config = parse_config(arch=arch, description=script.__doc__, argv=command[2:], prog=ARCHS[arch].script,
+                          **script.DEFAULTS)
+    return config.fold_configs()[0]
 
 
 def faithfulness_command(args: argparse.Namespace, output_dir: Path) -> list[str] | None:
@@ -133,6 +147,7 @@ def main() -> None:
         args.folds or (DEMO_FOLDS if args.demo else DEFAULT_FOLDS)
     kind = "kfold" if n_folds > 1 else "single"
     output_dir = Path(args.output_dir or DEFAULT_OUTPUT[(args.demo, kind)])
+    check_writable_folder(output_dir, option="--output-dir")
     check_run_kind(output_dir, kind)  # never a run of the other kind into this folder
     started = time.perf_counter()
     if args.demo:
@@ -145,9 +160,13 @@ def main() -> None:
         data_dir = Path(args.data_dir)
     print(f"{'patient-level ' + str(n_folds) + '-fold cross-validation' if kind == 'kfold' else 'one split'} "
           f"into {output_dir}", flush=True)
-    from common.run import model_complete  # imports torch: after the options are checked
-    for arch, folder, command in model_commands(args, kind, n_folds, data_dir, output_dir, extra_args):
-        if kind == "kfold" and model_complete(folder, arch):
+    commands = model_commands(args, kind, n_folds, data_dir, output_dir, extra_args)
+    # Every model command parsed here first: a mistyped option stops the run before any training, and a resumed
+    # K-fold run skips only the models trained on the same data and folds with the same options.
+    requests = [requested_config(arch, command) for arch, _, command in commands]
+    finished = finished_fold_models(output_dir, requests) if kind == "kfold" else set()
+    for config, (arch, folder, command) in zip(requests, commands):
+        if (config.fold, arch) in finished:
             print(f"{folder.name} {arch}: complete, skipped")
             continue
         run_stage(command)
@@ -158,7 +177,8 @@ def main() -> None:
     else:
         print("\nfaithfulness: skipped (--faithfulness-images 0)")
     run_stage([sys.executable, str(HERE / REPORT_SCRIPT), "--output-dir", str(output_dir)])
-    print(f"\npipeline finished in {time.perf_counter() - started:.0f} s; open {output_dir / REPORT_DIR / 'index.html'}")
+    report = output_dir / REPORT_DIR / "index.html"
+    print(f"\npipeline finished in {time.perf_counter() - started:.0f} s; open {report}")
 
 
 if __name__ == "__main__":

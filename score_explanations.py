@@ -15,6 +15,7 @@ import argparse
 
 from common.core.console import HelpFormatter
 from common.core.errors import run_main
+from common.core.fileio import check_writable_folder
 from common.core.runfiles import FAITHFULNESS_DIR, FAITHFULNESS_JSON, FAITHFULNESS_MD
 from common.run import open_run
 from common.stages.explanation_scores import ScoringOptions, score_explanations
@@ -49,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     run = open_run(args.output_dir)
+    check_writable_folder(run.output_dir, option="--output-dir")  # before the scoring, not after it
     options = ScoringOptions(images=args.images, perturbation_images=args.perturbation_images, samples=args.samples,
                              steps=args.steps, figures=args.figures, seed=args.seed)
     result = score_explanations(run, options, pick_device(args.device))

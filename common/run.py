@@ -49,13 +49,23 @@ from common.core.runfiles import (
     heatmap_path,
     run_kind,
 )
-from common.data.partition import Folds, Split, load_folds, load_split
+from common.data.partition import (
+    Folds,
+    Split,
+    indexed_records,
+    load_folds,
+    load_split,
+    make_folds,
+    prepare_fold_split,
+    prepare_folds,
+    save_partition,
+)
 from common.data.records import CLASS_NAMES
 from common.fusion.mlp import CLASSIFIER_FORMAT_VERSION, mlp_from_classifier
 from common.models.checkpoints import load_checkpoint, model_from_checkpoint, training_caveats
 from common.models.registry import ARCHS, MODEL_ORDER
 from common.training.config import DEFAULTS as TRAINING_DEFAULTS
-from common.training.config import heatmaps_only_command
+from common.training.config import TrainConfig, changed_training_options, fold_protocol, heatmaps_only_command
 
 # Same images, order, labels and splits, and maps made by the same target-class rule, in all three heatmap files.
 ALIGNED_KEYS = ("paths", "labels", "splits", "patients", "magnifications", "target_class_rule", "split_digest")
@@ -414,3 +424,47 @@ def model_complete(folder: Path, arch: str) -> bool:
         return str(heatmaps["split_digest"]) == load_split(folder / SPLIT_FILE).digest
     except PipelineError:
         return False
+
+
+def finished_fold_models(output_dir: Path, requests: list[TrainConfig]) -> set[tuple[int, str]]:
+    """(fold, arch) of every requested fold model that a resumed K-fold run may skip: complete, and trained on the
+    requested data and folds with the requested options. Anything else that stands in the way is refused up front,
+    in one line, before any training: data other than folds.json was made from, fold folders made from other folds
+    (folds.json deleted and remade from other data), a finished model trained with other options."""
+    output_dir = Path(output_dir)
+    first = requests[0]
+    folds_file, protocol = output_dir / FOLDS_FILE, fold_protocol(first)
+    remade = not folds_file.exists()
+    if remade:  # saved only once the fold folders already there are found to agree with them
+        root, records = indexed_records(first.data_dir, protocol)
+        folds = make_folds(records, root, protocol)
+    else:
+        folds = prepare_folds(first.data_dir, folds_file, protocol)  # the data and the fold options checked
+    trained = sorted(path for path in output_dir.glob("fold_*") if (path / SPLIT_FILE).is_file())
+    for folder in trained:
+        fold = folder.name.removeprefix("fold_")
+        try:
+            prepare_fold_split(folds, int(fold), folder / SPLIT_FILE)
+        except (PipelineError, ValueError):
+            models = sum(checkpoint_path(path, arch).is_file() for path in trained for arch in ARCHS)
+            cause = (f"{folds_file} was missing and the folds remade from {first.data_dir} with these options"
+                     if remade else f"the folds in {folds_file}")
+            raise PipelineError(f"{folder} was trained on other folds than {cause}; delete {output_dir}/fold_*/ as "
+                                f"well to train every fold again ({models} trained model(s) there are lost), or "
+                                "use another --output-dir") from None
+    if remade:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_partition(folds_file, folds)
+    finished = set()
+    for config in requests:
+        folder = Path(config.output_dir)
+        if not model_complete(folder, config.arch):
+            continue
+        checkpoint_file = checkpoint_path(folder, config.arch)
+        changed = changed_training_options(load_checkpoint(checkpoint_file, config.arch)["config"], config)
+        if changed:
+            raise PipelineError(f"{checkpoint_file} was trained with other options ({'; '.join(changed)}); pass the "
+                                f"options it was trained with to resume this run, or use another --output-dir (or "
+                                f"delete {output_dir}/fold_*/ to train every fold again, losing its models)")
+        finished.add((config.fold, config.arch))
+    return finished

@@ -252,7 +252,19 @@ def results_markdown(run: ViewerRun) -> str:
     return results_file.read_text(encoding="utf-8")
 
 
-def report_plots(run: ViewerRun) -> list[Path]:
-    """The report's plots (report/*.png), when the report has been built."""
-    return sorted((run.output_dir / REPORT_DIR).glob("*.png"))
+def report_plots(run: ViewerRun) -> list[tuple[Path, Image.Image]]:
+    """The report's plots (report/*.png, when the report has been built), each read into memory (Gradio then serves
+    its own copy). A file there that is not a plain file (a link could lead out of the run) or does not decode is
+    skipped with a warning: the viewer starts without it."""
+    plots = []
+    for path in sorted((run.output_dir / REPORT_DIR).glob("*.png")):
+        if path.is_symlink() or not path.is_file():
+            print(f"WARNING: skipped {path}: not a plain file")
+            continue
+        try:
+            with Image.open(path) as picture:
+                plots.append((path, picture.convert("RGB")))
+        except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
+            print(f"WARNING: skipped {path}: cannot read it as an image ({error}); make_report.py rebuilds the report")
+    return plots
 

@@ -13,6 +13,7 @@ match is refused with predict.py's one-line errors. The page itself, in a real b
 import csv
 import dataclasses
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -48,6 +49,7 @@ from common.viewer import (
     open_uploads,
     predict_views,
     probability_markdown,
+    report_plots,
     render_panels,
     results_markdown,
     stored_view,
@@ -445,6 +447,24 @@ def test_checkpoint_retrained_after_the_mlp_was_fitted_is_refused(request, retra
     assert f"--output-dir {copy} " in message  # the run's folder, where the model script writes fold_2/
     if kind == "kfold":
         assert "--folds 2 --fold 2" in message
+
+
+def test_a_report_plot_that_does_not_decode_or_is_a_link_is_skipped_with_a_warning(run_copy, capsys):
+    """report/ holding a broken PNG or a link to a file outside the run: the viewer starts without them."""
+    report = run_copy / "report"
+    shutil.rmtree(report)  # the copy's files are links to the original run's; these are made anew
+    report.mkdir()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(report / "a_good.png")
+    (report / "b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (report / "c_link.png").symlink_to("/etc/hostname")
+    viewer = load_viewer_run(run_copy, device=CPU)
+    plots = report_plots(viewer)
+    assert [path.name for path, _ in plots] == ["a_good.png"]
+    assert plots[0][1].getpixel((0, 0)) == (10, 200, 30)
+    out = capsys.readouterr().out
+    assert f"WARNING: skipped {report / 'b_broken.png'}: cannot read it as an image" in out
+    assert f"WARNING: skipped {report / 'c_link.png'}: not a plain file" in out
+    app.build_app(viewer).close()  # the page builds with the one good plot
 
 
 def test_gradio_temp_dir_inside_the_run_is_refused(pipeline_run, monkeypatch):

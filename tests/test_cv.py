@@ -366,3 +366,21 @@ def test_a_run_of_the_other_kind_is_refused_without_touching_the_folder(cv_copy,
     assert f"error: --output-dir {cv_copy} holds a K-fold run (folds.json); a single-split run needs another " \
            "--output-dir" in finished.stderr
     assert sorted(path.name for path in cv_copy.iterdir()) == before
+
+
+def test_every_pooled_metric_of_the_cross_validated_table_has_its_interval(cv_run):
+    """F1 and the patient recognition rate too: each defined pooled figure has its patient-bootstrap interval,
+    and the interval holds the figure."""
+    results = json.loads((cv_run / CV_RESULTS_JSON).read_text())
+    checked = 0
+    for row, levels in results["rows"].items():
+        for level in ("image", "patient"):
+            for metric, entry in levels[level].items():
+                if entry["pooled"] is None:
+                    continue
+                assert entry["ci95"] is not None, (row, level, metric)
+                low, high = entry["ci95"]
+                assert low - 1e-9 <= entry["pooled"] <= high + 1e-9 or np.isnan(low), (row, level, metric)
+                checked += 1
+    assert {"f1", "patient_recognition_rate"} <= set(results["rows"][MODEL_ORDER[0]]["image"])
+    assert checked >= len(results["rows"]) * 10

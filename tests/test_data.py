@@ -713,6 +713,25 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path, write):
     np.testing.assert_array_equal(pixels, expected)
 
 
+def test_float_images_in_0_to_1_are_scaled_not_read_as_black(tmp_path):
+    """PIL's own conversion of a float (mode F) TIFF clips 0..1 to 0 or 1: an image read as black."""
+    values = np.array([[0.0, 0.25, 0.5], [0.75, 0.999, 1.0]], dtype=np.float32)
+    path = tmp_path / "image.tif"
+    Image.fromarray(values, mode="F").save(path)
+    pixels = np.asarray(load_rgb(path))
+    expected = np.round(values.astype(np.float64) * 255).astype(np.uint8)  # 0, 64, 128, 191, 255, 255
+    np.testing.assert_array_equal(pixels, np.repeat(expected[..., None], 3, axis=2))
+
+
+@pytest.mark.parametrize("bad", [2.0, -0.5, np.nan])
+def test_float_images_outside_0_to_1_are_refused_naming_the_file(tmp_path, bad):
+    path = tmp_path / "image.tif"
+    Image.fromarray(np.array([[0.0, bad]], dtype=np.float32), mode="F").save(path)
+    with pytest.raises(PipelineError, match=rf"^cannot read image {re.escape(str(path))}: its float pixel values "
+                                            r"are not all within 0\.\.1"):
+        load_rgb(path)
+
+
 def test_16_bit_images_reach_the_cache_scaled(tmp_path):
     """Training, the cache, the heatmaps and predict all decode through load_rgb: the cache holds the scaled images."""
     rng = np.random.default_rng(0)

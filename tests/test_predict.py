@@ -447,7 +447,7 @@ def test_demo_gives_each_model_its_own_lr_and_vgg16_a_smaller_one():
     from common.models.registry import ARCHS
     from common.training.config import parse_config
 
-    for kind, vgg_epochs in (("single", 15), ("kfold", 6)):
+    for kind, vgg_epochs in (("single", 15), ("kfold", 3)):
         assert set(run_pipeline.DEMO_ARCH_ARGS[kind]) == set(ARCHS)
         demo = {}
         for spec in ARCHS.values():  # the options each script really gets, parsed by its own parser

@@ -420,3 +420,25 @@ def test_imagenet_weights_that_cannot_be_fetched_give_a_clear_error(monkeypatch)
     message = str(error.value)
     assert "resnet50-11ad3fa6.pth" in message and "--weights PATH" in message and "--weights none" in message
     assert "\n" not in message
+
+
+def test_overlays_of_images_sharing_a_file_name_in_two_class_folders_do_not_overwrite_each_other(tmp_path):
+    """A folder-per-class dataset may hold benign/x.png and malignant/x.png: one overlay file each."""
+    from common.cams.heatmap_file import save_overlays
+    from common.data.partition import Split
+    from common.data.records import Record
+
+    paths = ["benign/x.png", "malignant/x.png", "benign/y.png", "malignant/x_2.png"]
+    for index, path in enumerate(paths):
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        Image.fromarray(np.full((32, 32, 3), 60 * index, np.uint8)).save(tmp_path / path)
+    records = [Record(path, int(path.startswith("malignant")), "", f"p{index}", "") for index, path in enumerate(paths)]
+    split = Split(tmp_path, records, ["test"] * len(paths), {}, "digest")
+    cams = np.random.default_rng(0).random((len(paths), 4, 4)).astype(np.float32)
+    written = save_overlays(split, cams, tmp_path / "overlays", count=len(paths), image_size=32)
+    assert [path.name for path in written] == ["x.png", "x_2.png", "y.png", "x_2_2.png"]
+    assert sorted(path.name for path in (tmp_path / "overlays").iterdir()) == sorted(path.name for path in written)
+    # Each file is the overlay of its own image: the left panel shows that image's grey level.
+    for index, path in enumerate(written):
+        with Image.open(path) as image:
+            assert image.convert("RGB").getpixel((image.width // 8, image.height // 2))[1] == 60 * index

@@ -26,6 +26,7 @@ from common.cams.methods import CAM_METHODS, cams_and_logits, method_tag
 from common.core.console import progress
 from common.core.errors import PipelineError
 from common.core.fileio import atomic_path, create_memmap, save_npz, scratch_file
+from common.core.runfiles import distinct_stems
 from common.data.images import load_rgb, make_batches
 from common.data.partition import Split
 from common.data.transforms import resize_image
@@ -119,9 +120,10 @@ def save_overlays(split: Split, cams: np.ndarray, out_dir: Path, *, count: int, 
         if len(test_rows) and count > 0 else []
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for row in chosen:
+    stems = distinct_stems([split.records[row].path for row in chosen])  # class folders may share file names
+    for row, stem in zip(chosen, stems):
         image = resize_image(load_rgb(split.root / split.records[row].path), image_size)
-        target = out_dir / f"{Path(split.records[row].path).stem}.png"
+        target = out_dir / f"{stem}.png"
         with atomic_path(target, suffix=".png") as temp_path:
             overlay_panel(image, cams[row]).save(temp_path, format="PNG")
         written.append(target)

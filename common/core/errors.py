@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 # The errors a write gets when the file system has no room left for it (the disk, or the user's quota).
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# The errors of a path that cannot be used as it is: no permission, read-only, a file where a folder should be.
+UNUSABLE_PATH_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST)
 
 
 # What a Ctrl-C leaves, unless the script says more (an Interrupted): files are only ever replaced whole.
@@ -39,12 +41,16 @@ def run_main(main: Callable[[], object]) -> None:
         print(f"error: {message_of(error)}", file=sys.stderr)
         sys.exit(2)
     except OSError as error:
-        # Last resort: the result files go through common/core/fileio.py, which names the file; this catches the rest
-        # (e.g. a log line appended after each epoch).
-        if error.errno not in DISK_FULL_ERRNOS:
+        # Last resort: the output folders are checked up front (fileio.check_writable_folder) and the result files
+        # go through common/core/fileio.py, which names the file; this catches the rest (e.g. a log line appended
+        # after each epoch, a folder made read-only during the run).
+        if error.errno in DISK_FULL_ERRNOS:
+            print(f"error: the disk is full: cannot write {error.filename or 'a file'} ({error.strerror}); results "
+                  "written before are intact; free space and rerun", file=sys.stderr)
+        elif error.errno in UNUSABLE_PATH_ERRNOS and error.filename:
+            print(f"error: {error.filename}: {error.strerror}; results written before are intact", file=sys.stderr)
+        else:
             raise
-        print(f"error: the disk is full: cannot write {error.filename or 'a file'} ({error.strerror}); results "
-              "written before are intact; free space and rerun", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as interrupt:
         message = str(interrupt) if isinstance(interrupt, Interrupted) else INTERRUPTED_MESSAGE

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -33,6 +34,7 @@ except ImportError:  # Windows: temporaries are neither locked nor cleaned up
 TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed")
 # `.<target name>.<pid>.<8 random characters from tempfile><suffix>`: the temporaries this module makes.
 TEMPORARY_NAME = re.compile(r"^\..+\.\d+\.[a-z0-9_]{8}(\.[A-Za-z0-9.]+)?$")
+SCRATCH_SUFFIX = ".scratch"  # a scratch folder's name ends so (see scratch_folder)
 # A temporary is unlocked between its creation and the lock call (microseconds); one untouched for this long is
 # past that moment.
 STALE_AFTER_SECONDS = 60
@@ -105,6 +107,24 @@ def scratch_file(folder: str | os.PathLike, name: str, suffix: str = ".tmp") -> 
             os.close(handle)
 
 
+def check_writable_folder(folder: str | os.PathLike, *, option: str) -> None:
+    """Stop before any work, in one line, when `folder` (given as `option`) cannot hold results: a file stands at
+    its place or above it, or the folder (or the nearest one above it that exists, where it would be made) cannot be
+    written to: read-only file system, no permission. Nothing is created."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PipelineError(f"{option} {folder}: {existing} is a file, not a folder; pass a folder")
+    try:  # trying is the only sure test (os.access says yes to root on a read-only mount); O_TMPFILE: no name made
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise PipelineError(f"{option} {folder}: cannot write in {existing} ({error.strerror}); pass a folder you "
+                            "can write to") from None
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target`, on error it is removed.
@@ -116,8 +136,31 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         os.replace(temp_path, target)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files that killed runs left in `folder` and return their paths.
+@contextlib.contextmanager
+def scratch_folder(parent: str | os.PathLike, name: str) -> Iterator[Path]:
+    """A new empty folder `.<name>.<pid>.<random>.scratch` in `parent` (with the permissions mkdir gives: it may be
+    renamed into place as a result folder), in use (locked) until the block ends; then removed if still there.
+    One that a killed process left is removed by the next `remove_stale_temporaries(parent)`."""
+    parent = Path(parent)
+    with disk_full_as_pipeline_error(parent / name):
+        parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=_temporary_prefix(name), suffix=SCRATCH_SUFFIX, dir=parent))
+    os.chmod(folder, 0o777 & ~_current_umask())  # mkdtemp makes 0700
+    handle = os.open(folder, os.O_RDONLY) if fcntl is not None else None
+    if handle is not None:
+        _mark_in_use(handle)  # the lock is on the folder itself: it stays with it through a rename
+    try:
+        with disk_full_as_pipeline_error(parent / name):
+            yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # gone already if it was renamed into place
+        if handle is not None:
+            os.close(handle)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, *, name: str | None = None) -> list[Path]:
+    """Remove the temporary files and scratch folders that killed runs left in `folder` (only those made for `name`,
+    when given: a shared folder such as /tmp); return their paths.
 
     Safe beside live runs in the same folder, this process's own writer thread included: a temporary in use is
     locked from its creation until it is renamed or removed (`scratch_file`), so one that can be locked here has
@@ -129,15 +172,17 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         return []
     removed, freed = [], 0
     with os.scandir(folder) as entries:
-        candidates = [Path(entry.path) for entry in entries
-                      if TEMPORARY_NAME.match(entry.name) and entry.is_file(follow_symlinks=False)]
+        candidates = [Path(entry.path) for entry in entries if TEMPORARY_NAME.match(entry.name)
+                      and (name is None or entry.name.startswith(f".{name}.")) and (
+            entry.is_file(follow_symlinks=False)
+            or entry.name.endswith(SCRATCH_SUFFIX) and entry.is_dir(follow_symlinks=False))]
     for path in candidates:
         size = _remove_if_stale(path)
         if size is not None:
             removed.append(path)
             freed += size
     if removed:
-        print(f"removed {len(removed)} temporary file(s) that an interrupted run left in {folder} "
+        print(f"removed {len(removed)} temporary file(s) or folder(s) that an interrupted run left in {folder} "
               f"({freed / 2**20:.1f} MiB)")
     return removed
 
@@ -157,6 +202,10 @@ def _remove_if_stale(path: Path) -> int | None:
         if time.time() - opened.st_mtime < STALE_AFTER_SECONDS or \
                 (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):  # young, or renamed meanwhile
             return None
+        if path.is_dir():
+            size = sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+            shutil.rmtree(path)
+            return size
         path.unlink()
         return opened.st_size
     except OSError:

@@ -87,6 +87,20 @@ def overlay_dir(output_dir: str | Path, arch: str) -> Path:
     return Path(output_dir) / "overlays" / arch
 
 
+def distinct_stems(paths: list) -> list[str]:
+    """A file-name stem per path, for the files made from it (overlays): its stem; images sharing a stem (e.g. in two
+    class folders) get <stem>_2, <stem>_3, ... in order, so no file overwrites another."""
+    stems, taken = [], set()
+    for path in paths:
+        stem, copy = Path(path).stem, 1
+        while stem in taken:
+            copy += 1
+            stem = f"{Path(path).stem}_{copy}"
+        taken.add(stem)
+        stems.append(stem)
+    return stems
+
+
 def classifier_name(feature_set: str, final_features: str) -> str:
     """final_classifier.pth for the chosen feature set, final_classifier_<features>.pth for the other."""
     return FINAL_CLASSIFIER if feature_set == final_features else \

@@ -42,6 +42,8 @@ def load_rgb(path: Path) -> Image.Image:
                 return Image.fromarray(_sixteen_to_eight_bits(pixels.permute(1, 2, 0).numpy(), path))
             if image.mode.startswith("I"):  # 16-bit grey (I;16, I;16B, ...) or 32-bit integers (I), e.g. a TIFF
                 return Image.fromarray(_sixteen_to_eight_bits(np.asarray(image), path)).convert("RGB")
+            if image.mode == "F":  # 32-bit float grey, e.g. a TIFF: PIL would clip 0..1 to 0 or 1 (black)
+                return Image.fromarray(_unit_float_to_eight_bits(np.asarray(image), path)).convert("RGB")
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, RuntimeError, Image.DecompressionBombError) as error:
         # DecompressionBombError: over twice PIL's MAX_IMAGE_PIXELS (~179 MP), far above any microscopy tile.
@@ -54,6 +56,15 @@ def _png_bit_depth(path: Path) -> int:
     with open(path, "rb") as handle:
         header = handle.read(25)
     return header[24] if len(header) == 25 else 8
+
+
+def _unit_float_to_eight_bits(values: np.ndarray, path: Path) -> np.ndarray:
+    """Float pixels in 0..1 (the convention of float images) -> 0..255 uint8, rounded; other ranges are refused
+    rather than guessed at (0..255? 0..65535?)."""
+    if not np.isfinite(values).all() or values.size and (values.min() < 0 or values.max() > 1):
+        raise PipelineError(f"cannot read image {path}: its float pixel values are not all within 0..1; "
+                            "save it as 8- or 16-bit integers")
+    return np.rint(values.astype(np.float64) * 255).astype(np.uint8)
 
 
 def _sixteen_to_eight_bits(values: np.ndarray, path: Path) -> np.ndarray:

@@ -28,10 +28,14 @@ from common.evaluation.metrics import DECISION_THRESHOLD, binary_metrics
 
 DEFAULT_RESAMPLES = 2000
 CONFIDENCE = 0.95
-RESAMPLED_METRICS = ("roc_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity")
+RESAMPLED_METRICS = ("roc_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "f1",
+                     "patient_recognition_rate")
+# The metrics given per level: at patient level (one diagnosis per patient) the recognition rate is the accuracy.
+LEVEL_METRICS = {"image": RESAMPLED_METRICS, "patient": RESAMPLED_METRICS[:5]}
 DIFFERENCE_METRICS = ("roc_auc", "balanced_accuracy")
 METRIC_NAMES = {"roc_auc": "AUC", "balanced_accuracy": "balanced accuracy", "accuracy": "accuracy",
-                "sensitivity": "sensitivity", "specificity": "specificity"}
+                "sensitivity": "sensitivity", "specificity": "specificity", "f1": "F1",
+                "patient_recognition_rate": "patient recognition rate"}
 LEVELS = ("image", "patient")
 # Rows of resamples handled at once in weighted_roc_auc: (chunk, N) float64 arrays of about 16 MB.
 AUC_CHUNK_ELEMENTS = 2_000_000
@@ -73,7 +77,7 @@ def diagnose_patients(prob_malignant, labels, patients) -> PatientDiagnosis:
 def _patient_level(prob_malignant, labels, patients, threshold: float) -> dict:
     diagnosis = diagnose_patients(prob_malignant, labels, patients)
     metrics = binary_metrics(diagnosis.labels, diagnosis.prob_malignant, diagnosis.patients, threshold=threshold)
-    return {"patients": len(diagnosis.patients), **{name: metrics[name] for name in RESAMPLED_METRICS}}
+    return {"patients": len(diagnosis.patients), **{name: metrics[name] for name in LEVEL_METRICS["patient"]}}
 
 
 def patient_metrics(prob_malignant, labels, patients, magnifications=None, *,
@@ -151,7 +155,9 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 def resampled_metrics(labels, prob_malignant, group_of_row, counts: np.ndarray, *,
                       threshold: float = DECISION_THRESHOLD) -> dict[str, np.ndarray]:
     """Each RESAMPLED_METRICS metric, (R,), of rows weighted by counts[r, group_of_row]: the metrics of the
-    data set in which group g appears counts[r, g] times. NaN where a metric is undefined (a class absent)."""
+    data set in which group g appears counts[r, g] times (as that many distinct groups: the patient recognition
+    rate, the mean over groups of each group's accuracy, counts it that many times). NaN where a metric is
+    undefined (a class absent)."""
     labels = np.asarray(labels)
     predicted = np.asarray(prob_malignant, dtype=np.float64) >= threshold
     n_groups = counts.shape[1]
@@ -161,26 +167,33 @@ def resampled_metrics(labels, prob_malignant, group_of_row, counts: np.ndarray, 
                          axis=1)  # (P, 4)
     tp, fn, tn, fp = (counts @ per_group).T  # each (R,)
     sensitivity, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
+    group_accuracy = _ratio(per_group[:, 0] + per_group[:, 2], per_group.sum(axis=1))  # (P,)
+    defined = ~np.isnan(group_accuracy)  # a group without rows (none in practice) has no accuracy
     return {
         "roc_auc": weighted_roc_auc(labels, prob_malignant, counts, group_of_row=group_of_row),
         "balanced_accuracy": (sensitivity + specificity) / 2,
         "accuracy": _ratio(tp + tn, tp + fn + tn + fp),
         "sensitivity": sensitivity,
         "specificity": specificity,
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "patient_recognition_rate": _ratio(counts[:, defined] @ group_accuracy[defined],
+                                           counts[:, defined].sum(axis=1)),
     }
 
 
 def resampled_metrics_loop(labels, prob_malignant, group_of_row, resample_indices: np.ndarray, *,
                            threshold: float = DECISION_THRESHOLD) -> dict[str, np.ndarray]:
     """Reference for resampled_metrics: for each resample, the rows of every drawn group concatenated (a group
-    drawn twice appears twice) and common.evaluation.metrics.binary_metrics on them. One Python iteration per resample."""
+    drawn twice appears twice, as two groups) and common.evaluation.metrics.binary_metrics on them. One Python
+    iteration per resample."""
     labels, prob_malignant = np.asarray(labels), np.asarray(prob_malignant, dtype=np.float64)
     group_of_row = np.asarray(group_of_row)
     rows_of_group = [np.flatnonzero(group_of_row == group) for group in range(int(group_of_row.max()) + 1)]
     values = {name: np.empty(len(resample_indices)) for name in RESAMPLED_METRICS}
     for resample, drawn in enumerate(resample_indices):
         rows = np.concatenate([rows_of_group[group] for group in drawn])
-        metrics = binary_metrics(labels[rows], prob_malignant[rows], group_of_row[rows], threshold=threshold)
+        draw_of_row = np.concatenate([np.full(len(rows_of_group[group]), draw) for draw, group in enumerate(drawn)])
+        metrics = binary_metrics(labels[rows], prob_malignant[rows], draw_of_row, threshold=threshold)
         for name in RESAMPLED_METRICS:
             values[name][resample] = np.nan if metrics[name] is None else metrics[name]
     return values
@@ -279,7 +292,7 @@ class PatientBootstrap:
     def intervals(self, prob_malignant) -> dict[str, dict[str, Interval]]:
         """Each metric's estimate with its percentile interval, at image and patient level."""
         estimates, values = self.estimates(prob_malignant), self.values(prob_malignant)
-        return {level: {name: _interval(estimates[level][name], values[level][name]) for name in RESAMPLED_METRICS}
+        return {level: {name: _interval(estimates[level][name], values[level][name]) for name in LEVEL_METRICS[level]}
                 for level in LEVELS}
 
     def difference(self, prob_a, prob_b, *, metrics=DIFFERENCE_METRICS) -> dict[str, dict[str, Interval]]:
@@ -321,7 +334,7 @@ def fold_summary(prob_malignant, *, labels, patients, folds, magnifications=None
                                                     threshold=threshold)["all"]})
     summary = {"per_fold": per_fold, "fold_mean": {}, "fold_sd": {}}
     for level in LEVELS:
-        mean, sd = mean_and_sd_over_folds([fold[level] for fold in per_fold], RESAMPLED_METRICS)
+        mean, sd = mean_and_sd_over_folds([fold[level] for fold in per_fold], LEVEL_METRICS[level])
         summary["fold_mean"][level], summary["fold_sd"][level] = mean, sd
     return summary
 

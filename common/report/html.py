@@ -3,14 +3,11 @@
 import html
 import os
 import re
-import secrets
-import shutil
-import tempfile
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from common.core.fileio import atomic_path
+from common.core.fileio import atomic_path, scratch_folder
 from common.evaluation.map_comparison import (
     comparison_cells,
     comparison_header,
@@ -113,10 +110,10 @@ def swap_in(staging: Path, report_dir: Path) -> None:
         before the first rename    the old report, complete
         between the two renames    no report/ folder (microseconds; a reload says "not found", never a mix)
         after the second rename    the new report, complete
-    A crash between the renames leaves the old report in .report.old.*/report (no reader ever sees half of one)."""
-    backup_parent = Path(tempfile.mkdtemp(dir=report_dir.parent, prefix=".report.old."))
-    backup = backup_parent / "report"
-    try:
+    A crash between the renames leaves the old report in a scratch folder (no reader ever sees half of one),
+    removed by the next build, which makes a new one."""
+    with scratch_folder(report_dir.parent, "report.old") as backup_parent:
+        backup = backup_parent / "report"
         if report_dir.exists():
             os.replace(report_dir, backup)
         try:
@@ -125,17 +122,3 @@ def swap_in(staging: Path, report_dir: Path) -> None:
             if backup.exists():  # the new one could not take its place: the old one goes back
                 os.replace(backup, report_dir)
             raise
-    finally:
-        shutil.rmtree(backup_parent, ignore_errors=True)
-
-
-def fresh_folder(parent: Path, *, prefix: str) -> Path:
-    """A new empty folder of a unique name, with the permissions mkdir gives (mkdtemp's are owner-only, and this
-    one becomes the report folder)."""
-    while True:
-        folder = parent / f"{prefix}{secrets.token_hex(4)}"
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue

@@ -74,12 +74,17 @@ DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfi
 # the file must repeat them (the split file refuses other split options). The image size comes from the checkpoint.
 HEATMAP_DEFINING_OPTIONS = ("magnification", "split", "patient_id", "fold_file", "val_fraction", "test_fraction",
                             "seed", "max_images", "cam_target", "cam_methods")
+# Options that say where and how a model script runs, not what it trains: a finished model stays current when only
+# these differ (whether the data is the same is checked against folds.json / split.json, not by its path).
+EXECUTION_OPTIONS = ("data_dir", "output_dir", "run_dir", "fold", "cache", "workers", "device", "resume",
+                     "keep_training_state", "heatmaps_only", "overlays")
 # Options of the parser that are not fields of the config (they are turned into fields).
 _PARSER_ONLY = ("fold_file",)
 
 
-def build_parser(*, arch: str, description: str, **script_defaults) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+def build_parser(*, arch: str, description: str, prog: str | None = None,
+                 **script_defaults) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data and split")
     data.add_argument("--data-dir", required=True,
                       help="BreaKHis folder (any folder at or above histology_slides), a folder with benign/ and "
@@ -148,9 +153,11 @@ def build_parser(*, arch: str, description: str, **script_defaults) -> argparse.
     return parser
 
 
-def parse_config(*, arch: str, description: str, argv: list[str] | None = None, **script_defaults) -> TrainConfig:
-    """The command line as a TrainConfig, every option checked (a bad one: argparse's usage error, exit 2)."""
-    parser = build_parser(arch=arch, description=description, **script_defaults)
+def parse_config(*, arch: str, description: str, argv: list[str] | None = None, prog: str | None = None,
+                 **script_defaults) -> TrainConfig:
+    """The command line as a TrainConfig, every option checked (a bad one: argparse's usage error, exit 2, under the
+    name `prog`, by default the running script's)."""
+    parser = build_parser(arch=arch, description=description, prog=prog, **script_defaults)
     args = parser.parse_args(argv)
     if not 0 < args.val_fraction < 1 or not 0 < args.test_fraction < 1 or args.val_fraction + args.test_fraction >= 1:
         parser.error("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
@@ -180,6 +187,18 @@ def parse_config(*, arch: str, description: str, argv: list[str] | None = None, 
     if config.fold_file and config.split == "image":
         parser.error("--fold-file defines a patient-level split; it cannot be combined with --split image")
     return config
+
+
+def changed_training_options(saved: dict, requested: TrainConfig) -> list[str]:
+    """The options that define a trained model and differ between a checkpoint's saved config and a request, each
+    as "--lr 0.0001 there, 0.01 now" (empty: the checkpoint is what the request would train)."""
+    def plain(value):  # the saved config went through torch.save: tuples may come back as lists
+        return list(value) if isinstance(value, tuple) else value
+
+    requested = dataclasses.asdict(requested)
+    return [f"--{name.replace('_', '-')} {plain(saved[name])!r} there, {plain(value)!r} now"
+            for name, value in requested.items()
+            if name not in EXECUTION_OPTIONS and name in saved and plain(saved[name]) != plain(value)]
 
 
 def fold_options_problem(config: TrainConfig) -> str | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from common.cams.heatmap_file import export_heatmaps
 from common.cams.methods import parse_cam_methods
 from common.core.errors import Interrupted, PipelineError
-from common.core.fileio import remove_stale_temporaries, sha256_of_file, write_json
+from common.core.fileio import check_writable_folder, remove_stale_temporaries, sha256_of_file, write_json
 from common.core.runfiles import (
     CACHE_DIR,
     FOLDS_FILE,
@@ -89,6 +89,7 @@ def run_model_script(*, arch: str, description: str, argv: list[str] | None = No
     """Everything a model script does: split, fine-tune, export heatmaps, report the test split once; in a K-fold
     run, that for each fold asked for, in its own fold_<k>/ folder."""
     config = parse_config(arch=arch, description=description, argv=argv, **defaults)
+    check_writable_folder(config.output_dir, option="--output-dir")
     check_run_kind(config.output_dir, "kfold" if config.n_folds else "single")
     runtime = setup_runtime(config.device, amp=config.amp)
     try:
