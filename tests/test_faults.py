@@ -2,20 +2,33 @@
 it is asked, folds.json lost, a run of the other kind in the folder, a mistyped option. Each is refused in one line
 before any training, touching nothing, or recovered with the same result."""
 
+import importlib
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import FOLDS, PIPELINE_ARGS, ROOT
 
-from common.core.fileio import sha256_of_file
+from common.core import fileio
+from common.core.errors import PipelineError, run_main
+from common.core.fileio import (
+    STALE_AFTER_SECONDS,
+    check_writable_folder,
+    remove_stale_temporaries,
+    scratch_folder,
+    sha256_of_file,
+)
 from common.core.runfiles import FOLDS_FILE, RESULTS_JSON, checkpoint_path, fold_dir, heatmap_path
 from common.data.demo import make_demo_dataset
 from common.data.partition import load_folds
 from common.models.checkpoints import load_checkpoint
 from common.models.registry import MODEL_ORDER
+from common.report.build import build_report
 from common.run import open_run
 
 
@@ -134,3 +147,131 @@ def test_a_mistyped_model_option_stops_the_run_before_anything_is_written(demo_d
     assert "$ " not in finished.stdout
     assert "cancer_class_densenet_121.py: error: unrecognized arguments: --learning-rate 0.01" in finished.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ output paths that cannot be used
+
+
+def test_an_output_path_that_is_a_file_or_lies_under_one_is_refused(tmp_path):
+    file = tmp_path / "a_file"
+    file.write_text("not a folder")
+    for folder in (file, file / "run"):
+        with pytest.raises(PipelineError, match=rf"^--out {re.escape(str(folder))}: {re.escape(str(file))} is a "
+                                                r"file, not a folder; pass a folder$"):
+            check_writable_folder(folder, option="--out")
+    check_writable_folder(tmp_path / "new" / "run", option="--out")  # made later by the writer; nothing made here
+    assert sorted(tmp_path.iterdir()) == [file]
+
+
+def test_a_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):  # what a read-only file system or a missing permission gives
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fileio.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(PipelineError, match=rf"^--output-dir {re.escape(str(tmp_path / 'run'))}: cannot write in "
+                                            rf"{re.escape(str(tmp_path))} \(Permission denied\); pass a folder you "
+                                            "can write to$"):
+        check_writable_folder(tmp_path / "run", option="--output-dir")
+
+
+@pytest.mark.parametrize("command", ["model script", "run_pipeline", "predict"])
+def test_commands_refuse_an_unusable_output_path_in_one_line_before_any_work(command, cv_run, demo_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    target = blocker / "out"
+    argv = {"model script": ["cancer_class_resnet_50.py", "--data-dir", str(demo_dir), "--output-dir", str(target),
+                             *PIPELINE_ARGS],
+            "run_pipeline": ["run_pipeline.py", "--data-dir", str(demo_dir), "--output-dir", str(target),
+                             *PIPELINE_ARGS],
+            "predict": ["predict.py", str(next(demo_dir.rglob("*.png"))), "--output-dir", str(cv_run), "--out",
+                        str(target), "--device", "cpu"]}[command]
+    finished = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True,
+                              timeout=600)
+    assert finished.returncode == 2 and "Traceback" not in finished.stderr
+    option = "--out" if command == "predict" else "--output-dir"
+    assert finished.stderr.strip() == f"error: {option} {target}: {blocker} is a file, not a folder; pass a folder"
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("script", ["make_report", "score_explanations", "cancer_class_further"])
+def test_readers_refuse_a_run_folder_they_cannot_write_before_the_work(script, run_copy, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    module = importlib.import_module(script)
+    monkeypatch.setattr(fileio.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(PipelineError, match=rf"^--output-dir {re.escape(str(run_copy))}: cannot write in "):
+        module.main(["--output-dir", str(run_copy)])
+
+
+def test_an_os_error_that_escapes_is_one_line_naming_the_path(capsys):
+    def fails():
+        raise PermissionError(13, "Permission denied", "/some/run/results.json")
+
+    with pytest.raises(SystemExit) as exit_status:
+        run_main(fails)
+    assert exit_status.value.code == 2
+    assert capsys.readouterr().err == ("error: /some/run/results.json: Permission denied; results written before are "
+                                       "intact\n")
+
+
+# ------------------------------------------------------------------------------ nothing left behind
+
+
+def killed_inside_a_scratch_folder(parent: Path, name: str) -> Path:
+    """The scratch folder a process left when it was killed (kill -9) while using it."""
+    code = ("import os, sys; from common.core.fileio import scratch_folder\n"
+            "with scratch_folder(sys.argv[1], sys.argv[2]) as folder:\n"
+            "    (folder / 'half.png').write_bytes(b'half'); print(folder, flush=True); os.kill(os.getpid(), 9)")
+    finished = subprocess.run([sys.executable, "-c", code, str(parent), name], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+    assert finished.returncode == -signal.SIGKILL
+    folder = Path(finished.stdout.strip())
+    assert folder.is_dir() and folder.parent == parent
+    old = time.time() - 2 * STALE_AFTER_SECONDS  # past the moment between a folder's creation and its lock
+    os.utime(folder, (old, old))
+    return folder
+
+
+def test_a_killed_processs_scratch_folder_is_removed_and_a_live_one_kept(tmp_path):
+    left = killed_inside_a_scratch_folder(tmp_path, "report")
+    with scratch_folder(tmp_path, "report") as live:
+        old = time.time() - 2 * STALE_AFTER_SECONDS
+        os.utime(live, (old, old))
+        assert remove_stale_temporaries(tmp_path) == [left]
+        assert live.is_dir() and not left.exists()
+    assert not live.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_report_build_removes_what_a_killed_build_left(run_copy):
+    left = killed_inside_a_scratch_folder(run_copy, "report")
+    build_report(run_copy)
+    assert not left.exists()
+    assert not [path for path in run_copy.iterdir() if path.name.startswith(".")]
+
+
+def test_predict_removes_what_a_killed_predict_left_and_leaves_nothing(cv_run, demo_dir, tmp_path):
+    out = tmp_path / "predictions"
+    left = killed_inside_a_scratch_folder(tmp_path, out.name)
+    finished = subprocess.run([sys.executable, str(ROOT / "predict.py"), str(next(demo_dir.rglob("*.png"))),
+                               "--output-dir", str(cv_run), "--out", str(out), "--device", "cpu"],
+                              capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert not left.exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["predictions"]
+
+
+def test_the_viewers_upload_folder_is_its_own_and_goes_when_it_stops(tmp_path):
+    """Each viewer process gets a folder of its own for Gradio's uploads (not a fixed shared one), removed at exit."""
+    code = "import os, app; print(os.environ['GRADIO_TEMP_DIR'])"
+    environment = {key: value for key, value in os.environ.items() if key != "GRADIO_TEMP_DIR"}
+    environment["TMPDIR"] = str(tmp_path)
+    folders = []
+    for _ in range(2):
+        finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                                  env=environment, timeout=300)
+        assert finished.returncode == 0, finished.stderr[-2000:]
+        folders.append(Path(finished.stdout.strip().splitlines()[-1]))
+    assert folders[0] != folders[1] and all(folder.parent == tmp_path for folder in folders)
+    assert list(tmp_path.iterdir()) == []
