@@ -336,3 +336,21 @@ def test_kfold_run_names_its_models_and_browse_shows_each_images_fold(cv_page, c
         f"fold {other_fold}: scored and explained by fold {other_fold}'s models")
     assert cv_server["process"].poll() is None, "the server is still running"
     assert folder_state(cv_dir) == cv_server["before"]
+
+
+@pytest.mark.parametrize("kind", ["single", "kfold"])
+def test_the_reports_tables_fit_a_1400_px_window(request, browser, kind):
+    """No table of the report (the K-fold one has 10 columns with intervals) runs past the window's right edge."""
+    run_dir = request.getfixturevalue("run_dir" if kind == "single" else "cv_dir")
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto((run_dir / "report" / "index.html").as_uri())
+        tables = page.locator("table")
+        assert tables.count() >= 2
+        width = page.evaluate("() => document.documentElement.clientWidth")
+        for index in range(tables.count()):
+            box = tables.nth(index).bounding_box()
+            assert box["x"] >= 0 and box["x"] + box["width"] <= width, (index, box, width)
+    finally:
+        context.close()

@@ -77,6 +77,7 @@ table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { white-space: normal; vertical-align: bottom; }
 td { white-space: nowrap; }
+td .spread { color: #555; font-size: 0.9em; }
 th:first-child, td:first-child { text-align: left; }
 thead th { background: #f0f0f0; }
 tr.final td { font-weight: 700; } #comparison tr.final td { background: #eef6ee; }
