@@ -1,7 +1,8 @@
 """Fine-tune an ImageNet-pretrained ResNet-50 to classify BreaKHis images as benign (0) or malignant (1).
 
     python cancer_class_resnet_50.py --data-dir /path/to/BreaKHis_v1 --output-dir runs/breakhis
-    python cancer_class_resnet_50.py --data-dir demo_data --output-dir runs/demo --weights none --image-size 64 --epochs 2
+    python cancer_class_resnet_50.py --data-dir demo_data --output-dir runs/demo --weights none --image-size 64 \
+        --epochs 2
     torchrun --nproc_per_node=4 cancer_class_resnet_50.py --data-dir /path/to/BreaKHis_v1 --output-dir runs/breakhis
 
 Writes to --output-dir: split.json (if it is the first script there), fine_tuned_resnet50.pth (best epoch by val),

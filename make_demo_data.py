@@ -2,7 +2,8 @@
 pipeline without the real data. Its images are not tissue: models trained on them say nothing about BreaKHis.
 
     python make_demo_data.py demo_data --patients-per-class 4 --images-per-patient 6
-    python make_demo_data.py /tmp/d1 --patients-per-class 4 --images-per-patient 3 --magnifications 40 --width 64 --height 48
+    python make_demo_data.py /tmp/d1 --patients-per-class 4 --images-per-patient 3 --magnifications 40 \
+        --width 64 --height 48
 """
 
 import argparse

@@ -11,8 +11,9 @@ Timed, for ONE row (one model's predictions), image level, AUC + balanced accura
 specificity, which come with them):
   vectorised   resampled_metrics on the (R, P) count matrix of all resamples at once;
   loop         resampled_metrics_loop: per resample, the drawn patients' images concatenated and
-               common.evaluation.metrics.binary_metrics on them. It is timed on the first --loop-resamples rows of the SAME
-               index matrix and scaled linearly to all resamples (each iteration does the same work).
+               common.evaluation.metrics.binary_metrics on them. It is timed on the first --loop-resamples
+               rows of the SAME index matrix and scaled linearly to all resamples (each iteration does the same
+               work).
 Also timed: the whole of PatientBootstrap.intervals for one row (image and patient level, estimates included),
 which is what a results table calls per row. Both methods' values are compared on the shared resamples.
 Median wall and CPU seconds of interleaved repeats (bench/_timing.py).

@@ -16,10 +16,10 @@
 2. Train-step overhead, with this CPU as the training device: one epoch of ResNet-50 at 64 px (batch 32,
    AdamW, common.training.loop.train_one_epoch) fed by the cached pipeline vs the same steps over the same batches
    already in memory. A CPU step of ~1 s hides almost any data cost, so this says little about a GPU, where
-   steps take milliseconds (bench/gpu_check.py measures the share of GPU step time spent waiting for data). ResNet-50 is one of the
-   pipeline's own models; 64 px keeps a CPU epoch short, and the data and the model costs both scale with the
-   pixel count, so their ratio is about the one at 224 px on the same device. A tiny 3-layer CNN is shown
-   too, as a stress case where the model is nearly free and any data cost shows.
+   steps take milliseconds (bench/gpu_check.py measures the share of GPU step time spent waiting for data).
+   ResNet-50 is one of the pipeline's own models; 64 px keeps a CPU epoch short, and the data and the model
+   costs both scale with the pixel count, so their ratio is about the one at 224 px on the same device. A tiny
+   3-layer CNN is shown too, as a stress case where the model is nearly free and any data cost shows.
 3. Memory: peak RSS (ru_maxrss) of common.cams.heatmap_file.export_heatmaps over N and 4N images (ResNet-50, 32 px,
    plain path), each in a fresh subprocess. Flat means the export does not hold every batch.
 """

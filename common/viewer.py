@@ -186,7 +186,8 @@ def stored_view(run: ViewerRun, row: BrowseRow) -> ImageView:
         image = display_copy(load_rgb(path), DISPLAY_SIZE)
     else:  # the dataset moved since the run: the maps are still worth seeing
         image = Image.new("RGB", (DISPLAY_SIZE, DISPLAY_SIZE), (200, 200, 200))
-    maps = {method: {arch: by_arch[arch][row.index] for arch in MODEL_ORDER} for method, by_arch in run.held.maps.items()}
+    maps = {method: {arch: by_arch[arch][row.index] for arch in MODEL_ORDER}
+            for method, by_arch in run.held.maps.items()}
     probabilities = {key: float(run.predictions[probability_key(key)][row.index]) for key in run.probability_keys}
     details = f"patient {row.patient}, {row.magnification}X, {row.subtype or 'subtype unknown'}"
     if run.run.kind == "kfold":

@@ -323,7 +323,8 @@ def test_augment_batch_equals_whole_batch_reference(monkeypatch, images_per_chun
     """Chunked resampling (the CPU path) equals one affine_grid + grid_sample over the whole batch, normalised."""
     size, batch = 24, 8
     monkeypatch.setattr(transforms_module, "CPU_CHUNK_BYTES", images_per_chunk * 3 * size * size * 4)
-    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(5))
     theta = random_flip_rotate(batch, torch.Generator().manual_seed(6), CPU)
     grid = torch.nn.functional.affine_grid(theta, (batch, 3, size, size), align_corners=False)
     reference = torch.nn.functional.grid_sample(images.permute(0, 3, 1, 2).float() / 255, grid, mode="bilinear",

@@ -318,7 +318,8 @@ def test_a_checkpoint_copied_from_another_fold_is_refused_naming_the_fold(cv_cop
     shutil.copyfile(checkpoint_path(fold_dir(cv_copy, 2), "resnet50"), target)
     image = cv_copy / "image.png"  # not an image of the run's dataset: the bagged ensemble, every fold's model
     load_rgb(open_run(cv_copy).data_root / open_run(cv_copy).partition.records[0].path).save(image)
-    with pytest.raises(PipelineError, match="fold_1/fine_tuned_resnet50.pth was trained for fold 2, not fold 1 .copied"):
+    with pytest.raises(PipelineError,
+                       match="fold_1/fine_tuned_resnet50.pth was trained for fold 2, not fold 1 .copied"):
         predict.main([str(image), "--output-dir", str(cv_copy), "--out", str(tmp_path / "out"), "--device", "cpu"])
 
 

@@ -491,7 +491,8 @@ def test_map_type_comparison_is_made_from_the_saved_test_predictions(run_dir, al
     recomputed = compare_cam_methods({method: saved[cam_probability_key(method)] for method in CAM_METHODS},
                                      labels=aligned["labels"][test_rows], patients=aligned["patients"][test_rows],
                                      protocol=comparison["protocol"], final_method=comparison["final_method"],
-                                     resamples=comparison["bootstrap"]["resamples"], seed=comparison["bootstrap"]["seed"])
+                                     resamples=comparison["bootstrap"]["resamples"],
+                                     seed=comparison["bootstrap"]["seed"])
     assert_same_numbers(comparison, recomputed)
     assert comparison_markdown(comparison) in (run_dir / "results.md").read_text()
     assert comparison["patients"] == len(results["test_patients"])  # scored on the test split's patients

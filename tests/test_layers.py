@@ -27,7 +27,8 @@ def imported_modules(path: Path) -> set[str]:
             found.add(node.module)
             # `from common.x import y` may name a module y.
             found |= {f"{node.module}.{alias.name}" for alias in node.names
-                      if (PACKAGE.parent / f"{node.module}.{alias.name}".replace(".", "/")).with_suffix(".py").is_file()}
+                      if (PACKAGE.parent / f"{node.module}.{alias.name}".replace(".", "/")).with_suffix(".py")
+                      .is_file()}
         elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "common"}
     return found

@@ -53,11 +53,13 @@ def test_interrupted_model_script_offers_resume_only_with_a_training_state(demo_
             state.write_bytes(b"the state of a completed epoch")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(model_script, "build_model", lambda *args, **kwargs: None)  # fit, which would use it, is replaced
+    # fit, which would use the model, is replaced
+    monkeypatch.setattr(model_script, "build_model", lambda *args, **kwargs: None)
     monkeypatch.setattr(model_script, "fit", fit_stopped_by_ctrl_c)
     argv = ["--data-dir", str(demo_dir), "--output-dir", str(tmp_path), "--weights", "none", "--cache", "none",
             "--workers", "0", "--val-fraction", "0.25", "--test-fraction", "0.25"]
-    printed = interrupted_stderr(lambda: model_script.run_model_script(arch="resnet50", description="", argv=argv), capsys)
+    printed = interrupted_stderr(lambda: model_script.run_model_script(arch="resnet50", description="", argv=argv),
+                                 capsys)
     if epochs_completed:
         assert f"{state} holds the last completed epoch; rerun with --resume" in printed
     else:

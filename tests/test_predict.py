@@ -352,7 +352,8 @@ def test_an_unfinished_run_names_its_first_missing_stage(run_dir, images, tmp_pa
                                         capsys)
     data_root = load_split(run_dir / "split.json").root
     assert_one_line_error(status, stderr, f"{checkpoint_path(tmp_path, 'densenet121')} is missing: run python "
-                                          f"cancer_class_densenet_121.py --data-dir {data_root} --output-dir {tmp_path}")
+                                          f"cancer_class_densenet_121.py --data-dir {data_root} "
+                                          f"--output-dir {tmp_path}")
     for arch in MODEL_ORDER:
         for path in (checkpoint_path(run_dir, arch), heatmap_path(run_dir, arch)):
             os.symlink(path, tmp_path / path.name)

@@ -1,6 +1,6 @@
-"""common.evaluation.stats: weighted AUC against scikit-learn, the vectorised patient bootstrap against a plain loop over the
-same resampled patients, patient-level diagnosis by hand, paired differences, per-fold summaries, and the sentence
-that reports a difference. Synthetic arrays only; CPU, seconds.
+"""common.evaluation.stats: weighted AUC against scikit-learn, the vectorised patient bootstrap against a plain loop
+over the same resampled patients, patient-level diagnosis by hand, paired differences, per-fold summaries, and the
+sentence that reports a difference. Synthetic arrays only; CPU, seconds.
 """
 
 import json

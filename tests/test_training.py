@@ -43,7 +43,8 @@ def assert_nested_close(actual, expected, *, where: str, rel: float = 1e-9) -> N
     """actual == expected for nested dicts and lists of numbers: the same keys and lengths, numbers within `rel`.
     (pytest.approx compares flat containers only; since pytest 9.2 it refuses nested dictionaries.)"""
     if isinstance(expected, dict):
-        assert isinstance(actual, dict) and set(actual) == set(expected), f"{where}: keys {set(actual)} != {set(expected)}"
+        assert isinstance(actual, dict) and set(actual) == set(expected), \
+            f"{where}: keys {set(actual)} != {set(expected)}"
         for key in expected:
             assert_nested_close(actual[key], expected[key], where=f"{where}.{key}", rel=rel)
     elif isinstance(expected, (list, tuple)):

@@ -140,6 +140,7 @@ def stored_cam_methods(heatmaps: dict) -> tuple[str, ...]:
 def stored_cams(heatmaps: dict, method: str, path) -> np.ndarray:
     """(N, h, w) raw maps of `method` from a loaded heatmap file, or an error saying how to make them."""
     if method not in stored_cam_methods(heatmaps) or CAM_ARRAY_KEYS[method] not in heatmaps:
-        raise PipelineError(f"heatmap file {path} holds no {method} maps (it has {', '.join(stored_cam_methods(heatmaps))}); "
+        raise PipelineError(f"heatmap file {path} holds no {method} maps (it has "
+                            f"{', '.join(stored_cam_methods(heatmaps))}); "
                             f"regenerate it with --heatmaps-only --cam-methods {','.join(CAM_METHODS)}")
     return heatmaps[CAM_ARRAY_KEYS[method]]

@@ -89,7 +89,8 @@ def make_demo_dataset(out_dir: str | Path, *, patients_per_class: int = 4, image
             patient = f"14-{10000 + 100 * patient_index + (50 if code == 'M' else 0)}{'AB' if code == 'B' else ''}"
             patient_bias = rng.uniform(-0.25, 0.25)
             for magnification in magnifications:
-                folder = breast / class_name / "SOB" / types[subtype] / f"SOB_{code}_{subtype}_{patient}" / f"{magnification}X"
+                folder = (breast / class_name / "SOB" / types[subtype] / f"SOB_{code}_{subtype}_{patient}"
+                          / f"{magnification}X")
                 folder.mkdir(parents=True, exist_ok=True)
                 for sequence in range(1, images_per_patient + 1):
                     pixels = render_tissue(rng, malignant=code == "M", width=width, height=height,

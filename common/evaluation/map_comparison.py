@@ -6,14 +6,15 @@ scored on the same images, with patient-bootstrap intervals and paired differenc
     comparison_markdown(comparison)
 
 Who computes the probabilities: cancer_class_further.py trains one MLP per map type on the same fit rows, with the
-same seed and settings, and scores the test split (single-split run); common/stages/cross_validation.py cross-fits one MLP per map type
-on the out-of-fold rows (K-fold run). Only the map type differs between the rows, so a difference between them is
-the maps' doing. The map type of final_classifier.pth is fixed by --cam-method before the test split is looked at;
-this table reports, it does not choose (choosing the best row on the data it is scored on would favour it).
+same seed and settings, and scores the test split (single-split run); common/stages/cross_validation.py cross-fits
+one MLP per map type on the out-of-fold rows (K-fold run). Only the map type differs between the rows, so a
+difference between them is the maps' doing. The map type of final_classifier.pth is fixed by --cam-method before
+the test split is looked at; this table reports, it does not choose (choosing the best row on the data it is scored
+on would favour it).
 
 Why paired differences: the rows score the same patients, so what they share (which patients are hard) cancels
-out of the difference's interval (common.evaluation.stats.PatientBootstrap.difference); two overlapping marginal intervals
-say little about the difference.
+out of the difference's interval (common.evaluation.stats.PatientBootstrap.difference); two overlapping marginal
+intervals say little about the difference.
 """
 
 import math

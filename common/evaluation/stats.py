@@ -320,7 +320,8 @@ def mean_and_sd_over_folds(per_fold: list[dict], names) -> tuple[dict, dict]:
 
 def fold_summary(prob_malignant, *, labels, patients, folds, magnifications=None,
                  threshold: float = DECISION_THRESHOLD) -> dict:
-    """Per-fold image-level (common.evaluation.metrics.binary_metrics) and patient-level metrics, and their mean ± sd."""
+    """Per-fold image-level (common.evaluation.metrics.binary_metrics) and patient-level metrics, and their
+    mean ± sd."""
     prob_malignant, labels = np.asarray(prob_malignant, dtype=np.float64), np.asarray(labels)
     patients, folds = np.asarray(patients).astype(str), np.asarray(folds)
     per_fold = []

@@ -94,7 +94,8 @@ def train_mlp(features: np.ndarray, labels: np.ndarray, patients: np.ndarray, fi
         metrics = binary_metrics(labels[select_rows], softmax(select_logits)[:, 1], patients[select_rows])
         score = selection_score({**metrics, "loss": select_loss})
         history.append({"epoch": epoch + 1, "fit_loss": loss_sum / max(len(order), 1), "select_loss": select_loss,
-                        "select_balanced_accuracy": metrics["balanced_accuracy"], "select_accuracy": metrics["accuracy"]})
+                        "select_balanced_accuracy": metrics["balanced_accuracy"],
+                        "select_accuracy": metrics["accuracy"]})
         if best_score is None or score > best_score:
             best_score = score
             best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}

@@ -124,7 +124,8 @@ def _replace_head(model: nn.Module, spec: ArchSpec) -> None:
 
 
 # Old DenseNet checkpoints (torchvision's own download among them) name 'norm.1' what the model calls 'norm1'.
-_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                               r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
 def _read_weights_file(path: Path, spec: ArchSpec, split_digest: str | None) -> dict[str, torch.Tensor]:

@@ -110,7 +110,8 @@ def final_classifier(run: Run, held: HeldOut, features: np.ndarray, options: Fin
     mlp, standardizer, history = fit_mlp(features, held.labels, held.patients, fit_rows, select_rows,
                                          options.settings, device, f"final MLP on all out-of-fold {options.features}")
     return classifier_file(mlp, standardizer, run_kind="kfold", features=options.features,
-                           cam_method=options.cam_method, settings=options.settings, fit_rows="out-of-fold rows of every fold", history=history,
+                           cam_method=options.cam_method, settings=options.settings,
+                           fit_rows="out-of-fold rows of every fold", history=history,
                            target_class_rule=held.target_class_rule, partition_digest=run.partition.digest,
                            checkpoint_sha256=held.checkpoint_sha256, heatmaps_sha256=held.heatmaps_sha256)
 

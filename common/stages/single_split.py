@@ -186,9 +186,9 @@ def write_run_files(output_dir: Path, classifiers: dict[str, dict], results: dic
         write_json(temp_of[RESULTS_JSON], {**results, "outputs": outputs})
 
 
-def write_comparison(options: FinalStageOptions, output_dir: Path, reference: dict, probabilities: dict, histories: dict,
-                     protocol: str, inputs: dict, classifiers: dict[str, dict], cam_probabilities: dict[str, np.ndarray],
-                     missing_methods: tuple[str, ...]) -> str:
+def write_comparison(options: FinalStageOptions, output_dir: Path, reference: dict, probabilities: dict,
+                     histories: dict, protocol: str, inputs: dict, classifiers: dict[str, dict],
+                     cam_probabilities: dict[str, np.ndarray], missing_methods: tuple[str, ...]) -> str:
     """The one use of the test split: every model on the same test images, then the heatmap MLP on each map type;
     written with the classifiers. Returns the Markdown tables."""
     labels, patients = reference["labels"], reference["patients"]
@@ -202,7 +202,8 @@ def write_comparison(options: FinalStageOptions, output_dir: Path, reference: di
     table = metrics_table({ROW_NAMES[key]: metrics for key, metrics in rows.items()})
     cam_comparison = compare_cam_methods(
         {method: values[test_rows] for method, values in cam_probabilities.items()}, labels=labels[test_rows],
-        patients=patients[test_rows], final_method=options.cam_method, resamples=options.resamples, seed=options.settings.seed,
+        patients=patients[test_rows], final_method=options.cam_method, resamples=options.resamples,
+        seed=options.settings.seed,
         missing=missing_methods,
         protocol=f"Test split ({protocol}); each MLP fit on the {options.fit_split} split with the same rows, seed and "
                  f"settings; the map type of final_classifier.pth (--cam-method {options.cam_method}) was fixed before "

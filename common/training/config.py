@@ -110,7 +110,8 @@ def build_parser(*, arch: str, description: str, prog: str | None = None,
                                                "(default: every fold, in turn)")
     data.add_argument("--val-fraction", type=float, help="fraction of patients (per class) for validation")
     data.add_argument("--test-fraction", type=float, help="fraction of patients (per class) for the test")
-    data.add_argument("--max-images", type=int, help="quick trial: keep at most this many images, split kept (default: all)")
+    data.add_argument("--max-images", type=int,
+                      help="quick trial: keep at most this many images, split kept (default: all)")
     data.add_argument("--cache", choices=["none", "memory", "disk"],
                       help="decode each image once (RAM, or a file in the output dir shared by the three "
                            "scripts) and augment whole batches on the device; none = per-image PIL workers")
@@ -132,8 +133,8 @@ def build_parser(*, arch: str, description: str, prog: str | None = None,
     training.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"],
                           help="auto: CUDA if present, else MPS, else the CPU")
     training.add_argument("--no-amp", dest="amp", action="store_false",
-                          help="train and validate in float32 on CUDA; without this flag CUDA uses mixed precision (bf16 "
-                               "where supported, else fp16); other devices always use float32")
+                          help="train and validate in float32 on CUDA; without this flag CUDA uses mixed precision "
+                               "(bf16 where supported, else fp16); other devices always use float32")
     training.add_argument("--resume", action="store_true",
                           help="continue the interrupted run in --output-dir from its last completed epoch")
     training.add_argument("--keep-training-state", action="store_true",

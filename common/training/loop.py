@@ -4,7 +4,8 @@
          --resume state (training_state_<arch>.pth), written on a background thread while the next epoch trains
 
 Where it runs (device, ranks, mixed precision, memory format) is the Runtime's business (common/training/runtime.py);
-what a checkpoint holds is common/models/checkpoints.py's; the model script around the loop is common/training/model_script.py.
+what a checkpoint holds is common/models/checkpoints.py's; the model script around the loop is
+common/training/model_script.py.
 """
 
 import dataclasses
@@ -194,8 +195,8 @@ def fit(model: nn.Module, config: TrainConfig, split: Split, runtime: Runtime, c
         state_path(output_dir, config.arch).unlink(missing_ok=True)
 
 
-def report_epoch(config: TrainConfig, epoch: int, train_metrics: dict, val_metrics: dict, seconds: float, train_images: int,
-                 improved: bool) -> None:
+def report_epoch(config: TrainConfig, epoch: int, train_metrics: dict, val_metrics: dict, seconds: float,
+                 train_images: int, improved: bool) -> None:
     row = {"epoch": epoch + 1, "train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],
            "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
            "val_balanced_accuracy": val_metrics["balanced_accuracy"], "val_roc_auc": val_metrics["roc_auc"],
