@@ -292,7 +292,8 @@ def test_stale_temporaries_are_removed_and_live_ones_of_any_process_kept(tmp_pat
     assert (tmp_path / "training_state_vgg16.pth").read_bytes() == b"the other run's state"
     assert (tmp_path / "heatmaps_vgg16.npz").read_bytes() == b"ours"
     assert _temporaries(tmp_path) == {".hidden"}
-    assert f"removed 2 temporary file(s) that an interrupted run left in {tmp_path}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"removed 2 temporary file(s) or folder(s) that an interrupted run left in {tmp_path}" in printed
 
 
 @needs_flock

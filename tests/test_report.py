@@ -200,6 +200,8 @@ class PageParser(HTMLParser):
             self.cards.append(attrs["data-path"])
         elif tag == "h3" and card is not None:
             self._title = []
+        elif tag == "br" and self._cell is not None:  # a line break inside a cell reads as a space
+            self._cell.append(" ")
         elif tag == "img" and card is not None:
             self.card_pictures.setdefault(card, {})[attrs.get("alt")] = attrs
         if tag not in VOID_TAGS:
