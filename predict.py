@@ -6,7 +6,7 @@
 For each image (any RGB size; it is resized like the training images) prints P(malignant) of DenseNet-121,
 ResNet-50, VGG-16, their mean (soft vote) and the final MLP, and writes to --out (default
 <output-dir>/predictions/): predictions.csv and one overlay PNG per image (the image, each model's Grad-CAM and the
-combined map, each panel titled, the image's aspect ratio kept); with --explain, also <image>_explain.png:
+combined map, each panel titled, the image's aspect ratio kept); with --explain, also <stem>_explain.png:
 Grad-CAM, Grad-CAM++ and LayerCAM of each CNN beside LIME, Kernel SHAP and occlusion (captum). The maps explain the
 class chosen by the rule the MLP was trained with.
 
@@ -31,7 +31,6 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from common.cams.display import blend, colorize, combined_map, jet
-from common.cams.ensemble import CnnEnsemble
 from common.core.console import HelpFormatter
 from common.core.errors import PipelineError, run_main
 from common.core.fileio import (
@@ -102,7 +101,7 @@ def scoring_groups(run: Run, image_paths: list[Path]) -> list[tuple[int | None, 
 
 def fold_models(models: RunModels, fold: int) -> RunModels:
     """The run's models with each CNN reduced to its fold-k model (the one that never saw fold k's patients)."""
-    cnns = {arch: CnnEnsemble(arch, (ensemble.members[fold - 1],), ensemble.image_size)
+    cnns = {arch: dataclasses.replace(ensemble, members=(ensemble.members[fold - 1],))
             for arch, ensemble in models.cnns.items()}
     return dataclasses.replace(models, cnns=cnns)
 
@@ -182,7 +181,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="auto: CUDA if present, else MPS, else the CPU")
     parser.add_argument("--explain", choices=["all", *MODEL_ORDER],
-                        help="also write <image>_explain.png: every CAM of each CNN side by side with LIME, Kernel "
+                        help="also write <stem>_explain.png: every CAM of each CNN side by side with LIME, Kernel "
                              "SHAP and occlusion (captum; hundreds of forward passes per image) of this CNN or all "
                              "(default: no explanation figures)")
     args = parser.parse_args(argv)
@@ -190,7 +189,8 @@ def main(argv=None) -> None:
     out_dir = Path(args.out) if args.out else run.output_dir / PREDICTIONS_DIR
     check_writable_folder(out_dir, option="--out")  # before the models load, not after the work
     image_paths = collect_images(args.inputs)
-    models = load_run_models(run, pick_device(args.device))
+    # A K-fold run's fold models are loaded one at a time, while they run: memory for one fold, not K.
+    models = load_run_models(run, pick_device(args.device), one_at_a_time=run.kind == "kfold")
     print(models.describe())
     warn_about_training(run.caveats(), run.output_dir)
     names = overlay_names(image_paths)
@@ -211,8 +211,9 @@ def main(argv=None) -> None:
     csv.writer(table).writerows([["image"] + [f"p_malignant_{name}" for name in COLUMNS]
                                  + ["prediction", "overlay", "scored_by"]] + [rows[index] for index in sorted(rows)])
     write_text(out_dir / PREDICTIONS_CSV, table.getvalue())
-    print(f"wrote {out_dir / PREDICTIONS_CSV} and {len(image_paths)} overlay(s): image | "
-          f"{' | '.join(MODEL_ORDER)} | combined")
+    explained = f" and {len(image_paths)} explanation figure(s) <stem>_explain.png" if args.explain else ""
+    print(f"wrote {out_dir / PREDICTIONS_CSV}, {len(image_paths)} overlay(s) <stem>_gradcam.png (image | "
+          f"{' | '.join(MODEL_ORDER)} | combined){explained}")
 
 
 def score_group(run: Run, models: RunModels, fold: int | None, indices: list[int], image_paths: list[Path],

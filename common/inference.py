@@ -52,13 +52,16 @@ class RunModels:
             return "single-split run: each CNN is its fine-tuned model; the final MLP is final_classifier.pth"
         return (f"K-fold run: each CNN's probability and maps are the mean over its {len(self.run.folds)} fold models "
                 "(a bagged ensemble); the final MLP is the one fitted on every out-of-fold row "
-                "(final_classifier.pth)")
+                "(final_classifier.pth). An image of the run's own dataset is scored instead by the models of its "
+                "fold, which never saw its patient (column scored_by)")
 
 
-def load_run_models(run: Run, device: torch.device) -> RunModels:
-    """The classifier and every CNN checkpoint of the run, checked (one-line errors naming the file), on `device`."""
+def load_run_models(run: Run, device: torch.device, *, one_at_a_time: bool = False) -> RunModels:
+    """The classifier and every CNN checkpoint of the run, checked (one-line errors naming the file), on `device`.
+    one_at_a_time: each fold model is loaded only while it runs (bounded memory on a K-fold run; Run.load_cnns)."""
     mlp, classifier = run.load_classifier()
-    return RunModels(run, mlp.to(device), classifier, run.load_cnns(device, classifier), device)
+    return RunModels(run, mlp.to(device), classifier, run.load_cnns(device, classifier, one_at_a_time=one_at_a_time),
+                     device)
 
 
 def classify_images(images: list[Image.Image], models: RunModels, *, methods: tuple[str, ...] = ("gradcam",)) -> dict:

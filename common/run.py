@@ -23,6 +23,7 @@ import csv
 import json
 import shlex
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -320,20 +321,25 @@ class Run:
                                 f"fold?): it has seen fold {fold}'s test patients; retrain it with "
                                 f"{self.model_command(checkpoint['arch'], fold)}")
 
-    def load_cnns(self, device: torch.device, classifier: dict, folds=None) -> dict[str, CnnEnsemble]:
+    def load_cnns(self, device: torch.device, classifier: dict, folds=None, *,
+                  one_at_a_time: bool = False) -> dict[str, CnnEnsemble]:
         """Each CNN as the ensemble of its models of `folds` (default: every fold), on `device`, each checked to be
-        the checkpoint the classifier was fitted on."""
+        the checkpoint the classifier was fitted on. one_at_a_time: the members are loaded only while they run
+        (memory for one fold model instead of K; see CnnEnsemble); the check is made here, once."""
         ensembles = {}
         for arch in MODEL_ORDER:
             members, sizes = [], set()
             for fold in folds or self.folds:
-                checkpoint = load_checkpoint(self.checked_checkpoint(arch, fold, classifier), arch)
-                members.append(model_from_checkpoint(checkpoint).to(device).eval())
+                path = self.checked_checkpoint(arch, fold, classifier)
+                checkpoint = load_checkpoint(path, arch)  # memory-mapped: only what is read is loaded
                 sizes.add(int(checkpoint["image_size"]))
+                members.append(partial(_load_model, path, arch, device) if one_at_a_time
+                               else model_from_checkpoint(checkpoint).to(device).eval())
+                del checkpoint
             if len(sizes) > 1:
                 raise PipelineError(f"the folds' {arch} checkpoints were trained at different --image-size "
                                     f"({sorted(sizes)}); retrain the folds at one size")
-            ensembles[arch] = CnnEnsemble(arch, tuple(members), sizes.pop())
+            ensembles[arch] = CnnEnsemble(arch, tuple(members), sizes.pop(), device)
         return ensembles
 
     def caveats(self) -> list[str]:
@@ -344,6 +350,10 @@ class Run:
                                                   if checkpoint_path(self.model_dir(fold), arch).is_file()]
                        for arch in MODEL_ORDER}
         return training_caveats(checkpoints)
+
+
+def _load_model(path: Path, arch: str, device: torch.device) -> nn.Module:
+    return model_from_checkpoint(load_checkpoint(path, arch)).to(device).eval()
 
 
 def open_run(output_dir: str | Path) -> Run:

@@ -274,6 +274,33 @@ def test_predict_on_a_k_fold_run_bags_the_fold_models_and_says_so(cv_run, demo_d
     assert float(row["p_malignant_resnet50"]) == pytest.approx(np.mean(expected), abs=1e-5)
 
 
+def test_predict_on_a_k_fold_run_holds_one_fold_model_at_a_time(cv_run, demo_dir, tmp_path, monkeypatch):
+    """Memory for one fold model, not K (3 folds of VGG-16 alone are 1.5 GB): each fold model is loaded while it
+    runs and gone before the next one loads; the probabilities are the bagged ones all the same."""
+    import gc
+    import weakref
+
+    import predict
+    from common import run as run_module
+
+    alive, most_alive, loads = weakref.WeakSet(), [0], [0]
+    load_model = run_module._load_model
+
+    def counted(*args):
+        gc.collect()  # what is only waiting for the collector is not held
+        model = load_model(*args)
+        alive.add(model)
+        loads[0] += 1
+        most_alive[0] = max(most_alive[0], len(alive))
+        return model
+
+    monkeypatch.setattr(run_module, "_load_model", counted)
+    image = tmp_path / "new.png"  # not an image of the run: the bagged ensemble of both folds
+    shutil.copyfile(demo_dir / index_dataset(demo_dir).records[0].path, image)
+    predict.main([str(image), "--output-dir", str(cv_run), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert loads[0] == FOLDS * len(MODEL_ORDER) and most_alive[0] == 1
+
+
 def oof_rows(run_dir: Path) -> dict[str, dict]:
     with open(run_dir / OOF_PREDICTIONS, newline="") as handle:
         return {row["path"]: row for row in csv.DictReader(handle)}

@@ -242,7 +242,8 @@ def test_explanation_figure_ends_with_each_cam_methods_combined_map(pipeline_run
     split = load_split(pipeline_run / "split.json")
     image = split.root / split.records[split.indices("test")[0]].path
     checkpoints = {arch: load_checkpoint(checkpoint_path(pipeline_run, arch), arch) for arch in MODEL_ORDER}
-    models = {arch: CnnEnsemble(arch, (model_from_checkpoint(checkpoint).eval(),), checkpoint["image_size"])
+    models = {arch: CnnEnsemble(arch, (model_from_checkpoint(checkpoint).eval(),), checkpoint["image_size"],
+                                torch.device("cpu"))
               for arch, checkpoint in checkpoints.items()}
     target = explain.explain_image(image, models, tmp_path / "figure.png", target_rule="predicted",
                                    perturbation_archs=())

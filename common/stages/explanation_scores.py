@@ -88,7 +88,7 @@ def fold_cnns(run: Run, fold: int, device: torch.device) -> dict[str, CnnEnsembl
     for arch in MODEL_ORDER:
         checkpoint = load_checkpoint(checkpoint_path(run.model_dir(fold), arch), arch)
         cnns[arch] = CnnEnsemble(arch, (model_from_checkpoint(checkpoint).to(device).eval(),),
-                                 int(checkpoint["image_size"]))
+                                 int(checkpoint["image_size"]), device)
     return cnns
 
 
