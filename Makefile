@@ -1,5 +1,5 @@
-# The two set-up commands: `make demo` (the whole pipeline on synthetic data: 3-fold cross-validation, 3.5 min on
-# 2 CPU cores, docs/speed.md) and `make test`;
+# The two set-up commands: `make install` and `make test`. `make demo` runs the whole pipeline on synthetic data
+# (3-fold cross-validation, 3.5 min on 2 CPU cores, docs/speed.md);
 # `make app` opens the demo run in the browser viewer (making the demo run first when it is missing).
 # Installs use constraints.txt: the exact versions the suite last passed with (requirements.txt keeps ranges).
 PYTHON ?= python3

@@ -423,6 +423,23 @@ def test_imagenet_weights_that_cannot_be_fetched_give_a_clear_error(monkeypatch)
     assert "\n" not in message
 
 
+def test_missing_imagenet_weights_stop_a_model_script_before_the_image_cache_is_built(monkeypatch, demo_dir,
+                                                                                      tmp_path):
+    """Offline with --weights imagenet: the one-line error comes before the (at 224 px, minutes long) cache build."""
+    from common.training.model_script import run_model_script
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.models.ResNet50_Weights, "get_state_dict", offline)
+    out = tmp_path / "run"
+    options = [option if option != "none" else "imagenet" for option in QUICK]
+    with pytest.raises(PipelineError, match="could not download the ImageNet weights for resnet50"):
+        run_model_script(arch="resnet50", description="", argv=["--data-dir", str(demo_dir), "--output-dir", str(out),
+                                                               "--cache", "disk", "--device", "cpu", *options])
+    assert not list(out.rglob("*.npy"))  # no image cache was built
+
+
 def test_overlays_of_images_sharing_a_file_name_in_two_class_folders_do_not_overwrite_each_other(tmp_path):
     """A folder-per-class dataset may hold benign/x.png and malignant/x.png: one overlay file each."""
     from common.cams.heatmap_file import save_overlays

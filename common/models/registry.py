@@ -182,7 +182,8 @@ def build_model(arch: str, weights: str, *, split_digest: str | None = None) -> 
             raise PipelineError(
                 f"could not download the ImageNet weights for {arch} from {spec.imagenet_weights.url} "
                 f"({type(error).__name__}: {error}). Offline? Copy that file to $TORCH_HOME/hub/checkpoints "
-                f"(default ~/.cache/torch), or pass --weights PATH to a local copy, or --weights none") from None
+                f"(default ~/.cache/torch/hub/checkpoints), or pass --weights PATH to a local copy, "
+                f"or --weights none") from None
         _replace_head(model, spec)
         return model
     path = Path(weights).expanduser()

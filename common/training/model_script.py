@@ -131,10 +131,12 @@ def run_one_split(config: TrainConfig, runtime: Runtime) -> None:
     if config.heatmaps_only:  # the maps must be made at the size the checkpoint was trained at
         trained_at = load_checkpoint(checkpoint_path(output_dir, config.arch), config.arch)["image_size"]
         config = dataclasses.replace(config, image_size=trained_at)
-    cache = prepare_cache(config, split, runtime)
     if not config.heatmaps_only:
+        # Before the image cache is built, so that missing ImageNet weights stop the run in seconds, not minutes.
         # Rank 0 first: an ImageNet download happens once, the other ranks read torchvision's cached file.
         model = runtime.main_rank_first(lambda: build_model(config.arch, config.weights, split_digest=split.digest))
+    cache = prepare_cache(config, split, runtime)
+    if not config.heatmaps_only:
         fit(model, config, split, runtime, cache)
     if runtime.is_main:
         print_results(export_and_report(config, split, runtime, cache))
