@@ -46,6 +46,7 @@ if "GRADIO_TEMP_DIR" not in os.environ:
 
 import gradio as gr  # noqa: E402
 
+from common.core.console import CommandParser  # noqa: E402
 from common.core.errors import PipelineError, message_of, run_main  # noqa: E402
 from common.core.runfiles import REPORT_SCRIPT  # noqa: E402
 from common.data.records import CLASS_NAMES, IMAGE_EXTENSIONS  # noqa: E402
@@ -266,7 +267,7 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/breakhis", help="the finished run to view")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)

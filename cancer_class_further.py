@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from common.cams.methods import CAM_METHODS
-from common.core.console import HelpFormatter
+from common.core.console import CommandParser
 from common.core.errors import PipelineError, run_main
 from common.core.fileio import check_writable_folder, remove_stale_temporaries
 from common.fusion.features import FEATURE_SETS
@@ -40,7 +40,7 @@ MLP = MlpSettings()  # the defaults, stated once there
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("--output-dir", default="runs/breakhis", help="the run: the model scripts' output dir")
     parser.add_argument("--heatmaps", nargs=len(MODEL_ORDER), metavar=tuple(arch.upper() for arch in MODEL_ORDER),
                         help="single split: heatmap files to use instead of the run's (default: its "

@@ -6,14 +6,14 @@ pipeline without the real data. Its images are not tissue: models trained on the
         --width 64 --height 48
 """
 
-import argparse
 
-from common.core.console import HelpFormatter
+from common.core.console import CommandParser
+from common.core.errors import run_main
 from common.data.demo import make_demo_dataset
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("out_dir", help="where the BreaKHis_v1 tree is written")
     parser.add_argument("--patients-per-class", type=int, default=4, help="patients per class (benign, malignant)")
     parser.add_argument("--images-per-patient", type=int, default=6, help="images per patient and magnification")
@@ -30,4 +30,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

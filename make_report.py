@@ -7,16 +7,15 @@ bootstrap intervals), ROC curves, the Grad-CAM gallery of held-out images, the f
 Writes <output-dir>/report/index.html and its files (a self-contained folder: open index.html in any browser).
 """
 
-import argparse
 from pathlib import Path
 
-from common.core.console import HelpFormatter
+from common.core.console import CommandParser
 from common.core.errors import run_main
 from common.report.build import GALLERY_SIZE, build_report
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("--output-dir", default="runs/breakhis", help="the finished run")
     parser.add_argument("--gallery-size", type=int, default=GALLERY_SIZE,
                         help="held-out images shown in the Grad-CAM gallery")

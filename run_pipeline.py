@@ -22,20 +22,23 @@ and this command (or cancer_class_further.py and what follows) once they are don
 
 import argparse
 import importlib
+import os
+import shlex
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common.core.console import HelpFormatter
-from common.core.errors import run_main
+from common.core.console import CommandParser, unknown_arguments_message
+from common.core.errors import STAGE_OF_PIPELINE_ENV, Interrupted, PipelineError, run_main
 from common.core.fileio import check_writable_folder
 from common.core.runfiles import FURTHER_SCRIPT, REPORT_DIR, REPORT_SCRIPT, SCORE_SCRIPT, check_run_kind
 from common.data.demo import make_demo_dataset, mark_as_synthetic
 from common.data.partition import DEFAULT_FOLDS
-from common.models.registry import ARCHS
+from common.models.registry import ARCHS, MODEL_ORDER
 from common.run import finished_fold_models
-from common.training.config import TrainConfig, parse_config
+from common.training.config import TrainConfig, build_parser, parse_config
 
 HERE = Path(__file__).resolve().parent
 # Small enough for 2 CPU cores in a few minutes, yet enough for randomly initialised CNNs to learn the synthetic
@@ -66,7 +69,18 @@ DEFAULT_OUTPUT = {(True, "kfold"): "runs/demo", (True, "single"): "runs/demo_sin
 def run_stage(command: list[str]) -> None:
     print(f"\n$ {' '.join(command)}", flush=True)
     started = time.perf_counter()
-    status = subprocess.call(command)
+    stage = subprocess.Popen(command, env={**os.environ, STAGE_OF_PIPELINE_ENV: "1"})
+    try:
+        status = stage.wait()
+    except KeyboardInterrupt:
+        # A Ctrl-C in a terminal reaches the stage too: let it finish writing what it keeps and say so itself.
+        stage.send_signal(signal.SIGINT)  # (the driver alone was interrupted: pass it on)
+        try:
+            stage.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stage.kill()
+            stage.wait()
+        raise
     if status != 0:
         print(f"stage failed with exit status {status}: {' '.join(command)}", file=sys.stderr)
         sys.exit(status)
@@ -92,12 +106,29 @@ def model_commands(args: argparse.Namespace, kind: str, n_folds: int, data_dir: 
     return commands
 
 
+def check_passed_on_options(extra_args: list[str], own_options: list[str]) -> None:
+    """The options run_pipeline.py does not know go to the model scripts: each must be one of theirs (exactly, or
+    a prefix of exactly one, as argparse accepts), else a one-line error naming the closest valid option."""
+    model_options = build_parser(arch=MODEL_ORDER[0], description="").option_names()
+    unknown = [word for word in extra_args if word.startswith("--") and word.split("=", 1)[0] not in model_options
+               and len([option for option in model_options if option.startswith(word.split("=", 1)[0])]) != 1]
+    if unknown:  # (a value, or a stray word, is judged by the model scripts' own parser below)
+        raise PipelineError(f"{unknown_arguments_message(unknown, own_options + model_options)} (see python "
+                            f"run_pipeline.py --help and, for the options it passes on to the model scripts, python "
+                            f"{ARCHS[MODEL_ORDER[0]].script} --help)")
+
+
 def requested_config(arch: str, command: list[str]) -> TrainConfig:
-    """What a model command asks for, parsed by its own script's parser (its defaults included); a bad option
-    stops here with that script's usage error. A fold's command gives the config of that fold's run."""
+    """What a model command asks for, parsed by its own script's parser (its defaults included); a bad value
+    stops here with a one-line error naming the option. A fold's command gives the config of that fold's run."""
     script = importlib.import_module(Path(ARCHS[arch].script).stem)
-    config = parse_config(arch=arch, description=script.__doc__, argv=command[2:], prog=ARCHS[arch].script,
-                          **script.DEFAULTS)
+    try:
+        config = parse_config(arch=arch, description=script.__doc__, argv=command[2:], prog=ARCHS[arch].script,
+                              **script.DEFAULTS)
+    except PipelineError as error:  # a bad value: say it is one of the options passed on
+        problem = str(error).removesuffix(f" (see python {ARCHS[arch].script} --help)")
+        raise PipelineError(f"{problem} (an option run_pipeline.py passes on to the model scripts; see python "
+                            f"{ARCHS[arch].script} --help)") from None
     return config.fold_configs()[0]
 
 
@@ -114,8 +145,8 @@ def faithfulness_command(args: argparse.Namespace, output_dir: Path) -> list[str
 
 
 def parse_args() -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                     epilog="Any other option is passed to the three model scripts (see their --help).")
+    parser = CommandParser(description=__doc__,
+                           epilog="Any other option is passed to the three model scripts (see their --help).")
     parser.add_argument("--demo", action="store_true", help="generate synthetic data and run small settings")
     parser.add_argument("--data-dir", help="the dataset (see the model scripts' --help); required unless --demo")
     parser.add_argument("--output-dir", help="where every stage reads and writes (default: runs/breakhis, "
@@ -131,6 +162,7 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--faithfulness-perturbation-images", type=int, help="of those, the first N also explained by "
                         "LIME, Kernel SHAP and occlusion (default: 5; --demo: 1)")
     args, extra_args = parser.parse_known_args()
+    check_passed_on_options(extra_args, parser.option_names())  # first: a typo explains the checks below failing
     if min(args.faithfulness_images or 0, args.faithfulness_perturbation_images or 0) < 0:
         parser.error("--faithfulness-images and --faithfulness-perturbation-images must not be negative")
     if args.folds is not None and args.folds < 1:
@@ -138,6 +170,16 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     if args.demo == bool(args.data_dir):
         parser.error("give either --demo or --data-dir")
     return args, extra_args
+
+
+def interrupted_message(kind: str, output_dir: Path) -> str:
+    """After a Ctrl-C: what is intact and the command that goes on (this one, as typed)."""
+    command = shlex.join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])
+    if kind == "kfold":
+        return (f"the models and stages that finished are intact in {output_dir}; resume with {command} "
+                "(finished models are skipped)")
+    return (f"every result written before is intact in {output_dir}; rerun {command} (a single split retrains "
+            "its three models; a model script's --resume continues one from its last epoch)")
 
 
 def main() -> None:
@@ -150,33 +192,34 @@ def main() -> None:
     check_writable_folder(output_dir, option="--output-dir")
     check_run_kind(output_dir, kind)  # never a run of the other kind into this folder
     started = time.perf_counter()
+    data_dir = HERE / "demo_data" if args.demo else Path(args.data_dir)
+    commands = model_commands(args, kind, n_folds, data_dir, output_dir, extra_args)
+    # Every model command parsed here first: a mistyped option stops the run before any work, and a resumed
+    # K-fold run skips only the models trained on the same data and folds with the same options.
+    requests = [requested_config(arch, command) for arch, _, command in commands]
     if args.demo:
-        data_dir = HERE / "demo_data"
         if not (data_dir / "BreaKHis_v1").is_dir():
             make_demo_dataset(data_dir, **DEMO_DATA)
             print(f"demo data written to {data_dir}")
         mark_as_synthetic(data_dir)  # a tree made before the marker existed
-    else:
-        data_dir = Path(args.data_dir)
     print(f"{'patient-level ' + str(n_folds) + '-fold cross-validation' if kind == 'kfold' else 'one split'} "
           f"into {output_dir}", flush=True)
-    commands = model_commands(args, kind, n_folds, data_dir, output_dir, extra_args)
-    # Every model command parsed here first: a mistyped option stops the run before any training, and a resumed
-    # K-fold run skips only the models trained on the same data and folds with the same options.
-    requests = [requested_config(arch, command) for arch, _, command in commands]
     finished = finished_fold_models(output_dir, requests) if kind == "kfold" else set()
-    for config, (arch, folder, command) in zip(requests, commands):
-        if (config.fold, arch) in finished:
-            print(f"{folder.name} {arch}: complete, skipped")
-            continue
-        run_stage(command)
-    run_stage([sys.executable, str(HERE / FURTHER_SCRIPT), "--output-dir", str(output_dir)])
-    command = faithfulness_command(args, output_dir)
-    if command:
-        run_stage(command)
-    else:
-        print("\nfaithfulness: skipped (--faithfulness-images 0)")
-    run_stage([sys.executable, str(HERE / REPORT_SCRIPT), "--output-dir", str(output_dir)])
+    try:
+        for config, (arch, folder, command) in zip(requests, commands):
+            if (config.fold, arch) in finished:
+                print(f"{folder.name} {arch}: complete, skipped")
+                continue
+            run_stage(command)
+        run_stage([sys.executable, str(HERE / FURTHER_SCRIPT), "--output-dir", str(output_dir)])
+        command = faithfulness_command(args, output_dir)
+        if command:
+            run_stage(command)
+        else:
+            print("\nfaithfulness: skipped (--faithfulness-images 0)")
+        run_stage([sys.executable, str(HERE / REPORT_SCRIPT), "--output-dir", str(output_dir)])
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(kind, output_dir)) from None
     report = output_dir / REPORT_DIR / "index.html"
     print(f"\npipeline finished in {time.perf_counter() - started:.0f} s; open {report}")
 

@@ -13,7 +13,7 @@ into the run folder; make_report.py shows them.
 
 import argparse
 
-from common.core.console import HelpFormatter
+from common.core.console import CommandParser
 from common.core.errors import run_main
 from common.core.fileio import check_writable_folder
 from common.core.runfiles import FAITHFULNESS_DIR, FAITHFULNESS_JSON, FAITHFULNESS_MD
@@ -25,7 +25,7 @@ DEFAULTS = ScoringOptions()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("--output-dir", default="runs/breakhis", help="a finished run, either kind")
     parser.add_argument("--images", type=int, default=DEFAULTS.images,
                         help="held-out images scored (a seeded sample; all if fewer)")

@@ -24,3 +24,9 @@ as an argument.
 
 LAYERS = ("core", "data", "models", "cams", "evaluation", "training", "fusion", "explain", "run", "inference",
           "stages", "report", "viewer")
+
+# Before anything heavy is imported: a stage that run_pipeline.py started stays quiet on a Ctrl-C that arrives
+# while it is still importing (torch takes seconds), as it does inside run_main; the driver's line speaks for it.
+from common.core.errors import quiet_interrupts_in_a_pipeline_stage  # noqa: E402
+
+quiet_interrupts_in_a_pipeline_stage()

@@ -361,11 +361,12 @@ def open_run(output_dir: str | Path) -> Run:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise PipelineError(f"--output-dir {output_dir} does not exist; make a run there first with python "
-                            f"{PIPELINE_SCRIPT} --output-dir {output_dir} (or --demo)")
+                            f"{PIPELINE_SCRIPT} --data-dir DATA --output-dir {output_dir} (or --demo)")
     kind = run_kind(output_dir)
     if kind is None:
         raise PipelineError(f"--output-dir {output_dir} holds no run (neither {SPLIT_FILE} nor {FOLDS_FILE}); make "
-                            f"one there with python {PIPELINE_SCRIPT} --output-dir {output_dir} (or the model scripts)")
+                            f"one there with python {PIPELINE_SCRIPT} --data-dir DATA --output-dir {output_dir} "
+                            "(or the model scripts)")
     partition = load_folds(output_dir / FOLDS_FILE) if kind == "kfold" else load_split(output_dir / SPLIT_FILE)
     return Run(output_dir, kind, partition)
 

@@ -790,7 +790,7 @@ def test_protocol_line_names_a_subsample_and_options_are_checked():
     assert "max-images" not in describe_protocol(protocol)
     assert "subsampled to at most 200 images (--max-images)" in describe_protocol({**protocol, "max_images": 200})
     for bad in (["--max-images", "0"], ["--workers", "-1"], ["--lr", "0"], ["--overlays", "-2"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(PipelineError, match=re.escape(bad[0])):
             parse("--data-dir", "d", *bad)
 
 

@@ -145,8 +145,40 @@ def test_a_mistyped_model_option_stops_the_run_before_anything_is_written(demo_d
     finished = pipeline(demo_dir, tmp_path / "run", "--learning-rate", "0.01")
     assert finished.returncode == 2
     assert "$ " not in finished.stdout
-    assert "cancer_class_densenet_121.py: error: unrecognized arguments: --learning-rate 0.01" in finished.stderr
+    assert refused_in_one_line(finished).startswith("error: unknown option --learning-rate (see python "
+                                                    "run_pipeline.py --help")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_value_for_a_model_option_is_named_as_one_run_pipeline_passes_on(demo_dir, tmp_path):
+    finished = pipeline(demo_dir, tmp_path / "run", "--epochs", "abc")
+    assert refused_in_one_line(finished) == (
+        "error: argument --epochs: invalid int value: 'abc' (an option run_pipeline.py passes on to the model "
+        "scripts; see python cancer_class_densenet_121.py --help)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_in_run_pipeline_prints_one_line_with_the_command_that_resumes(demo_dir, tmp_path):
+    """A Ctrl-C in a terminal reaches the driver and the running stage (one process group): one line, the
+    driver's, naming the folder and the command that resumes; exit status 130; the stage's files stay intact."""
+    output_dir = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "run_pipeline.py"), "--data-dir", str(demo_dir), "--output-dir",
+               str(output_dir), "--folds", str(FOLDS), *PIPELINE_ARGS]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    for line in driver.stdout:  # the first model stage has started
+        if line.startswith("$ "):
+            break
+    time.sleep(2)  # inside the stage (importing torch, reading the split)
+    os.killpg(driver.pid, signal.SIGINT)  # as a terminal's Ctrl-C does: every process of the group
+    _, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()  # (the stage's progress lines may come first)
+    expected = (f"interrupted: the models and stages that finished are intact in {output_dir}; resume with "
+                f"python run_pipeline.py {' '.join(command[2:])} (finished models are skipped)")
+    assert [line for line in lines if line.startswith(("interrupted", "error"))] == [expected] == lines[-1:], stderr
+    assert (output_dir / FOLDS_FILE).is_file()  # made before the first stage, kept
 
 
 # ------------------------------------------------------------------------------ output paths that cannot be used

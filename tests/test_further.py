@@ -195,7 +195,7 @@ def test_script_reports_a_missing_split_file_in_one_line(tmp_path):
     finished = run_script("cancer_class_further.py", "--output-dir", str(tmp_path), "--device", "cpu")
     assert finished.returncode == 2
     assert finished.stderr.strip().startswith("error:") and "split.json" in finished.stderr
-    assert "python run_pipeline.py --output-dir" in finished.stderr
+    assert "python run_pipeline.py --data-dir DATA --output-dir" in finished.stderr
     assert "Traceback" not in finished.stderr and len(finished.stderr.strip().splitlines()) == 1
 
 

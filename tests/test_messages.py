@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import cancer_class_further
-from common.core.console import PlainProgress, progress
+from common.core.console import CommandParser, PlainProgress, progress
 from common.core.errors import PipelineError, run_main
 from common.core.runfiles import state_path
 from common.fusion.mlp import train_mlp
@@ -117,6 +117,26 @@ def test_help_keeps_the_docstrings_example_commands_one_per_line(script, monkeyp
     help_lines = script_parser(script, monkeypatch).format_help().splitlines()
     for command in commands:
         assert command in help_lines
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_mistyped_option_is_one_line_naming_the_closest_valid_one(script, monkeypatch, capsys):
+    """`--outputdir` for `--output-dir` (a hyphen dropped): one line, exit status 2, the right option named,
+    whatever else the command line holds (its required options given)."""
+    parser = script_parser(script, monkeypatch)
+    assert isinstance(parser, CommandParser)
+    option = next(name for name in parser.option_names() if "-" in name[2:])
+    typo = "--" + option[2:].replace("-", "", 1)
+    required = [word for action in parser._actions if action.required and action.option_strings
+                for word in (action.option_strings[0], "x")]
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", typo, "1", *required, "positional"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run_main(importlib.import_module(script).main)
+    assert stopped.value.code == 2
+    printed = capsys.readouterr().err
+    assert printed.startswith(f"error: unknown option {typo}; did you mean {option}? (see python {script}.py --help")
+    assert printed.count("\n") == 1, printed
 
 
 def test_no_amp_help_says_mixed_precision_is_on_without_it(monkeypatch):

@@ -1,11 +1,14 @@
 """What the scripts show a person on the console: the --help layout and progress of long loops."""
 
 import argparse
+import difflib
 import sys
 import time
 from collections.abc import Iterable, Iterator
 
 from tqdm import tqdm
+
+from common.core.errors import PipelineError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -24,6 +27,37 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.default is None or action.nargs == 0:
             return help_text
         return super()._get_help_string(action)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse with one-line errors: a bad option or value is a PipelineError (run_main prints `error: ...`, exit
+    status 2, instead of a usage dump), and an unknown option names the closest valid one ("did you mean")."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"formatter_class": HelpFormatter, **kwargs})
+
+    def option_names(self) -> list[str]:
+        return [option for action in self._actions for option in action.option_strings]
+
+    def error(self, message: str):
+        raise PipelineError(f"{message} (see python {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(unknown_arguments_message(unknown, self.option_names()))
+        return namespace
+
+
+def unknown_arguments_message(unknown: list[str], valid_options: list[str]) -> str:
+    """'unknown option --imagesize; did you mean --image-size?' for the first unknown option, else what argparse
+    would say."""
+    for word in unknown:
+        name = word.split("=", 1)[0]
+        if name.startswith("--"):
+            close = difflib.get_close_matches(name, valid_options, n=1, cutoff=0.75)  # 0.6 offered nonsense
+            return f"unknown option {name}" + (f"; did you mean {close[0]}?" if close else "")
+    return f"unrecognized arguments: {' '.join(unknown)}"
 
 
 def progress(iterable: Iterable, *, total: int | None = None, desc: str, disable: bool = False):

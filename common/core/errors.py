@@ -1,6 +1,7 @@
 """The exceptions the scripts turn into a one-line message instead of a traceback: a bad input, a Ctrl-C."""
 
 import errno
+import os
 import sys
 from collections.abc import Callable
 
@@ -12,6 +13,11 @@ UNUSABLE_PATH_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, e
 
 # What a Ctrl-C leaves, unless the script says more (an Interrupted): files are only ever replaced whole.
 INTERRUPTED_MESSAGE = "every result written before is intact (files are replaced whole); rerun the command"
+
+
+# Set by run_pipeline.py for the stages it starts: a Ctrl-C reaches the stage and the driver together, and the
+# driver's one line (what is intact, the command that resumes the whole run) speaks for both.
+STAGE_OF_PIPELINE_ENV = "BREAKHIS_STAGE_OF_PIPELINE"
 
 
 class PipelineError(Exception):
@@ -30,6 +36,20 @@ def message_of(error: PipelineError) -> str:
     if "Original Traceback" in message and marker in message:
         message = message.rpartition(marker)[2]
     return message
+
+
+def quiet_interrupts_in_a_pipeline_stage() -> None:
+    """In a stage that run_pipeline.py started: a Ctrl-C that ends the process outside run_main (during its
+    imports) prints no traceback (the exit status stays that of an interrupt)."""
+    if not os.environ.get(STAGE_OF_PIPELINE_ENV):
+        return
+    report = sys.excepthook
+
+    def quiet_on_interrupt(kind, value, traceback):
+        if not issubclass(kind, KeyboardInterrupt):
+            report(kind, value, traceback)
+
+    sys.excepthook = quiet_on_interrupt
 
 
 def run_main(main: Callable[[], object]) -> None:
@@ -54,5 +74,6 @@ def run_main(main: Callable[[], object]) -> None:
         sys.exit(2)
     except KeyboardInterrupt as interrupt:
         message = str(interrupt) if isinstance(interrupt, Interrupted) else INTERRUPTED_MESSAGE
-        print(f"interrupted: {message}", file=sys.stderr)
+        if not os.environ.get(STAGE_OF_PIPELINE_ENV):
+            print(f"interrupted: {message}", file=sys.stderr)
         sys.exit(130)

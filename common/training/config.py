@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cams.methods import CAM_METHODS, TARGET_RULES, parse_cam_methods
-from common.core.console import HelpFormatter
+from common.core.console import CommandParser
 from common.core.errors import PipelineError
 from common.core.runfiles import fold_dir
 
@@ -84,7 +84,7 @@ _PARSER_ONLY = ("fold_file",)
 
 def build_parser(*, arch: str, description: str, prog: str | None = None,
                  **script_defaults) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    parser = CommandParser(prog=prog, description=description)
     data = parser.add_argument_group("data and split")
     data.add_argument("--data-dir", required=True,
                       help="BreaKHis folder (any folder at or above histology_slides), a folder with benign/ and "
@@ -156,8 +156,8 @@ def build_parser(*, arch: str, description: str, prog: str | None = None,
 
 def parse_config(*, arch: str, description: str, argv: list[str] | None = None, prog: str | None = None,
                  **script_defaults) -> TrainConfig:
-    """The command line as a TrainConfig, every option checked (a bad one: argparse's usage error, exit 2, under the
-    name `prog`, by default the running script's)."""
+    """The command line as a TrainConfig, every option checked (a bad one: a one-line PipelineError naming it and
+    `python <prog> --help`, by default the running script's)."""
     parser = build_parser(arch=arch, description=description, prog=prog, **script_defaults)
     args = parser.parse_args(argv)
     if not 0 < args.val_fraction < 1 or not 0 < args.test_fraction < 1 or args.val_fraction + args.test_fraction >= 1:
