@@ -18,11 +18,12 @@ but with a note when it is a train or val image, which the models have seen. A r
 from random initialisation or on the synthetic demo data gets a warning above the table.
 """
 
-import argparse
 import csv
 import dataclasses
 import io
 import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from common.cams.display import blend, colorize, combined_map, jet
-from common.core.console import HelpFormatter
+from common.core.console import CommandParser
 from common.core.errors import PipelineError, run_main
 from common.core.fileio import (
     check_writable_folder,
@@ -157,15 +158,20 @@ def write_explanations(image_paths: list[Path], names: list[str], models: RunMod
     models that scored it (scoring_groups); returns their names."""
     from common.explain.figures import explain_image  # here: captum is imported only when explanations are asked for
 
-    written = []
+    written, done = [], 0
     for fold, indices in scoring_groups(models.run, image_paths):
         cnns = fold_models(models, fold).cnns if fold is not None else models.cnns
         for index in indices:
             name = names[index].removesuffix("_gradcam.png") + "_explain.png"
+            done += 1
+            started = time.perf_counter()
+            prefix = f"explaining {done}/{len(image_paths)} {image_paths[index].name}:"
             with disk_full_as_pipeline_error(folder / name):
                 explain_image(image_paths[index], cnns, folder / name,
                               target_rule=models.classifier["target_class_rule"],
-                              perturbation_archs=MODEL_ORDER if explain == "all" else (explain,))
+                              perturbation_archs=MODEL_ORDER if explain == "all" else (explain,),
+                              say=lambda step: print(f"{prefix} {step} ...", file=sys.stderr, flush=True))
+            print(f"{prefix} done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
             written.append(name)
     return written
 
@@ -174,7 +180,7 @@ def write_explanations(image_paths: list[Path], names: list[str], models: RunMod
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument("--output-dir", default="runs/breakhis", help="the finished run whose models to use")
     parser.add_argument("--out", help="where to write predictions.csv and overlays (default: <output-dir>/predictions)")

@@ -57,10 +57,11 @@ def perturbation_saliency(model: nn.Module, method: str, *, samples: int = DEFAU
 
 
 def explanation_maps(ensemble: CnnEnsemble, image: torch.Tensor, target: int, *, methods=EXPLANATION_METHODS,
-                     samples: int = DEFAULT_SAMPLES, seed: int = 0) -> dict[str, np.ndarray]:
+                     samples: int = DEFAULT_SAMPLES, seed: int = 0, say=None) -> dict[str, np.ndarray]:
     """{method: map (h, w)} of one normalised image (3, H, W) for class `target`, in `methods`' order: the CAMs
     raw from one pass per member (their own grid; a bagged CNN's: the members' mean), the perturbation methods at
-    the input size (of the ensemble's mean probability)."""
+    the input size (of the ensemble's mean probability). say: called with a line before each perturbation method
+    (hundreds of forward passes each), e.g. print to stderr."""
     cam_methods = tuple(method for method in methods if method in CAM_METHODS)
     maps = {}
     if cam_methods:
@@ -68,6 +69,8 @@ def explanation_maps(ensemble: CnnEnsemble, image: torch.Tensor, target: int, *,
         maps.update({method: cams[method][0] for method in cam_methods})
     for method in methods:
         if method not in CAM_METHODS:
+            if say:
+                say(f"{METHOD_DISPLAY_NAMES.get(method, method)} of {ARCHS[ensemble.arch].display_name}")
             maps[method] = perturbation_map(ensemble.as_module(), method, image, target, samples=samples,
                                             seed=seed).numpy()
     return {method: maps[method] for method in methods}
@@ -109,12 +112,12 @@ def explanation_figure(picture: Image.Image, maps: dict[str, dict[str, np.ndarra
 
 def explain_image(path: Path, models: dict[str, CnnEnsemble], target: Path, *, target_rule: str,
                   perturbation_archs=tuple(ARCHS), samples: int = DEFAULT_SAMPLES, seed: int = 0,
-                  title: str | None = None) -> Path:
+                  title: str | None = None, say=None) -> Path:
     """One image file explained by every CAM of every CNN (`models`: arch -> its ensemble: one model, or a K-fold
     run's fold models, bagged) and by the perturbation methods of the CNNs in `perturbation_archs`; each CNN
     explains the class its probability gives by `target_rule` (common.cams.methods.TARGET_RULES). With more than
     one CNN, a last row shows each CAM method's combined map (the mean of the CNNs' display-scaled maps, as the
-    report shows it). Writes the figure to `target` (PNG, atomically)."""
+    report shows it). Writes the figure to `target` (PNG, atomically). say: as explanation_maps'."""
     image = load_rgb(path)
     maps = {}
     for arch, ensemble in models.items():
@@ -123,7 +126,8 @@ def explain_image(path: Path, models: dict[str, CnnEnsemble], target: Path, *, t
         methods = EXPLANATION_METHODS if arch in perturbation_archs else CAM_METHODS
         members = f", {len(ensemble.members)} folds" if len(ensemble.members) > 1 else ""
         label = f"{ARCHS[arch].display_name}\n({CLASS_NAMES[target_class]}{members})"
-        maps[label] = explanation_maps(ensemble, tensor, target_class, methods=methods, samples=samples, seed=seed)
+        maps[label] = explanation_maps(ensemble, tensor, target_class, methods=methods, samples=samples, seed=seed,
+                                       say=say)
     picture = resize_image(image, max(ensemble.image_size for ensemble in models.values()))
     # The combined map as the report's gallery draws it (common.cams.heatmap_file.combined_map), one per CAM method.
     unit_maps = {COMBINED_ROW_LABEL: {method: combined_map([row[method] for row in maps.values()], picture.size)

@@ -227,7 +227,9 @@ def results_markdown(results: dict) -> str:
 
 def oof_csv(held: HeldOut, probabilities: dict[str, np.ndarray], cam_probabilities: dict[str, np.ndarray]) -> str:
     """oof_predictions.csv: one row per image, its fold (1..K), the checkpoints that scored it, each row's P,
-    then the heatmap MLP's P on each map type (prob_mlp_gradcam equals prob_mlp_heatmaps)."""
+    then the heatmap MLP's P on each map type (prob_mlp_gradcam equals prob_mlp_heatmaps). Every P is written
+    with all its digits (repr): a metric recomputed from the file equals the table's (6 decimals turned near-tied
+    probabilities into ties and moved an AUC by 0.004)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "patient", "label", "magnification", "fold",
@@ -239,8 +241,8 @@ def oof_csv(held: HeldOut, probabilities: dict[str, np.ndarray], cam_probabiliti
         writer.writerow([held.paths[index], held.patients[index], CLASS_NAMES[held.labels[index]],
                          held.magnifications[index], fold,
                          *(held.checkpoint_sha256[arch][fold - 1] for arch in MODEL_ORDER),
-                         *(f"{probabilities[key][index]:.6f}" for key in CV_ROW_NAMES),
-                         *(f"{values[index]:.6f}" for values in cam_probabilities.values())])
+                         *(repr(float(probabilities[key][index])) for key in CV_ROW_NAMES),
+                         *(repr(float(values[index])) for values in cam_probabilities.values())])
     return buffer.getvalue()
 
 

@@ -137,6 +137,7 @@ def run_one_split(config: TrainConfig, runtime: Runtime) -> None:
         model = runtime.main_rank_first(lambda: build_model(config.arch, config.weights, split_digest=split.digest))
     cache = prepare_cache(config, split, runtime)
     if not config.heatmaps_only:
+        seed_everything(config.seed)  # training's draws depend on --seed alone, not on what building the cache drew
         fit(model, config, split, runtime, cache)
     if runtime.is_main:
         print_results(export_and_report(config, split, runtime, cache))
