@@ -31,7 +31,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from PIL import Image
 
-from common.cams.display import blend, colorize, combined_map, jet
+from common.cams.display import combined_map, map_overlay, unit_map_overlay
 from common.core.console import CommandParser
 from common.core.errors import PipelineError, run_main
 from common.core.fileio import (
@@ -128,9 +128,9 @@ def overlay_figure(image: Image.Image, cams: dict[str, np.ndarray], probabilitie
     display-scaled maps), the image's aspect ratio kept, and a colour bar saying what the colours mean."""
     size = image.size
     panels = [(image, "image")]
-    panels += [(blend(image, colorize(cams[arch], size)), f"{ARCHS[arch].display_name}\n"
+    panels += [(map_overlay(image, cams[arch]), f"{ARCHS[arch].display_name}\n"
                 f"P(malignant) {format_probability(probabilities[arch])}") for arch in MODEL_ORDER]
-    panels.append((blend(image, jet(combined_map([cams[arch] for arch in MODEL_ORDER], size))),
+    panels.append((unit_map_overlay(image, combined_map([cams[arch] for arch in MODEL_ORDER], size)),
                    f"combined\nfinal MLP P {format_probability(probabilities['final_mlp'])}"))
     aspect = size[1] / size[0]
     figure = Figure(figsize=(2.3 * len(panels) + 0.9, 2.3 * aspect + 0.9), layout="constrained")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.cams.display import OVERLAY_ALPHA, blend, colorize, combined_map, jet
+from common.cams.display import OVERLAY_ALPHA, combined_map, map_overlay, unit_map_overlay
 from common.cams.methods import CAM_DISPLAY_NAMES
 from common.core.errors import PipelineError
 from common.core.runfiles import CV_RESULTS_MD, REPORT_DIR, RESULTS_MD, probability_key
@@ -207,9 +207,9 @@ def render_panels(run: ViewerRun, view: ImageView, *, method: str = "gradcam",
     maps = view.maps[method]
     size = view.image.size
     panels = [(view.image, view.title)]
-    panels += [(blend(view.image, colorize(maps[arch], size), opacity),
+    panels += [(map_overlay(view.image, maps[arch], opacity),
                 f"{run.name(arch)}: P {view.probabilities[arch]:.3f}") for arch in MODEL_ORDER]
-    panels.append((blend(view.image, jet(combined_map([maps[arch] for arch in MODEL_ORDER], size)), opacity),
+    panels.append((unit_map_overlay(view.image, combined_map([maps[arch] for arch in MODEL_ORDER], size), opacity),
                    f"combined {method_name(method)}"))
     return panels
 

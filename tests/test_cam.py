@@ -7,10 +7,11 @@ Random-init models, random inputs, CPU only, no downloads (tests/conftest.py: ca
 """
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
-from common.cams.display import scale_for_display
+from common.cams.display import blend, colorize, is_flat, map_grid_note, map_overlay, scale_for_display
 from common.cams.methods import grad_cam
 from common.cams.reference import full_backward_grad_cam
 from common.data.records import CLASS_NAMES
@@ -143,3 +144,31 @@ def test_scale_for_display():
     single = scale_for_display(np.array([[0.0, 2.0], [1.0, 4.0]]))  # one (h, w) map works too
     np.testing.assert_allclose(single, [[0.0, 0.5], [0.25, 1.0]])
     assert np.array_equal(scale_for_display(np.zeros((1, 2, 2))), np.zeros((1, 2, 2), np.float32))
+
+
+def test_a_flat_map_is_labelled_on_its_overlay_and_a_map_with_contrast_is_not():
+    """Zero everywhere (the ReLU cut all), constant, or one cell (a 1x1 grid at a small input size): the overlay
+    carries the 'flat map' note in its middle (dark text on a white box), its border stays the plain blend."""
+    image = Image.new("RGB", (160, 100), (200, 120, 160))
+    for flat in (np.zeros((7, 7)), np.full((3, 3), 0.25), np.array([[3.0]])):
+        assert is_flat(flat)
+        plain = np.asarray(blend(image, colorize(flat, image.size)), dtype=np.int16)
+        labelled = np.asarray(map_overlay(image, flat), dtype=np.int16)
+        changed = np.any(labelled != plain, axis=2)
+        assert changed[40:60, 40:120].mean() > 0.5  # the box and its text in the middle
+        assert not changed[:10].any() and not changed[-10:].any()  # the rest is the overlay as it was
+        assert (labelled[changed] < 60).all(axis=1).any()  # dark text on the box
+    with_contrast = np.eye(7)
+    assert not is_flat(with_contrast)
+    np.testing.assert_array_equal(np.asarray(map_overlay(image, with_contrast)),
+                                  np.asarray(blend(image, colorize(with_contrast, image.size))))
+    assert not is_flat(np.array([[1.0, 1.0 + 1e-3]])) and is_flat(np.array([[1.0, 1.0 + 1e-9]]))
+
+
+def test_map_grid_note_names_each_grid_and_the_size_where_it_reaches_2x2():
+    note = map_grid_note({"densenet121": (1, 1), "vgg16": (3, 3)}, {"densenet121": 48, "vgg16": 48},
+                         {"densenet121": "DenseNet-121", "vgg16": "VGG-16"})
+    assert map_grid_note({"resnet50": (7, 7)}, {"resnet50": 224}, {"resnet50": "ResNet-50"}).startswith(
+        "Map grid per model: ResNet-50 7x7 at 224 px (2x2 from 64 px).")
+    assert note.startswith("Map grid per model: DenseNet-121 1x1 at 48 px (2x2 from 64 px); VGG-16 3x3 at 48 px "
+                           "(2x2 from 32 px).")

@@ -458,3 +458,18 @@ def test_demo_gives_each_model_its_own_lr_and_vgg16_a_smaller_one():
             demo[module.ARCH] = parse_config(arch=module.ARCH, description="", argv=argv, **module.DEFAULTS)
         assert (demo["vgg16"].lr, demo["vgg16"].epochs) == (1e-4, vgg_epochs)
         assert demo["densenet121"].lr == demo["resnet50"].lr == 1e-3
+
+
+def test_the_overlay_strip_labels_a_flat_map_and_keeps_the_others_as_drawn():
+    """A 1x1 map (a small input size) has no contrast: its panel in predict.py's strip carries the note; a map
+    with contrast is drawn as before."""
+    from common.cams.display import blend, colorize, label_flat
+
+    image = Image.new("RGB", (140, 92), (190, 140, 170))
+    cams = {"densenet121": np.zeros((1, 1), np.float32), "resnet50": np.eye(4, dtype=np.float32),
+            "vgg16": np.eye(8, dtype=np.float32)}
+    probabilities = {"densenet121": 0.2, "resnet50": 0.7, "vgg16": 0.6, "final_mlp": 0.65}
+    figure = predict.overlay_figure(image, cams, probabilities, "x.png")
+    shown = [axis.get_images()[0].get_array() for axis in figure.axes if axis.get_images()]
+    assert np.array_equal(shown[1], np.asarray(label_flat(blend(image, colorize(cams["densenet121"], image.size)))))
+    assert np.array_equal(shown[2], np.asarray(blend(image, colorize(cams["resnet50"], image.size))))

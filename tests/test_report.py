@@ -369,6 +369,12 @@ def test_gallery_pictures_keep_the_images_aspect_ratio(report):
             assert Image.open(report.parent / unquote(attributes["src"])).size == expected
 
 
+def test_gallery_states_each_models_map_grid(report):
+    """The page says each model's map grid at its input size and from which size it has 2x2 cells."""
+    assert ("Map grid per model: DenseNet-121 4x4 at 32 px (2x2 from 16 px); ResNet-50 4x4 at 48 px (2x2 from "
+            "24 px); VGG-16 8x8 at 64 px (2x2 from 16 px).") in report.read_text(encoding="utf-8")
+
+
 def test_small_gallery_rebuild_and_missing_images(report, run_dir, tmp_path, capsys):
     import make_report
 
@@ -665,6 +671,20 @@ def test_kfold_gallery_shows_out_of_fold_images_misclassified_first(cv_index, cv
         assert title.endswith(f"· fold {row['fold']}"), title
     assert {by_path[path]["fold"] for path in cards} <= {"1", "2"}
     assert "out-of-fold images" in cv_index.read_text(encoding="utf-8")
+
+
+def test_kfold_gallery_labels_the_flat_maps_of_a_small_input_size(cv_index):
+    """At the tests' 32 px, DenseNet-121's and ResNet-50's maps are 1x1, so flat: their overlays carry the note
+    (a white box with dark text in the middle); the page says why (the grid) and from which size maps are 2x2."""
+    text = cv_index.read_text(encoding="utf-8")
+    assert "DenseNet-121 1x1 at 32 px (2x2 from 64 px); ResNet-50 1x1 at 32 px (2x2 from 64 px)" in text
+    page = parse(cv_index)
+    for path in page.cards[:3]:
+        for arch in ("densenet121", "resnet50"):
+            picture = np.asarray(Image.open(cv_index.parent / unquote(page.card_pictures[path][arch]["src"])))
+            height, width = picture.shape[:2]
+            middle = picture[height // 2 - 3:height // 2 + 3, width // 3:2 * width // 3]
+            assert (middle == 255).all(axis=2).any() and (middle < 80).all(axis=2).any(), (path, arch)
 
 
 def test_kfold_gallery_maps_are_each_folds_own(cv_index, cv_run):

@@ -2,7 +2,7 @@
 
 import numpy as np
 from matplotlib import colormaps
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def scale_for_display(cams: np.ndarray) -> np.ndarray:
@@ -41,6 +41,58 @@ def blend(image: Image.Image, heat: np.ndarray, alpha: float = OVERLAY_ALPHA) ->
     """The coloured map laid over the image with weight `alpha`."""
     pixels = np.asarray(image, dtype=np.float32)
     return Image.fromarray(((1 - alpha) * pixels + alpha * heat).astype(np.uint8))
+
+
+# Written on every overlay of a map without contrast, so that an empty panel is never read as a finding.
+FLAT_MAP_NOTE = "flat map: no evidence at this resolution"
+
+
+def is_flat(cam: np.ndarray) -> bool:
+    """True for a map with nothing to show: constant (all zero where the ReLU cut everything, or a 1x1 grid at a
+    small input size), up to float rounding."""
+    cam = np.asarray(cam, dtype=np.float64)
+    high, low = float(cam.max()), float(cam.min())
+    return cam.size <= 1 or high - low <= 1e-6 * max(abs(high), abs(low))
+
+
+def label_flat(panel: Image.Image) -> Image.Image:
+    """The panel with FLAT_MAP_NOTE written across its middle, black on a white box, sized to the panel."""
+    panel = panel.copy()
+    draw = ImageDraw.Draw(panel)
+    font = ImageFont.load_default(size=max(8, panel.width // 16))
+    text = FLAT_MAP_NOTE.replace(": ", ":\n", 1).replace(" at ", "\nat ", 1)
+    box = draw.multiline_textbbox((0, 0), text, font=font, align="center")
+    left = (panel.width - (box[2] - box[0])) / 2
+    top = (panel.height - (box[3] - box[1])) / 2
+    pad = max(2, panel.width // 60)
+    draw.rectangle((left - pad, top - pad, left + box[2] - box[0] + pad, top + box[3] - box[1] + pad),
+                   fill=(255, 255, 255))
+    draw.multiline_text((left - box[0], top - box[1]), text, fill=(0, 0, 0), font=font, align="center")
+    return panel
+
+
+def map_overlay(image: Image.Image, cam: np.ndarray, alpha: float = OVERLAY_ALPHA) -> Image.Image:
+    """One raw map over the image (min-max scaled, jet), labelled when it is flat (and shown: alpha > 0)."""
+    panel = blend(image, colorize(cam, image.size), alpha)
+    return label_flat(panel) if alpha > 0 and is_flat(cam) else panel
+
+
+def unit_map_overlay(image: Image.Image, unit_map: np.ndarray, alpha: float = OVERLAY_ALPHA) -> Image.Image:
+    """A map already in [0, 1] at the image's size (the combined map) over the image, labelled as map_overlay."""
+    panel = blend(image, jet(unit_map), alpha)
+    return label_flat(panel) if alpha > 0 and is_flat(unit_map) else panel
+
+
+def map_grid_note(grids: dict[str, tuple[int, int]], image_sizes: dict[str, int], names: dict[str, str]) -> str:
+    """One sentence: each model's map grid at its input size, and from which input size its maps have at least
+    2x2 cells (a 1x1 map has no contrast to show)."""
+    parts = []
+    for arch, (height, width) in grids.items():
+        size, cells = image_sizes[arch], max(1, min(height, width))
+        # The networks downsample by a power of two (DenseNet-121, ResNet-50: 32; VGG-16's target layer: 16).
+        stride = next((2 ** k for k in range(12) if size // 2 ** k == cells), size // cells)
+        parts.append(f"{names[arch]} {height}x{width} at {size} px (2x2 from {2 * stride} px)")
+    return "Map grid per model: " + "; ".join(parts) + ". A flat map is labelled as such, not drawn as evidence."
 
 
 def overlay_panel(image: Image.Image, cam: np.ndarray) -> Image.Image:

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 
-from common.cams.display import blend, colorize, combined_map, jet
+from common.cams.display import combined_map, map_overlay, unit_map_overlay
 from common.cams.ensemble import CnnEnsemble
 from common.cams.methods import CAM_DISPLAY_NAMES, CAM_METHODS, target_classes
 from common.core.fileio import atomic_path
@@ -93,8 +93,8 @@ def explanation_figure(picture: Image.Image, maps: dict[str, dict[str, np.ndarra
         grid[row, 0].set_ylabel(label, fontsize=9)
         for column, method in enumerate(methods, start=1):
             if method in row_maps:
-                heat = jet(row_maps[method]) if in_unit_range else colorize(row_maps[method], picture.size)
-                grid[row, column].imshow(blend(picture, heat))
+                overlay = unit_map_overlay if in_unit_range else map_overlay
+                grid[row, column].imshow(overlay(picture, row_maps[method]))
             else:  # a method run for another model only (e.g. LIME of one chosen CNN), or a CAM-only row
                 grid[row, column].axis("off")
             if row == 0:

@@ -11,15 +11,16 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from common.cams.display import blend, colorize, combined_map, jet
+from common.cams.display import combined_map, map_grid_note, map_overlay, unit_map_overlay
 from common.core.fileio import atomic_path
 from common.core.runfiles import probability_key
 from common.data.images import load_rgb
 from common.data.records import CLASS_NAMES
 from common.evaluation.metrics import DECISION_THRESHOLD, format_probability
-from common.models.registry import MODEL_ORDER
+from common.models.registry import ARCHS, MODEL_ORDER
 from common.run import HeldOut
 
+ARCH_NAMES = {arch: spec.display_name for arch, spec in ARCHS.items()}
 THUMBNAIL = 128  # gallery image's longer side, pixels (aspect ratio kept)
 
 
@@ -69,8 +70,8 @@ def gallery_panels(source: GallerySource, row: int, folder: Path, rank: int) -> 
     image = thumbnail(load_rgb(path)) if found else Image.new("RGB", (THUMBNAIL, THUMBNAIL), (200, 200, 200))
     maps = {arch: source.held.maps["gradcam"][arch][row] for arch in MODEL_ORDER}  # (h, w) raw Grad-CAM
     panels = {"original": image}
-    panels.update({arch: blend(image, colorize(cam, image.size)) for arch, cam in maps.items()})
-    panels["combined"] = blend(image, jet(combined_map(list(maps.values()), image.size)))
+    panels.update({arch: map_overlay(image, cam) for arch, cam in maps.items()})
+    panels["combined"] = unit_map_overlay(image, combined_map(list(maps.values()), image.size))
     files = {}
     for name, panel in panels.items():
         target = folder / f"{rank:03d}_{stem}_{name}.png"
@@ -127,9 +128,10 @@ def gallery_html(source: GallerySource, items: list[dict]) -> str:
     final_wrong = wrong_predictions(source).get(source.final_key)
     final_wrong = 0 if final_wrong is None else int(sum(final_wrong[item["row"]] for item in items))
     images = "out-of-fold images" if source.kfold else "test images"
+    grids = {arch: source.held.maps["gradcam"][arch].shape[1:] for arch in MODEL_ORDER}
     maps = ("each map made by the fold model that never saw the image's patient; " if source.kfold else "")
     note = (f"<p>{len(items)} of {len(source.held.labels)} {images}; those the final classifier misclassified "
             f"first ({final_wrong} shown), then by the number of models that got them wrong. Overlays: {maps}each "
             "CNN's raw Grad-CAM min-max scaled for display (jet, red = high); combined: the mean of the three scaled "
-            "maps.</p>")
+            f"maps. {html.escape(map_grid_note(grids, source.held.image_sizes, ARCH_NAMES))}</p>")
     return note + "".join(gallery_card(source, item) for item in items)
