@@ -77,7 +77,10 @@ def test_undefined_metrics_are_null_so_the_json_stays_standard():
                                      labels=labels, patients=patients, protocol="p.", final_method="gradcam",
                                      resamples=50)
     json.dumps(comparison, allow_nan=False)
-    assert comparison["rows"]["gradcam"]["image"]["roc_auc"] == {"estimate": None, "ci95": [None, None]}
+    assert comparison["rows"]["gradcam"]["image"]["roc_auc"] == {
+        "estimate": None, "ci95": [None, None],
+        "ci95_note": "too few patients for an interval (0 benign, 3 malignant patients; an interval needs at least 5 "
+                     "of each)"}
     assert "| Grad-CAM (final_classifier.pth) | n/a |" in comparison_markdown(comparison)
 
 
@@ -143,3 +146,33 @@ def test_a_map_type_missing_from_one_file_is_named_not_compared(one_thread):
     probabilities, missing = train_cam_method_mlps(final_stage_options(args), heatmaps, inputs, rows,
                                                    torch.device("cpu"), np.zeros(40))
     assert missing == ("layercam",) and list(probabilities) == ["gradcam", "gradcam++"]
+
+
+def test_a_set_of_too_few_patients_gets_no_interval_and_no_claim():
+    """One patient per class (and four): the patient bootstrap can only redraw those patients, so its interval
+    would be zero-wide. No interval, the note instead, in the JSON, the table and the sentence, which claims
+    nothing, however large the difference. From 5 patients per class on, intervals and claims are back."""
+    for per_class in (1, 4):
+        patients = np.repeat([f"p{index}" for index in range(2 * per_class)], 6)
+        labels = np.repeat([0] * per_class + [1] * per_class, 6)
+        good = labels * 0.8 + 0.1  # perfect ranking
+        poor = np.linspace(0, 1, len(labels))
+        comparison = compare_cam_methods({"gradcam": poor, "gradcam++": good}, labels=labels, patients=patients,
+                                         protocol="p.", final_method="gradcam", resamples=200)
+        json.dumps(comparison, allow_nan=False)
+        note = (f"too few patients for an interval ({per_class} benign, {per_class} malignant patients; an "
+                "interval needs at least 5 of each)")
+        entry = comparison["rows"]["gradcam++"]["image"]["roc_auc"]
+        assert entry == {"estimate": 1.0, "ci95": [None, None], "ci95_note": note}
+        difference = next(d for d in comparison["differences"] if d["level"] == "image" and d["metric"] == "roc_auc")
+        assert difference["ci95"] == [None, None] and difference["ci95_note"] == note
+        assert difference["sentence"].endswith(f"but with {note}, no difference is claimed.")
+        assert "interval excludes zero" not in difference["sentence"] and "CI" not in difference["sentence"]
+        assert "| Grad-CAM++ | 1.000 (too few patients for an interval) |" in comparison_markdown(comparison)
+    patients = np.repeat([f"p{index}" for index in range(10)], 6)
+    labels = np.repeat([0] * 5 + [1] * 5, 6)
+    comparison = compare_cam_methods({"gradcam": np.linspace(0, 1, 60), "gradcam++": labels * 0.8 + 0.1},
+                                     labels=labels, patients=patients, protocol="p.", final_method="gradcam",
+                                     resamples=200)
+    entry = comparison["rows"]["gradcam++"]["image"]["roc_auc"]
+    assert "ci95_note" not in entry and entry["ci95"] == [1.0, 1.0]

@@ -36,7 +36,14 @@ from common.fusion.stacking import OutOfFold, cross_fit, mlp_stacker
 from common.models.checkpoints import load_checkpoint, model_from_checkpoint
 from common.models.registry import MODEL_ORDER
 from common.run import open_run
-from common.stages.cross_validation import CV_ROW_NAMES, cross_fitted_probabilities, feature_sets
+from common.evaluation.stats import MIN_PATIENTS_PER_CLASS, TOO_FEW_PATIENTS, PatientBootstrap, evaluate_row
+from common.stages.cross_validation import (
+    CV_ROW_NAMES,
+    cross_fitted_probabilities,
+    feature_sets,
+    format_cell,
+    row_entries,
+)
 from common.training.config import TrainConfig, heatmaps_only_command, parse_config
 from common.training.model_script import prepare_run_split
 
@@ -147,8 +154,9 @@ def test_k_fold_run_writes_the_out_of_fold_files(cv_run):
                                ["sources"][arch]["checkpoint_sha256"]}
     assert list(results["rows"]) == list(CV_ROW_NAMES)
     auc = results["rows"]["mlp_heatmaps"]["image"]["roc_auc"]
-    assert set(auc) == {"folds", "mean", "sd", "pooled", "ci95"} and len(auc["folds"]) == FOLDS
-    assert auc["ci95"][0] <= auc["pooled"] <= auc["ci95"][1]
+    # 4 patients per class in the tests' data: below MIN_PATIENTS_PER_CLASS, no interval, the note instead.
+    assert set(auc) == {"folds", "mean", "sd", "pooled", "ci95", "ci95_note"} and len(auc["folds"]) == FOLDS
+    assert auc["ci95"] is None and auc["ci95_note"].startswith("too few patients for an interval (4 benign, 4 ")
     assert results["bootstrap"] == {"resamples": 2000, "seed": 0, "unit": "patient", "stratified": True}
     assert {(d["b"], d["level"], d["metric"]) for d in results["differences"]} == {
         (other, level, metric) for other in ("soft_vote", results["best_cnn"]) for level in ("image", "patient")
@@ -402,19 +410,31 @@ def test_a_run_of_the_other_kind_is_refused_without_touching_the_folder(cv_copy,
     assert sorted(path.name for path in cv_copy.iterdir()) == before
 
 
-def test_every_pooled_metric_of_the_cross_validated_table_has_its_interval(cv_run):
-    """F1 and the patient recognition rate too: each defined pooled figure has its patient-bootstrap interval,
-    and the interval holds the figure."""
-    results = json.loads((cv_run / CV_RESULTS_JSON).read_text())
-    checked = 0
-    for row, levels in results["rows"].items():
+def test_every_pooled_metric_has_its_interval_from_five_patients_per_class_and_the_note_below():
+    """F1 and the patient recognition rate too: with at least MIN_PATIENTS_PER_CLASS patients of each class every
+    defined pooled figure has its patient-bootstrap interval, which holds it; with fewer, none has one and each
+    says why (the table prints the note)."""
+    rng = np.random.default_rng(0)
+    for per_class in (MIN_PATIENTS_PER_CLASS, MIN_PATIENTS_PER_CLASS - 1):
+        patients = np.repeat([f"p{index}" for index in range(2 * per_class)], 4)
+        labels = np.repeat([0] * per_class + [1] * per_class, 4)
+        folds = np.repeat(np.arange(2 * per_class) % 2 + 1, 4)
+        probabilities = np.clip(labels * 0.3 + rng.random(len(labels)) * 0.7, 0, 1)
+        bootstrap = PatientBootstrap.draw(labels=labels, patients=patients, resamples=200, seed=0)
+        entries = row_entries(evaluate_row(probabilities, labels=labels, patients=patients, folds=folds,
+                                           bootstrap=bootstrap))
+        assert {"f1", "patient_recognition_rate"} <= set(entries["image"])
+        checked = 0
         for level in ("image", "patient"):
-            for metric, entry in levels[level].items():
+            for metric, entry in entries[level].items():
                 if entry["pooled"] is None:
                     continue
-                assert entry["ci95"] is not None, (row, level, metric)
-                low, high = entry["ci95"]
-                assert low - 1e-9 <= entry["pooled"] <= high + 1e-9 or np.isnan(low), (row, level, metric)
+                if per_class >= MIN_PATIENTS_PER_CLASS:
+                    low, high = entry["ci95"]
+                    assert low - 1e-9 <= entry["pooled"] <= high + 1e-9, (level, metric)
+                    assert "ci95_note" not in entry
+                else:
+                    assert entry["ci95"] is None and entry["ci95_note"].startswith(TOO_FEW_PATIENTS), (level, metric)
+                    assert format_cell(entry, interval=True).endswith(f" ({TOO_FEW_PATIENTS})")
                 checked += 1
-    assert {"f1", "patient_recognition_rate"} <= set(results["rows"][MODEL_ORDER[0]]["image"])
-    assert checked >= len(results["rows"]) * 10
+        assert checked >= 10

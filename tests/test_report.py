@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.cams.display import blend, colorize, combined_map, jet
+from common.cams.display import combined_map, map_overlay, unit_map_overlay
 from common.cams.heatmap_file import HEATMAP_FORMAT_VERSION, load_heatmaps
 from common.cams.methods import CAM_DISPLAY_NAMES
 from common.core.errors import PipelineError
@@ -710,10 +710,10 @@ def test_kfold_gallery_maps_are_each_folds_own(cv_index, cv_run):
         maps = {arch: stored_map(fold, arch, path) for arch in MODEL_ORDER}
         for arch in MODEL_ORDER:
             shown = picture(cv_index.parent, pictures[arch])
-            assert np.array_equal(shown, np.asarray(blend(image, colorize(maps[arch], image.size)))), (path, arch)
-            other = blend(image, colorize(stored_map(3 - fold, arch, path), image.size))
+            assert np.array_equal(shown, np.asarray(map_overlay(image, maps[arch]))), (path, arch)
+            other = map_overlay(image, stored_map(3 - fold, arch, path))
             other_fold_differs += not np.array_equal(shown, np.asarray(other))
-        combined = blend(image, jet(combined_map([maps[arch] for arch in MODEL_ORDER], image.size)))
+        combined = unit_map_overlay(image, combined_map([maps[arch] for arch in MODEL_ORDER], image.size))
         assert np.array_equal(picture(cv_index.parent, pictures["combined"]), np.asarray(combined)), path
     assert other_fold_differs > 0  # the folds' maps of an image differ, so the check above tells them apart
 

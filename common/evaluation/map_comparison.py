@@ -22,7 +22,14 @@ import math
 import numpy as np
 
 from common.cams.methods import CAM_DISPLAY_NAMES, CAM_METHODS, method_tag
-from common.evaluation.stats import LEVELS, METRIC_NAMES, PatientBootstrap, describe_difference
+from common.evaluation.stats import (
+    LEVELS,
+    METRIC_NAMES,
+    TOO_FEW_PATIENTS,
+    Interval,
+    PatientBootstrap,
+    describe_difference,
+)
 
 REFERENCE_METHOD = "gradcam"  # the design's map; every other map type is compared with it
 COMPARED_METRICS = ("roc_auc", "balanced_accuracy")
@@ -52,10 +59,8 @@ def compare_cam_methods(probabilities: dict[str, np.ndarray], *, labels, patient
     rows = {}
     for method in methods:
         intervals = bootstrap.intervals(probabilities[method])
-        rows[method] = {level: {metric: {"estimate": _plain(intervals[level][metric].estimate),
-                                         "ci95": [_plain(intervals[level][metric].low),
-                                                  _plain(intervals[level][metric].high)]}
-                                for metric in COMPARED_METRICS} for level in LEVELS}
+        rows[method] = {level: {metric: interval_entry(intervals[level][metric]) for metric in COMPARED_METRICS}
+                        for level in LEVELS}
     differences = []
     if REFERENCE_METHOD in probabilities:
         for method in methods:
@@ -67,8 +72,7 @@ def compare_cam_methods(probabilities: dict[str, np.ndarray], *, labels, patient
                 for metric, interval in by_level[level].items():
                     differences.append({
                         "a": method, "b": REFERENCE_METHOD, "level": level, "metric": metric,
-                        "estimate": _plain(interval.estimate), "ci95": [_plain(interval.low), _plain(interval.high)],
-                        "resamples": interval.resamples,
+                        **interval_entry(interval), "resamples": interval.resamples,
                         "sentence": describe_difference(f"the {CAM_DISPLAY_NAMES[method]} MLP",
                                                         f"the {CAM_DISPLAY_NAMES[REFERENCE_METHOD]} MLP",
                                                         metric, interval, level=level)})
@@ -80,11 +84,21 @@ def compare_cam_methods(probabilities: dict[str, np.ndarray], *, labels, patient
                           "stratified": bootstrap.stratified}}
 
 
+def interval_entry(interval: Interval) -> dict:
+    """{'estimate', 'ci95': [low, high]} (JSON nulls where undefined), and 'ci95_note' where there is no interval
+    because there are too few patients."""
+    entry = {"estimate": _plain(interval.estimate), "ci95": [_plain(interval.low), _plain(interval.high)]}
+    return entry | ({"ci95_note": interval.note} if interval.note else {})
+
+
 def format_estimate(entry: dict) -> str:
-    """'0.912 [0.85, 0.96]', or n/a when the metric is undefined on these images."""
+    """'0.912 [0.85, 0.96]', '0.912 (too few patients for an interval)', or n/a when the metric is undefined on
+    these images."""
     if entry["estimate"] is None:
         return "n/a"
     low, high = entry["ci95"]
+    if entry.get("ci95_note"):
+        return f"{entry['estimate']:.3f} ({TOO_FEW_PATIENTS})"
     return f"{entry['estimate']:.3f}" + ("" if low is None else f" [{low:.2f}, {high:.2f}]")
 
 

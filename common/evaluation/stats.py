@@ -28,6 +28,11 @@ from common.evaluation.metrics import DECISION_THRESHOLD, binary_metrics
 
 DEFAULT_RESAMPLES = 2000
 CONFIDENCE = 0.95
+# Below this many patients of either class in the evaluated set, no interval is given and no difference claimed:
+# a bootstrap of one or two patients per class can only redraw those same patients, so its interval is (nearly)
+# zero-wide and says nothing about the next patient. The number is a convention, stated wherever it applies.
+MIN_PATIENTS_PER_CLASS = 5
+TOO_FEW_PATIENTS = "too few patients for an interval"
 RESAMPLED_METRICS = ("roc_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "f1",
                      "patient_recognition_rate")
 # The metrics given per level: at patient level (one diagnosis per patient) the recognition rate is the accuracy.
@@ -235,6 +240,7 @@ class Interval:
     high: float
     resamples: int  # resamples where the metric is defined (all of them, unless a class was absent)
     confidence: float = CONFIDENCE
+    note: str | None = None  # why there is no interval (low and high NaN): too few patients of a class
 
 
 def _interval(estimate: float, values: np.ndarray) -> Interval:
@@ -268,6 +274,23 @@ class PatientBootstrap:
     def resamples(self) -> int:
         return len(self.indices)
 
+    @property
+    def too_few_patients(self) -> str | None:
+        """'too few patients for an interval (2 benign, 2 malignant patients; ...)' below MIN_PATIENTS_PER_CLASS
+        patients of a class, else None."""
+        benign, malignant = np.bincount(self.patient_labels, minlength=2)[:2]
+        if min(benign, malignant) >= MIN_PATIENTS_PER_CLASS:
+            return None
+        return (f"{TOO_FEW_PATIENTS} ({benign} benign, {malignant} malignant patients; an interval needs at least "
+                f"{MIN_PATIENTS_PER_CLASS} of each)")
+
+    def _interval(self, estimate: float, values: np.ndarray) -> Interval:
+        """The estimate with its percentile interval, or with the too-few-patients note and no interval."""
+        note = self.too_few_patients
+        if note:
+            return Interval(float(estimate), float("nan"), float("nan"), 0, note=note)
+        return _interval(estimate, values)
+
     def _metrics(self, prob_malignant, counts: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
         """{'image': {metric: (R,)}, 'patient': {metric: (R,)}} with these patient counts (R, P)."""
         prob_malignant = np.asarray(prob_malignant, dtype=np.float64)
@@ -292,16 +315,16 @@ class PatientBootstrap:
     def intervals(self, prob_malignant) -> dict[str, dict[str, Interval]]:
         """Each metric's estimate with its percentile interval, at image and patient level."""
         estimates, values = self.estimates(prob_malignant), self.values(prob_malignant)
-        return {level: {name: _interval(estimates[level][name], values[level][name]) for name in LEVEL_METRICS[level]}
-                for level in LEVELS}
+        return {level: {name: self._interval(estimates[level][name], values[level][name])
+                        for name in LEVEL_METRICS[level]} for level in LEVELS}
 
     def difference(self, prob_a, prob_b, *, metrics=DIFFERENCE_METRICS) -> dict[str, dict[str, Interval]]:
         """Row A minus row B, paired: both rows are scored on the same resampled patients, so what the two rows
         share (which patients are easy) cancels out of the interval."""
         estimates_a, estimates_b = self.estimates(prob_a), self.estimates(prob_b)
         values_a, values_b = self.values(prob_a), self.values(prob_b)
-        return {level: {name: _interval(estimates_a[level][name] - estimates_b[level][name],
-                                        values_a[level][name] - values_b[level][name]) for name in metrics}
+        return {level: {name: self._interval(estimates_a[level][name] - estimates_b[level][name],
+                                             values_a[level][name] - values_b[level][name]) for name in metrics}
                 for level in LEVELS}
 
 
@@ -365,11 +388,16 @@ def _number(value: float) -> str:
 
 
 def describe_difference(name_a: str, name_b: str, metric: str, interval: Interval, *, level: str = "image") -> str:
-    """A plain-English sentence: the difference A - B, its interval, and whether the interval excludes zero."""
+    """A plain-English sentence: the difference A - B, its interval, and whether the interval excludes zero; with
+    too few patients (interval.note), the difference and the note, and no claim."""
     what = METRIC_NAMES[metric] if level == "image" else f"patient-level {METRIC_NAMES[metric]}"
     how = (f"({round(interval.confidence * 100)} % CI {_number(interval.low)} to {_number(interval.high)}, "
            f"patient bootstrap, {interval.resamples:,} resamples)")
     subject = f"{name_a[:1].upper()}{name_a[1:]}'s {what}"
+    if interval.note:  # too few patients: the difference is reported, nothing is claimed
+        size = "equals" if interval.estimate == 0 else \
+            f"is {_number(abs(interval.estimate))} {'higher' if interval.estimate > 0 else 'lower'} than"
+        return f"{subject} {size} {name_b}'s, but with {interval.note}, no difference is claimed."
     if interval.estimate == 0:
         claim = f"{subject} equals {name_b}'s {how}"
     else:

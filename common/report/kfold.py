@@ -20,6 +20,7 @@ from sklearn.metrics import roc_curve
 
 from common.core.fileio import write_text
 from common.core.runfiles import probability_key
+from common.evaluation.stats import MIN_PATIENTS_PER_CLASS
 from common.report.gallery import GallerySource, build_gallery, gallery_html
 from common.report.html import caveat_html, map_type_html, page_html, save_figure, table_html
 from common.report.interpretability import faithfulness_html
@@ -124,7 +125,8 @@ def write_kfold_report(run: Run, report_dir: Path, *, gallery_size: int) -> None
         "Differences": f"<ul>{sentences}</ul><p>Best single CNN: {html.escape(best)}, chosen by pooled "
                        "out-of-fold AUC on these same images (which favours it).</p>",
         "Image level": "<p>Pooled: all out-of-fold predictions together, 95 % patient-bootstrap interval in "
-                       "brackets; folds: mean &plusmn; sd over the folds. The final classifier is bold.</p>"
+                       f"brackets (none below {MIN_PATIENTS_PER_CLASS} patients of a class: the cell says so); "
+                       "folds: mean &plusmn; sd over the folds. The final classifier is bold.</p>"
                        + level_table(results, "image"),
         "Patient level": f"<p>{results['patients']} patients, each diagnosed by the mean P(malignant) of its "
                          "images.</p>" + level_table(results, "patient") + "<h3>Per magnification</h3>"

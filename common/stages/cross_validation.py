@@ -37,9 +37,21 @@ from common.core.fileio import save_torch, sha256_of_file, write_json, write_tex
 from common.core.runfiles import CV_RESULTS_JSON, CV_RESULTS_MD, FINAL_CLASSIFIER, OOF_PREDICTIONS, probability_key
 from common.data.partition import assign_groups
 from common.data.records import CLASS_NAMES, majority_labels
-from common.evaluation.map_comparison import cam_probability_key, compare_cam_methods, comparison_markdown
+from common.evaluation.map_comparison import (
+    cam_probability_key,
+    compare_cam_methods,
+    comparison_markdown,
+    interval_entry,
+)
 from common.evaluation.metrics import softmax
-from common.evaluation.stats import LEVELS, PatientBootstrap, describe_difference, evaluate_row, mean_and_sd_over_folds
+from common.evaluation.stats import (
+    LEVELS,
+    TOO_FEW_PATIENTS,
+    PatientBootstrap,
+    describe_difference,
+    evaluate_row,
+    mean_and_sd_over_folds,
+)
 from common.fusion.features import ROW_NAMES, build_features, stack_maps
 from common.fusion.mlp import MlpSettings, classifier_file, fit_mlp
 from common.fusion.stacking import OutOfFold, cross_fit, logistic_regression_stacker, mlp_stacker, soft_vote
@@ -131,7 +143,10 @@ def row_entries(evaluated: dict) -> dict:
             interval = evaluated["interval"][level].get(metric)
             entries[level][metric] = {"folds": [fold.get(metric) for fold in per_fold], "mean": mean[metric],
                                       "sd": sd[metric], "pooled": pooled.get(metric),
-                                      "ci95": None if interval is None else [interval["low"], interval["high"]]}
+                                      "ci95": None if interval is None or interval["note"]
+                                      else [interval["low"], interval["high"]]}
+            if interval is not None and interval["note"]:
+                entries[level][metric]["ci95_note"] = interval["note"]
     entries["patient_by_magnification"] = evaluated["pooled"]["patient"].get("by_magnification", {})
     return entries
 
@@ -147,7 +162,7 @@ def paired_differences(bootstrap: PatientBootstrap, probabilities: dict[str, np.
             for metric, interval in by_level[level].items():
                 differences.append({
                     "a": final_row, "b": other, "level": level, "metric": metric, "estimate": interval.estimate,
-                    "ci95": [interval.low, interval.high], "resamples": interval.resamples,
+                    **interval_entry(interval), "resamples": interval.resamples,
                     "sentence": describe_difference(CV_ROW_NAMES[final_row], CV_ROW_NAMES[other], metric, interval,
                                                     level=level)})
     return differences
@@ -177,6 +192,8 @@ def format_cell(entry: dict, *, interval: bool, plus_minus: str = "±") -> str:
             return "n/a"
         ci = entry["ci95"]
         shown = "" if ci is None or ci[0] is None or np.isnan(ci[0]) else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+        if entry.get("ci95_note"):
+            shown = f" ({TOO_FEW_PATIENTS})"
         return f"{entry['pooled']:.3f}{shown}"
     if entry["mean"] is None:
         return "n/a"
