@@ -46,6 +46,7 @@ if "GRADIO_TEMP_DIR" not in os.environ:
 
 import gradio as gr  # noqa: E402
 
+from common.cams.display import colour_scale_html  # noqa: E402
 from common.core.console import CommandParser  # noqa: E402
 from common.core.errors import PipelineError, message_of, run_main  # noqa: E402
 from common.core.runfiles import REPORT_SCRIPT  # noqa: E402
@@ -171,6 +172,7 @@ def view_panel(run: ViewerRun, prefix: str, view_state: gr.State) -> ViewPanel:
     with gr.Row():
         pictures = [gr.Image(label=name, type="pil", format="png", interactive=False,
                              buttons=["download", "fullscreen"], elem_id=f"{prefix}-{name}") for name in PANEL_NAMES]
+    gr.HTML(colour_scale_html(), elem_id=f"{prefix}-colour-scale")
     table = gr.Markdown(elem_id=f"{prefix}-probabilities")
     panel = ViewPanel(method, opacity, [table, method] + pictures)
     for control in (method, opacity):

@@ -27,11 +27,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from PIL import Image
 
-from common.cams.display import combined_map, map_overlay, unit_map_overlay
+from common.cams.display import combined_map, evidence_colour_bar, map_overlay, unit_map_overlay
 from common.core.console import CommandParser
 from common.core.errors import PipelineError, run_main
 from common.core.fileio import (
@@ -140,9 +139,7 @@ def overlay_figure(image: Image.Image, cams: dict[str, np.ndarray], probabilitie
         axis.set_title(caption, fontsize=8)
         axis.set_xticks([])
         axis.set_yticks([])
-    bar = figure.colorbar(ScalarMappable(cmap="jet"), ax=list(axes), shrink=0.85, pad=0.01)
-    bar.set_ticks([0, 1], labels=["least", "most"])
-    bar.set_label("evidence for the explained class\n(each map scaled to its own range)", fontsize=7)
+    evidence_colour_bar(figure, axes)
     figure.suptitle(title, fontsize=8)
     return figure
 

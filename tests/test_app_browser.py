@@ -246,6 +246,7 @@ def test_upload_shows_every_probability_and_the_overlays(page, viewer, upload, t
     for key in viewer.probability_keys:
         assert f"{viewer.name(key)}\t{view.probabilities[key]:.3f}" in shown, key
     expect(page.locator("#predict-summary")).to_contain_text("slide_upload.tif")
+    expect(page.locator("#predict-colour-scale")).to_contain_text("evidence for the explained class")  # colour bar
     panels = render_panels(viewer, view, opacity=DEFAULT_OPACITY)
     for name, (expected, caption) in zip(("image", "densenet121", "resnet50", "vgg16", "combined"), panels):
         expect(page.locator(f"#predict-{name}")).to_contain_text(caption)

@@ -239,6 +239,10 @@ def test_explanation_figure_ends_with_each_cam_methods_combined_map(pipeline_run
         return draw(picture, maps, target, title=title, unit_maps=unit_maps)
 
     monkeypatch.setattr(explain, "explanation_figure", capture)
+    add_bar = explain.evidence_colour_bar
+    captured["colour_bars"] = []
+    monkeypatch.setattr(explain, "evidence_colour_bar",
+                        lambda figure, axes: captured["colour_bars"].append(add_bar(figure, axes)))
     split = load_split(pipeline_run / "split.json")
     image = split.root / split.records[split.indices("test")[0]].path
     checkpoints = {arch: load_checkpoint(checkpoint_path(pipeline_run, arch), arch) for arch in MODEL_ORDER}
@@ -255,3 +259,10 @@ def test_explanation_figure_ends_with_each_cam_methods_combined_map(pipeline_run
         np.testing.assert_array_equal(combined[method], expected)
         assert combined[method].shape == captured["picture"].size[::-1]
         assert 0 <= combined[method].min() and combined[method].max() <= 1
+    # The picture keeps the image's aspect ratio (its longer side the largest input size), the figure has the
+    # colour bar that says what the colours mean.
+    source = Image.open(image)
+    picture = captured["picture"]
+    assert max(picture.size) == max(checkpoint["image_size"] for checkpoint in checkpoints.values())
+    assert abs(picture.width / picture.height - source.width / source.height) < 0.05
+    assert len(captured["colour_bars"]) == 1  # one bar for the whole figure

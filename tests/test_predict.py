@@ -473,3 +473,5 @@ def test_the_overlay_strip_labels_a_flat_map_and_keeps_the_others_as_drawn():
     shown = [axis.get_images()[0].get_array() for axis in figure.axes if axis.get_images()]
     assert np.array_equal(shown[1], np.asarray(label_flat(blend(image, colorize(cams["densenet121"], image.size)))))
     assert np.array_equal(shown[2], np.asarray(blend(image, colorize(cams["resnet50"], image.size))))
+    labels = [axis.get_ylabel() for axis in figure.axes]
+    assert "evidence for the explained class\n(each map scaled to its own range)" in labels  # the colour bar

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.cams.display import combined_map, map_overlay, unit_map_overlay
+from common.cams.display import colour_scale_html, combined_map, map_overlay, unit_map_overlay
 from common.cams.heatmap_file import HEATMAP_FORMAT_VERSION, load_heatmaps
 from common.cams.methods import CAM_DISPLAY_NAMES
 from common.core.errors import PipelineError
@@ -369,10 +369,13 @@ def test_gallery_pictures_keep_the_images_aspect_ratio(report):
             assert Image.open(report.parent / unquote(attributes["src"])).size == expected
 
 
-def test_gallery_states_each_models_map_grid(report):
-    """The page says each model's map grid at its input size and from which size it has 2x2 cells."""
+def test_gallery_states_each_models_map_grid_and_its_colour_scale(report):
+    """The page says each model's map grid at its input size and from which size it has 2x2 cells, and shows the
+    overlays' colour scale with what it means."""
+    text = report.read_text(encoding="utf-8")
     assert ("Map grid per model: DenseNet-121 4x4 at 32 px (2x2 from 16 px); ResNet-50 4x4 at 48 px (2x2 from "
-            "24 px); VGG-16 8x8 at 64 px (2x2 from 16 px).") in report.read_text(encoding="utf-8")
+            "24 px); VGG-16 8x8 at 64 px (2x2 from 16 px).") in text
+    assert colour_scale_html() in text and "evidence for the explained class" in text
 
 
 def test_small_gallery_rebuild_and_missing_images(report, run_dir, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
 from PIL import Image, ImageDraw, ImageFont
 
 
@@ -100,3 +101,32 @@ def overlay_panel(image: Image.Image, cam: np.ndarray) -> Image.Image:
     heat = colorize(cam, image.size)
     panels = [np.asarray(image), heat, np.asarray(blend(image, heat))]
     return Image.fromarray(np.concatenate(panels, axis=1))
+
+
+# What the colours of every overlay mean, said once: under the colour bar of each figure, and on the report page.
+COLOUR_SCALE_MEANING = "evidence for the explained class (each map scaled to its own range)"
+
+
+def evidence_colour_bar(figure, axes) -> None:
+    """The jet colour bar beside `axes` of a matplotlib figure, from 'least' to 'most' (COLOUR_SCALE_MEANING)."""
+    bar = figure.colorbar(ScalarMappable(cmap="jet"), ax=list(np.ravel(axes)), shrink=0.85, pad=0.01)
+    bar.set_ticks([0, 1], labels=["least", "most"])
+    bar.set_label(COLOUR_SCALE_MEANING.replace(" (", "\n("), fontsize=7)
+
+
+def aspect_kept(image: Image.Image, longer_side: int) -> Image.Image:
+    """The image resized so that its longer side is `longer_side`, its aspect ratio kept (figures show the tissue
+    as it is; the maps are stretched to it)."""
+    scale = longer_side / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                        Image.Resampling.BILINEAR)
+
+
+def colour_scale_html() -> str:
+    """The colour bar of every overlay as an HTML strip (for the report and the viewer): jet from 'least' to
+    'most', with COLOUR_SCALE_MEANING."""
+    stops = ", ".join("#{:02x}{:02x}{:02x}".format(*jet(np.array([[value]]))[0, 0]) for value in np.linspace(0, 1, 9))
+    return ('<div class="colour-scale" style="display:flex;align-items:center;gap:6px;font-size:0.85em">'
+            '<span>least</span><span style="display:inline-block;width:160px;height:10px;'
+            f'background:linear-gradient(to right, {stops})"></span><span>most</span>'
+            f"<span>{COLOUR_SCALE_MEANING}; red = most</span></div>")

@@ -16,13 +16,13 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 
-from common.cams.display import combined_map, map_overlay, unit_map_overlay
+from common.cams.display import aspect_kept, combined_map, evidence_colour_bar, map_overlay, unit_map_overlay
 from common.cams.ensemble import CnnEnsemble
 from common.cams.methods import CAM_DISPLAY_NAMES, CAM_METHODS, target_classes
 from common.core.fileio import atomic_path
 from common.data.images import load_rgb
 from common.data.records import CLASS_NAMES
-from common.data.transforms import build_transforms, resize_image
+from common.data.transforms import build_transforms
 from common.explain.attribution import DEFAULT_SAMPLES, kernel_shap_map, lime_map, occlusion_map
 from common.explain.faithfulness import SaliencyMethod, blur_for
 from common.models.registry import ARCHS
@@ -86,7 +86,8 @@ def explanation_figure(picture: Image.Image, maps: dict[str, dict[str, np.ndarra
     rows = {**{label: (row_maps, False) for label, row_maps in maps.items()},
             **{label: (row_maps, True) for label, row_maps in unit_maps.items()}}
     methods = list(dict.fromkeys(method for row_maps, _ in rows.values() for method in row_maps))
-    figure = Figure(figsize=(1.9 * (len(methods) + 1), 2.0 * len(rows) + 0.4), layout="constrained")
+    aspect = picture.height / picture.width
+    figure = Figure(figsize=(1.9 * (len(methods) + 1) + 0.9, 1.9 * aspect * len(rows) + 0.6), layout="constrained")
     grid = figure.subplots(len(rows), len(methods) + 1, squeeze=False)
     for row, (label, (row_maps, in_unit_range)) in enumerate(rows.items()):
         grid[row, 0].imshow(picture)
@@ -103,6 +104,7 @@ def explanation_figure(picture: Image.Image, maps: dict[str, dict[str, np.ndarra
             axes.set_xticks([])
             axes.set_yticks([])
     grid[0, 0].set_title("image", fontsize=9)
+    evidence_colour_bar(figure, grid)
     figure.suptitle(title, fontsize=9)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target, suffix=".png") as temp_path:
@@ -128,7 +130,7 @@ def explain_image(path: Path, models: dict[str, CnnEnsemble], target: Path, *, t
         label = f"{ARCHS[arch].display_name}\n({CLASS_NAMES[target_class]}{members})"
         maps[label] = explanation_maps(ensemble, tensor, target_class, methods=methods, samples=samples, seed=seed,
                                        say=say)
-    picture = resize_image(image, max(ensemble.image_size for ensemble in models.values()))
+    picture = aspect_kept(image, max(ensemble.image_size for ensemble in models.values()))
     # The combined map as the report's gallery draws it (common.cams.heatmap_file.combined_map), one per CAM method.
     unit_maps = {COMBINED_ROW_LABEL: {method: combined_map([row[method] for row in maps.values()], picture.size)
                                       for method in CAM_METHODS}} if len(models) > 1 else None

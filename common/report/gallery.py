@@ -11,7 +11,14 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from common.cams.display import combined_map, map_grid_note, map_overlay, unit_map_overlay
+from common.cams.display import (
+    aspect_kept,
+    colour_scale_html,
+    combined_map,
+    map_grid_note,
+    map_overlay,
+    unit_map_overlay,
+)
 from common.core.fileio import atomic_path
 from common.core.runfiles import probability_key
 from common.data.images import load_rgb
@@ -56,9 +63,7 @@ def gallery_order(source: GallerySource) -> list[int]:
 
 
 def thumbnail(image: Image.Image) -> Image.Image:
-    scale = THUMBNAIL / max(image.size)
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                        Image.Resampling.BILINEAR)
+    return aspect_kept(image, THUMBNAIL)
 
 
 def gallery_panels(source: GallerySource, row: int, folder: Path, rank: int) -> dict:
@@ -134,4 +139,4 @@ def gallery_html(source: GallerySource, items: list[dict]) -> str:
             f"first ({final_wrong} shown), then by the number of models that got them wrong. Overlays: {maps}each "
             "CNN's raw Grad-CAM min-max scaled for display (jet, red = high); combined: the mean of the three scaled "
             f"maps. {html.escape(map_grid_note(grids, source.held.image_sizes, ARCH_NAMES))}</p>")
-    return note + "".join(gallery_card(source, item) for item in items)
+    return note + colour_scale_html() + "".join(gallery_card(source, item) for item in items)
