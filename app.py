@@ -94,12 +94,15 @@ def predict_table(run: ViewerRun, views: list[ImageView]) -> list[list]:
             + [verdict(view.probabilities[run.final_key])] for view in views]
 
 
-def predict_uploads(run: ViewerRun, files: list[str] | None, method: str, opacity: float) -> list:
-    """The Predict tab's answer to an upload: the table, the image choice, the first image's view."""
+def predict_uploads(run: ViewerRun, files: list[str] | None, method: str, opacity: float,
+                    progress=gr.Progress()) -> list:  # noqa: B008 (Gradio's way to ask for a progress bar)
+    """The Predict tab's answer to an upload: the table, the image choice, the first image's view; a progress bar
+    (images scored) while the models run."""
     if not files:
         return [[], None, gr.update(choices=[], value=None), []] + show_view(run, None, method, opacity)
     try:
-        views = predict_views(run, open_uploads(files))
+        views = predict_views(run, open_uploads(files), done=lambda scored, total: progress(
+            scored / total, desc=f"{scored}/{total} images scored"))
     except PipelineError as error:  # e.g. a file that is not an image: said in the page, the server goes on
         raise gr.Error(message_of(error)) from None
     names = [(view.title, index) for index, view in enumerate(views)]

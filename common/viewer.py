@@ -138,9 +138,11 @@ def load_viewer_run(output_dir: Path, *, device: torch.device) -> ViewerRun:
 # ------------------------------------------------------------------------------------------------ images
 
 
-def predict_views(run: ViewerRun, named_images: list[tuple[str, Image.Image]]) -> list[ImageView]:
+def predict_views(run: ViewerRun, named_images: list[tuple[str, Image.Image]], *,
+                  done=None) -> list[ImageView]:
     """New RGB images through each CNN (logits and every CAM in one pass per model) and the final MLP, by
-    predict.py's own function, with the models already loaded; a batch of BATCH_SIZE at a time."""
+    predict.py's own function, with the models already loaded; a batch of BATCH_SIZE at a time. done: called
+    with (images scored, all images) after each batch (the page's progress bar)."""
     views = []
     methods = tuple(run.held.maps)
     for start in range(0, len(named_images), BATCH_SIZE):
@@ -154,6 +156,8 @@ def predict_views(run: ViewerRun, named_images: list[tuple[str, Image.Image]]) -
                 probabilities={key: float(probabilities[key][offset]) for key in run.probability_keys},
                 maps={method: {arch: by_arch[arch][offset] for arch in MODEL_ORDER}
                       for method, by_arch in result["maps"].items()}))
+        if done:
+            done(len(views), len(named_images))
     return views
 
 

@@ -40,6 +40,7 @@ from common.inference import load_run_models, predict_batches
 from common.models.checkpoints import load_checkpoint, model_from_checkpoint
 from common.models.registry import MODEL_ORDER
 from common.run import open_run
+import common.viewer as viewer_module
 from common.viewer import (
     DISPLAY_SIZE,
     browse_rows,
@@ -216,6 +217,16 @@ def test_predict_handler_fills_the_table_and_the_view(uploads):
     for picture, (panel, caption) in zip(pictures, panels):
         assert picture["label"] == caption
         assert np.array_equal(np.asarray(picture["value"]), np.asarray(panel))
+
+
+def test_uploads_report_their_progress_batch_by_batch(uploads, monkeypatch):
+    """The page's progress bar: after each batch, (images scored, all images)."""
+    monkeypatch.setattr(viewer_module, "BATCH_SIZE", 2)
+    reports = []
+    named = open_uploads([str(path) for path in uploads.paths])
+    predict_views(uploads.viewer, named, done=lambda scored, total: reports.append((scored, total)))
+    total = len(named)
+    assert reports == [(min(end, total), total) for end in range(2, total + 2, 2)] and total > 2
 
 
 def test_not_an_image_is_an_error_in_the_page(run, tmp_path):

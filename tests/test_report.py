@@ -386,7 +386,9 @@ def test_small_gallery_rebuild_and_missing_images(report, run_dir, tmp_path, cap
     split_file.write_text(split_file.read_text().replace(json.loads(split_file.read_text())["data_root"],
                                                          str(tmp_path / "moved")))
     make_report.main(["--output-dir", str(copy), "--gallery-size", "2"])
-    index = Path(capsys.readouterr().out.strip())
+    printed = capsys.readouterr()
+    index = Path(printed.out.strip())
+    assert "report gallery: 2/2" in printed.err  # progress (plain lines where stderr is not a terminal)
     assert index == copy / "report" / "index.html"
     page = parse(index)
     assert len(page.cards) == 2 and "grey placeholder" in index.read_text()

@@ -19,6 +19,7 @@ from common.cams.display import (
     map_overlay,
     unit_map_overlay,
 )
+from common.core.console import progress
 from common.core.fileio import atomic_path
 from common.core.runfiles import probability_key
 from common.data.images import load_rgb
@@ -90,7 +91,8 @@ def build_gallery(source: GallerySource, report_dir: Path, gallery_size: int) ->
     folder = report_dir / "gallery"
     folder.mkdir(parents=True)  # in a fresh staging folder: no earlier build's images
     chosen = gallery_order(source)[:gallery_size]
-    return [gallery_panels(source, row, folder, rank) for rank, row in enumerate(chosen, start=1)]
+    return [gallery_panels(source, row, folder, rank)
+            for rank, row in progress(enumerate(chosen, start=1), total=len(chosen), desc="report gallery")]
 
 
 def _prediction_rows(source: GallerySource, row: int) -> str:

@@ -12,6 +12,7 @@ pages. The folder is self-contained: the folds' pages are inside it.
 """
 
 import html
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,7 @@ def fold_pages(run: Run, report_dir: Path) -> str:
     """Each fold's single-split page into report_dir/fold_<k>/; returns the list of links to them."""
     links = []
     for fold in run.folds:
+        print(f"report: fold {fold}'s page", file=sys.stderr, flush=True)
         folder = report_dir / f"fold_{fold}"
         folder.mkdir()
         write_single_report(load_single_report(open_run(run.model_dir(fold))), folder, gallery_size=FOLD_GALLERY_SIZE)
