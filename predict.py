@@ -81,20 +81,19 @@ def warn_about_training(caveats: list[str], output_dir: Path) -> None:
 
 
 def dataset_membership(run: Run, image_paths: list[Path]) -> dict[int, int]:
-    """Input index -> row in the run's partition, for inputs that are images of the run's own dataset (the same
-    file under its data root)."""
-    row_of = {record.path: row for row, record in enumerate(run.partition.records)}
-    relative = [dataset_relative(run, path) for path in image_paths]
-    return {index: row_of[path] for index, path in enumerate(relative) if path in row_of}
+    """Input index -> row in the run's partition, for inputs that are images of the run's own dataset: the same
+    file under its data root, or a copy of one (same bytes; Run.own_image_row)."""
+    rows = {index: run.own_image_row(path) for index, path in enumerate(image_paths)}
+    return {index: row for index, row in rows.items() if row is not None}
 
 
-def scoring_groups(run: Run, image_paths: list[Path]) -> list[tuple[int | None, list[int]]]:
-    """(fold, input indices): on a K-fold run the run's own images go to the fold that holds their patient (None:
-    new images, the bagged ensemble); a single split scores every input with its one model set (fold None)."""
-    members = dataset_membership(run, image_paths) if run.kind == "kfold" else {}
+def scoring_groups(run: Run, members: dict[int, int], count: int) -> list[tuple[int | None, list[int]]]:
+    """(fold, input indices) of `count` inputs: on a K-fold run the run's own images (`members`: input index ->
+    partition row) go to the fold that holds their patient (None: new images, the bagged ensemble); a single split
+    scores every input with its one model set (fold None)."""
     by_fold: dict[int | None, list[int]] = {}
-    for index in range(len(image_paths)):
-        fold = int(run.partition.folds[members[index]]) if index in members else None
+    for index in range(count):
+        fold = int(run.partition.folds[members[index]]) if run.kind == "kfold" and index in members else None
         by_fold.setdefault(fold, []).append(index)
     return sorted(by_fold.items(), key=lambda item: (item[0] is not None, item[0] or 0))
 
@@ -149,14 +148,14 @@ def overlay_names(image_paths: list[Path]) -> list[str]:
     return [f"{stem}_gradcam.png" for stem in distinct_stems(image_paths)]
 
 
-def write_explanations(image_paths: list[Path], names: list[str], models: RunModels, folder: Path,
-                       explain: str) -> list[str]:
+def write_explanations(image_paths: list[Path], names: list[str], models: RunModels, members: dict[int, int],
+                       folder: Path, explain: str) -> list[str]:
     """<stem>_explain.png beside each overlay (common.explain.figures.explain_image), each image explained by the
     models that scored it (scoring_groups); returns their names."""
     from common.explain.figures import explain_image  # here: captum is imported only when explanations are asked for
 
     written, done = [], 0
-    for fold, indices in scoring_groups(models.run, image_paths):
+    for fold, indices in scoring_groups(models.run, members, len(image_paths)):
         cnns = fold_models(models, fold).cnns if fold is not None else models.cnns
         for index in indices:
             name = names[index].removesuffix("_gradcam.png") + "_explain.png"
@@ -197,16 +196,17 @@ def main(argv=None) -> None:
     print(models.describe())
     warn_about_training(run.caveats(), run.output_dir)
     names = overlay_names(image_paths)
+    members = dataset_membership(run, image_paths)  # inputs that are the run's own images, flagged as such
     rows: dict[int, list[str]] = {}
     print(f"{'image':<40} " + " ".join(f"{name:>12}" for name in COLUMNS) + "  prediction (final MLP)")
     remove_stale_temporaries(out_dir.parent)  # a killed predict.py's staging folder (never a live one's)
     # Overlays are written batch by batch (flat memory) into a staging folder that is moved into --out only when
     # every image has been read: a bad image stops the run with --out as it was.
     with scratch_folder(out_dir.parent, out_dir.name) as staging:
-        for fold, indices in scoring_groups(run, image_paths):
-            rows.update(score_group(run, models, fold, indices, image_paths, names, staging, out_dir))
+        for fold, indices in scoring_groups(run, members, len(image_paths)):
+            rows.update(score_group(run, models, fold, indices, image_paths, members, names, staging, out_dir))
         if args.explain:
-            names += write_explanations(image_paths, names, models, staging, args.explain)
+            names += write_explanations(image_paths, names, models, members, staging, args.explain)
         out_dir.mkdir(exist_ok=True)
         for name in names:
             os.replace(staging / name, out_dir / name)
@@ -220,19 +220,19 @@ def main(argv=None) -> None:
 
 
 def score_group(run: Run, models: RunModels, fold: int | None, indices: list[int], image_paths: list[Path],
-                names: list[str], staging: Path, out_dir: Path) -> dict[int, list[str]]:
+                members: dict[int, int], names: list[str], staging: Path, out_dir: Path) -> dict[int, list[str]]:
     """Score the inputs `indices` with the run's models (fold None: all of them) or fold k's; write their overlays
-    into `staging`, print their rows; returns their predictions.csv rows by input index."""
+    into `staging`, print their rows (and a note under each of the run's own images); returns their
+    predictions.csv rows by input index."""
     group_models = fold_models(models, fold) if fold is not None else models
     stored = run.predictions() if fold is not None else None  # the cross-fitted MLP of the run's own images
-    side_of = dict(zip((record.path for record in run.partition.records), run.partition.splits)) \
-        if run.kind == "single" else {}
     rows, position = {}, 0
     for batch in predict_batches([image_paths[index] for index in indices], group_models, batch_size=BATCH_SIZE):
         for row, path in enumerate(batch["paths"]):
             index, position = indices[position], position + 1
             probabilities = {name: float(batch["probabilities"][name][row]) for name in COLUMNS}
-            relative = dataset_relative(run, path)
+            own_row = members.get(index)
+            relative = run.partition.records[own_row].path if own_row is not None else None
             if stored is not None:  # never fitted on this patient's rows, unlike final_classifier.pth
                 stored_row = int(np.flatnonzero(stored["paths"] == relative)[0])
                 final_key = probability_key(f"mlp_{models.classifier['features']}")
@@ -244,17 +244,13 @@ def score_group(run: Run, models: RunModels, fold: int | None, indices: list[int
             verdict = "malignant" if probabilities["final_mlp"] >= DECISION_THRESHOLD else "benign"
             print(f"{path.name[-40:]:<40} " + " ".join(f"{format_probability(probabilities[name]):>12}"
                                                        for name in COLUMNS) + f"  {verdict}")
+            if own_row is not None:
+                scored_here = f"; scored here by fold {fold}'s models" if fold is not None else ""
+                print(f"  note: {path.name}: {run.own_image_note(own_row)}{scored_here}")
+            side = run.partition.splits[own_row] if own_row is not None and run.kind == "single" else None
             rows[index] = ([str(path)] + [format_probability(probabilities[name], digits=6) for name in COLUMNS]
-                           + [verdict, str(out_dir / names[index]), scored_by(run, fold, side_of.get(relative))])
+                           + [verdict, str(out_dir / names[index]), scored_by(run, fold, side)])
     return rows
-
-
-def dataset_relative(run: Run, path: Path) -> str | None:
-    """The image's path relative to the run's data root ('/'-separated), or None when it lies elsewhere."""
-    try:
-        return path.resolve().relative_to(run.data_root.resolve()).as_posix()
-    except ValueError:
-        return None
 
 
 if __name__ == "__main__":

@@ -19,11 +19,13 @@ open_run(run / "fold_2") works too. Every check ends in a one-line error that na
 makes or remakes it.
 """
 
+import contextlib
 import csv
+import filecmp
 import json
 import shlex
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +163,46 @@ class Run:
             return Path(path)
         missing = self.first_missing()
         raise PipelineError(missing if missing else f"{path} is missing: run {self.further_command()}")
+
+    # ------------------------------------------------------------------------------------ the run's own images
+
+    @cached_property
+    def _rows_by_path(self) -> dict[str, int]:
+        return {record.path: row for row, record in enumerate(self.partition.records)}
+
+    @cached_property
+    def _rows_by_size(self) -> dict[int, list[int]]:
+        """File size -> rows of the partition (a stat per image: a new file is compared only with same-size ones)."""
+        rows = {}
+        for row, record in enumerate(self.partition.records):
+            with contextlib.suppress(OSError):  # an image gone from the data root cannot be matched
+                rows.setdefault((self.data_root / record.path).stat().st_size, []).append(row)
+        return rows
+
+    def own_image_row(self, path: Path) -> int | None:
+        """The partition row that `path` is one of the run's own images: the file under the data root, or a file
+        with the same bytes (a copy, a viewer upload); None for a new image."""
+        path = Path(path)
+        with contextlib.suppress(ValueError):
+            row = self._rows_by_path.get(path.resolve().relative_to(self.data_root.resolve()).as_posix())
+            if row is not None:
+                return row
+        candidates = self._rows_by_size.get(path.stat().st_size, [])
+        return next((row for row in candidates
+                     if filecmp.cmp(path, self.data_root / self.partition.records[row].path, shallow=False)), None)
+
+    def own_image_note(self, row: int) -> str:
+        """What a reader must know about an input that is one of the run's own images (row of the partition)."""
+        record = self.partition.records[row]
+        if self.kind == "kfold":
+            fold = int(self.partition.folds[row])
+            return (f"one of this run's own images (patient {record.patient}, fold {fold}): the models of the other "
+                    f"folds were trained on it; only fold {fold}'s models never saw its patient")
+        side = self.partition.splits[row]
+        if side == "test":
+            return f"one of this run's own test images (patient {record.patient}): already scored in its table"
+        return (f"one of this run's own {side} images (patient {record.patient}): the models have seen it, so its "
+                "probabilities are not an evaluation")
 
     # ------------------------------------------------------------------------------------ per fold
 

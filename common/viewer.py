@@ -13,6 +13,7 @@ loaded once, new images through the run's models, the run's held-out images from
 Everything is read from the run's files; nothing is written anywhere.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,6 +162,19 @@ def predict_views(run: ViewerRun, named_images: list[tuple[str, Image.Image]], *
     return views
 
 
+def mark_own_images(run: ViewerRun, views: list[ImageView], paths: list[str]) -> list[ImageView]:
+    """Each upload that is one of the run's own images (the same bytes as an indexed image) carries a note saying
+    so (Run.own_image_note), so that nobody takes its probabilities for those of a new case."""
+    marked = []
+    for view, path in zip(views, paths):
+        row = run.run.own_image_row(Path(path))
+        if row is not None:
+            where = " (Browse shows it scored out of fold)" if run.run.kind == "kfold" else ""
+            view = dataclasses.replace(view, details=f"{run.run.own_image_note(row)}{where}")
+        marked.append(view)
+    return marked
+
+
 def open_uploads(paths: list[str]) -> list[tuple[str, Image.Image]]:
     """(file name, RGB image) per uploaded file; a file that is not an image stops with an error naming it."""
     if not paths:
@@ -229,6 +243,8 @@ def probability_markdown(run: ViewerRun, view: ImageView) -> str:
     if view.truth is not None:
         outcome = "correct" if verdict(final) == CLASS_NAMES[view.truth] else "wrong"
         lines.append(f"True class: **{CLASS_NAMES[view.truth]}** ({outcome}); {view.details}")
+    elif view.details:  # an upload that is one of the run's own images
+        lines.append(f"**Note: {view.details}.**")
     lines += ["", "| model | P(malignant) | call |", "|---|---:|---|"]
     lines += [f"| {run.name(key)} | {view.probabilities[key]:.3f} | {verdict(view.probabilities[key])} |"
               for key in run.probability_keys]

@@ -46,6 +46,7 @@ from common.viewer import (
     browse_rows,
     filter_rows,
     load_viewer_run,
+    mark_own_images,
     method_name,
     open_uploads,
     predict_views,
@@ -227,6 +228,26 @@ def test_uploads_report_their_progress_batch_by_batch(uploads, monkeypatch):
     predict_views(uploads.viewer, named, done=lambda scored, total: reports.append((scored, total)))
     total = len(named)
     assert reports == [(min(end, total), total) for end in range(2, total + 2, 2)] and total > 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_upload_that_is_one_of_the_runs_own_images_is_flagged(kind, request, new_images, tmp_path):
+    """A byte-identical copy of a dataset image (renamed, as an upload is) carries a note with its split, so
+    nobody takes it for a new case; a new image carries none."""
+    viewer = request.getfixturevalue("run" if kind == "single" else "cv")
+    row = 0
+    record = viewer.run.partition.records[row]
+    copy = tmp_path / "upload.png"
+    shutil.copyfile(viewer.run.data_root / record.path, copy)
+    paths = [str(copy), str(new_images[0])]
+    views = mark_own_images(viewer, predict_views(viewer, open_uploads(paths)), paths)
+    assert views[0].details.startswith("one of this run's own") and f"patient {record.patient}" in views[0].details
+    if kind == "kfold":
+        assert f"fold {int(viewer.run.partition.folds[row])}" in views[0].details
+    else:
+        assert viewer.run.partition.splits[row] in views[0].details
+    assert f"**Note: {views[0].details}.**" in probability_markdown(viewer, views[0])
+    assert views[1].details == "" and "Note:" not in probability_markdown(viewer, views[1])
 
 
 def test_not_an_image_is_an_error_in_the_page(run, tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import FOLDS, PIPELINE_ARGS, ROOT, run_pipeline
 
 from common.cams.methods import CAM_METHODS, grad_cam
@@ -264,10 +265,18 @@ def test_an_interrupted_k_fold_run_resumes_with_the_folds_not_complete(cv_run, d
     assert (copy / CV_RESULTS_JSON).is_file() and not (copy / CV_RESULTS_JSON).is_symlink()
 
 
+def new_image_from(source: Path, target: Path) -> Path:
+    """A new image (for the bagged ensemble): a dataset image with one pixel changed, so that its bytes are no
+    dataset image's (a byte-identical copy is recognised as the run's own image)."""
+    pixels = np.array(load_rgb(source))
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(target)
+    return target
+
+
 def test_predict_on_a_k_fold_run_bags_the_fold_models_and_says_so(cv_run, demo_dir, tmp_path, capsys):
     import predict  # a script at the repository root (conftest puts the root on sys.path)
-    image = tmp_path / "new.png"  # a copy outside the run's dataset: a new image
-    shutil.copyfile(demo_dir / index_dataset(demo_dir).records[0].path, image)
+    image = new_image_from(demo_dir / index_dataset(demo_dir).records[0].path, tmp_path / "new.png")
     predict.main([str(image), "--output-dir", str(cv_run), "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert "the mean over its 2 fold models (a bagged ensemble)" in capsys.readouterr().out
     with open(tmp_path / "out" / "predictions.csv", newline="") as handle:
@@ -303,8 +312,7 @@ def test_predict_on_a_k_fold_run_holds_one_fold_model_at_a_time(cv_run, demo_dir
         return model
 
     monkeypatch.setattr(run_module, "_load_model", counted)
-    image = tmp_path / "new.png"  # not an image of the run: the bagged ensemble of both folds
-    shutil.copyfile(demo_dir / index_dataset(demo_dir).records[0].path, image)
+    image = new_image_from(demo_dir / index_dataset(demo_dir).records[0].path, tmp_path / "new.png")
     predict.main([str(image), "--output-dir", str(cv_run), "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert loads[0] == FOLDS * len(MODEL_ORDER) and most_alive[0] == 1
 
@@ -329,11 +337,21 @@ def test_predict_scores_an_image_of_the_run_by_the_fold_that_never_saw_its_patie
         assert float(row[f"p_malignant_{arch}"]) == pytest.approx(float(stored[f"prob_{arch}"]), abs=1e-5)
     assert float(row["p_malignant_final_mlp"]) == pytest.approx(float(stored["prob_mlp_heatmaps"]), abs=1e-5)
     assert row["scored_by"].startswith("fold 2's models (out of fold")
+    # A byte-identical copy elsewhere (renamed, as a user might send it) is recognised the same way, and flagged.
+    copy = tmp_path / "renamed.png"
+    shutil.copyfile(run.data_root / record.path, copy)
+    capsys.readouterr()
+    predict.main([str(copy), "--output-dir", str(cv_run), "--out", str(tmp_path / "out2"), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert (f"  note: renamed.png: one of this run's own images (patient {record.patient}, fold 2): the models of the "
+            "other folds were trained on it; only fold 2's models never saw its patient; scored here by fold 2's "
+            "models") in printed
+    with open(tmp_path / "out2" / "predictions.csv", newline="") as handle:
+        assert next(csv.DictReader(handle))["scored_by"].startswith("fold 2's models (out of fold")
 
 
 def test_predict_explain_on_a_k_fold_run_writes_every_figure(cv_run, demo_dir, tmp_path):
-    image = tmp_path / "new.png"  # a copy outside the dataset: a new image, for the bagged ensemble
-    shutil.copyfile(demo_dir / index_dataset(demo_dir).records[0].path, image)
+    image = new_image_from(demo_dir / index_dataset(demo_dir).records[0].path, tmp_path / "new.png")
     finished = run_script("predict.py", str(image), "--output-dir", str(cv_run), "--out", str(tmp_path / "out"),
                           "--device", "cpu", "--explain", "resnet50")
     assert finished.returncode == 0, finished.stderr
@@ -357,8 +375,9 @@ def test_a_checkpoint_copied_from_another_fold_is_refused_naming_the_fold(cv_cop
     target = checkpoint_path(fold_dir(cv_copy, 1), "resnet50")
     target.unlink()
     shutil.copyfile(checkpoint_path(fold_dir(cv_copy, 2), "resnet50"), target)
-    image = cv_copy / "image.png"  # not an image of the run's dataset: the bagged ensemble, every fold's model
-    load_rgb(open_run(cv_copy).data_root / open_run(cv_copy).partition.records[0].path).save(image)
+    # Not an image of the run's dataset: the bagged ensemble, every fold's model.
+    image = new_image_from(open_run(cv_copy).data_root / open_run(cv_copy).partition.records[0].path,
+                           cv_copy / "image.png")
     with pytest.raises(PipelineError,
                        match="fold_1/fine_tuned_resnet50.pth was trained for fold 2, not fold 1 .copied"):
         predict.main([str(image), "--output-dir", str(cv_copy), "--out", str(tmp_path / "out"), "--device", "cpu"])
