@@ -23,7 +23,6 @@ and this command (or cancer_class_further.py and what follows) once they are don
 import argparse
 import importlib
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 from common.core.console import CommandParser, unknown_arguments_message
-from common.core.errors import STAGE_OF_PIPELINE_ENV, Interrupted, PipelineError, run_main
+from common.core.errors import STAGE_OF_PIPELINE_ENV, Interrupted, PipelineError, run_main, typed_command
 from common.core.fileio import check_writable_folder
 from common.core.runfiles import FURTHER_SCRIPT, REPORT_DIR, REPORT_SCRIPT, SCORE_SCRIPT, check_run_kind
 from common.data.demo import make_demo_dataset, mark_as_synthetic
@@ -174,7 +173,7 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
 
 def interrupted_message(kind: str, output_dir: Path) -> str:
     """After a Ctrl-C: what is intact and the command that goes on (this one, as typed)."""
-    command = shlex.join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])
+    command = typed_command()
     if kind == "kfold":
         return (f"the models and stages that finished are intact in {output_dir}; resume with {command} "
                 "(finished models are skipped)")

@@ -38,8 +38,10 @@ def ctrl_c(*_args, **_kwargs):
 
 def test_interrupted_further_says_earlier_results_are_intact(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cancer_class_further, "open_run", ctrl_c)
+    monkeypatch.setattr(sys, "argv", ["cancer_class_further.py", "--output-dir", str(tmp_path)])
     printed = interrupted_stderr(lambda: cancer_class_further.main(["--output-dir", str(tmp_path)]), capsys)
-    assert "intact" in printed and "rerun" in printed
+    assert printed == ("interrupted: every result written before is intact (files are replaced whole); rerun "
+                       f"python cancer_class_further.py --output-dir {tmp_path}\n")
     assert "--resume" not in printed  # cancer_class_further.py has no --resume
 
 

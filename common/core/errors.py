@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shlex
 import sys
 from collections.abc import Callable
 
@@ -12,7 +13,12 @@ UNUSABLE_PATH_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, e
 
 
 # What a Ctrl-C leaves, unless the script says more (an Interrupted): files are only ever replaced whole.
-INTERRUPTED_MESSAGE = "every result written before is intact (files are replaced whole); rerun the command"
+INTERRUPTED_MESSAGE = "every result written before is intact (files are replaced whole); rerun"
+
+
+def typed_command() -> str:
+    """The command as the user typed it (python <script> <arguments>), to paste back."""
+    return shlex.join(["python", os.path.basename(sys.argv[0]), *sys.argv[1:]])
 
 
 # Set by run_pipeline.py for the stages it starts: a Ctrl-C reaches the stage and the driver together, and the
@@ -73,7 +79,7 @@ def run_main(main: Callable[[], object]) -> None:
             raise
         sys.exit(2)
     except KeyboardInterrupt as interrupt:
-        message = str(interrupt) if isinstance(interrupt, Interrupted) else INTERRUPTED_MESSAGE
+        message = str(interrupt) if isinstance(interrupt, Interrupted) else f"{INTERRUPTED_MESSAGE} {typed_command()}"
         if not os.environ.get(STAGE_OF_PIPELINE_ENV):
             print(f"interrupted: {message}", file=sys.stderr)
         sys.exit(130)
