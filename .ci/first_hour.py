@@ -18,6 +18,7 @@ Each step prints `ok` or what went wrong (its command and the end of its output)
 step failed.
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -114,12 +115,15 @@ def ctrl_c_in_run_pipeline(clone: Path) -> None:
     command = [PYTHON, "run_pipeline.py", "--demo", "--output-dir", "runs/interrupted", *SMALLEST_DEMO]
     driver = subprocess.Popen(command, cwd=clone, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, start_new_session=True)
-    for line in driver.stdout:
-        if line.startswith("$ "):
+    for line in driver.stdout:  # the first model stage is running (it has read its split)
+        if line.startswith("split protocol:"):
             break
-    time.sleep(3)
-    os.killpg(driver.pid, signal.SIGINT)
-    stdout, stderr = driver.communicate(timeout=120)
+    try:
+        os.killpg(driver.pid, signal.SIGINT)
+        stdout, stderr = driver.communicate(timeout=300)
+    finally:  # nothing left training in the background
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
     finished = subprocess.CompletedProcess(command, driver.returncode, stdout, stderr)
     passed, why = one_error_line(finished, 130, "resume with python run_pipeline.py --demo")
     check("mistake 3: Ctrl-C in run_pipeline.py says what is intact and how to resume", passed, finished, why)

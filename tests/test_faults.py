@@ -2,6 +2,7 @@
 it is asked, folds.json lost, a run of the other kind in the folder, a mistyped option. Each is refused in one line
 before any training, touching nothing, or recovered with the same result."""
 
+import contextlib
 import importlib
 import os
 import re
@@ -166,12 +167,15 @@ def test_ctrl_c_in_run_pipeline_prints_one_line_with_the_command_that_resumes(de
                str(output_dir), "--folds", str(FOLDS), *PIPELINE_ARGS]
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)
-    for line in driver.stdout:  # the first model stage has started
-        if line.startswith("$ "):
+    for line in driver.stdout:  # the first model stage is running (it has read its split)
+        if line.startswith("split protocol:"):
             break
-    time.sleep(2)  # inside the stage (importing torch, reading the split)
-    os.killpg(driver.pid, signal.SIGINT)  # as a terminal's Ctrl-C does: every process of the group
-    _, stderr = driver.communicate(timeout=120)
+    try:
+        os.killpg(driver.pid, signal.SIGINT)  # as a terminal's Ctrl-C does: every process of the group
+        _, stderr = driver.communicate(timeout=300)
+    finally:  # never leave a stage training in the background of the rest of the suite
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
     assert driver.returncode == 130, stderr
     assert "Traceback" not in stderr
     lines = stderr.strip().splitlines()  # (the stage's progress lines may come first)

@@ -14,6 +14,7 @@ from common.evaluation.map_comparison import (
     missing_sentence,
     multiplicity_sentence,
 )
+from common.evaluation.stats import TOO_FEW_PATIENTS
 
 
 def save_figure(figure: Figure, target: Path) -> str:
@@ -37,6 +38,15 @@ def table_html(header: list[str], rows: list[list[str]], *, table_id: str = "", 
             f'<tbody>{"".join(lines)}</tbody></table></div>')
 
 
+def note_on_second_line(cell: str) -> str:
+    """A cell that ends with the too-few-patients note: the note on a second, wrapping line, so that the table
+    still fits the page."""
+    note = f" ({TOO_FEW_PATIENTS})"
+    if not cell.endswith(note):
+        return cell
+    return f'{cell.removesuffix(note)}<br><span class="spread note">{note.strip()}</span>'
+
+
 def caveat_html(caveats: list[str]) -> str:
     """A warning box above everything when the checkpoints say the CNNs cannot speak about real tissue
     (common.models.checkpoints.training_caveats)."""
@@ -52,7 +62,8 @@ def map_type_html(comparison: dict | None) -> str:
     results.json or cv_results.json): the protocol, the table with intervals, the paired differences."""
     if comparison is None:
         return ("<p>Not in this run's results (written by an earlier version); rerun cancer_class_further.py.</p>")
-    rows = [[html.escape(cell) for cell in comparison_cells(comparison, method)] for method in comparison["methods"]]
+    rows = [[note_on_second_line(html.escape(cell)) for cell in comparison_cells(comparison, method)]
+            for method in comparison["methods"]]
     classes = ["final" if method == comparison["final_method"] else "" for method in comparison["methods"]]
     sentences = "".join(f"<li>{html.escape(item['sentence'])}</li>" for item in comparison["differences"])
     missing = missing_sentence(comparison)
@@ -78,6 +89,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { white-space: normal; vertical-align: bottom; }
 td { white-space: nowrap; }
 td .spread { color: #555; font-size: 0.9em; }
+td .note { white-space: normal; display: inline-block; max-width: 8em; }
 th:first-child, td:first-child { text-align: left; }
 thead th { background: #f0f0f0; }
 tr.final td { font-weight: 700; } #comparison tr.final td { background: #eef6ee; }

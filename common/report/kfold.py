@@ -38,7 +38,8 @@ FOLD_GALLERY_SIZE = 12  # images in each fold's own page (the run's page shows t
 def _cell(entry: dict, *, interval: bool) -> str:
     """The Markdown table's cell with its interval or sd on a second line, so that the wide tables fit the page."""
     value, _, spread = format_cell(entry, interval=interval, plus_minus="&plusmn;").partition(" ")
-    return f'{value}<br><span class="spread">{spread}</span>' if spread else value
+    css = "spread note" if entry.get("ci95_note") and interval else "spread"
+    return f'{value}<br><span class="{css}">{spread}</span>' if spread else value
 
 
 def level_table(results: dict, level: str) -> str:
