@@ -28,6 +28,7 @@ from common.cams.methods import CAM_METHODS
 from common.core.console import CommandParser
 from common.core.errors import PipelineError, run_main
 from common.core.fileio import check_writable_folder, remove_stale_temporaries
+from common.evaluation.conformal import DEFAULT_ALPHA
 from common.fusion.features import FEATURE_SETS
 from common.fusion.mlp import MlpSettings
 from common.models.registry import MODEL_ORDER
@@ -67,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=MLP.seed,
                         help="seeds the MLPs' init and batch order, the select patients and the bootstrap")
     parser.add_argument("--resamples", type=int, default=2000, help="patient-bootstrap resamples of the intervals")
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                        help="error rate of the conformal sets: a held-out case's set misses its true label for at "
+                             "most this share of cases (docs/calibration.md)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="auto: CUDA if present, else MPS, else the CPU")
     args = parser.parse_args(argv)
@@ -75,15 +79,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError:
         parser.error(f"--hidden-sizes {args.hidden_sizes!r}: expected comma-separated integers, e.g. 256,64")
     if min(args.grid_size, args.epochs, args.batch_size, args.resamples, *args.hidden_sizes) < 1 or args.lr <= 0 \
-            or args.weight_decay < 0 or not 0 <= args.dropout < 1:
+            or args.weight_decay < 0 or not 0 <= args.dropout < 1 or not 0 < args.alpha < 1:
         parser.error("--grid-size, --epochs, --batch-size, --resamples, --hidden-sizes and --lr must be positive, "
-                     "--weight-decay not negative, --dropout in [0, 1)")
+                     "--weight-decay not negative, --dropout in [0, 1), --alpha in (0, 1)")
     return args
 
 
 def final_stage_options(args: argparse.Namespace) -> FinalStageOptions:
     return FinalStageOptions(settings=MlpSettings.from_args(args), cam_method=args.cam_method,
                              features=args.features, fit_split=args.fit_split, resamples=args.resamples,
+                             alpha=args.alpha,
                              heatmap_files=dict(zip(MODEL_ORDER, args.heatmaps)) if args.heatmaps else None)
 
 

@@ -2,6 +2,7 @@
 
     python predict.py --output-dir runs/breakhis path/to/image.png path/to/folder ...
     python predict.py --output-dir runs/breakhis --explain all path/to/image.png
+    python predict.py --output-dir runs/breakhis --one-patient --alpha 0.1 path/to/one_patients_folder
 
 For each image (any RGB size; it is resized like the training images) prints P(malignant) of DenseNet-121,
 ResNet-50, VGG-16, their mean (soft vote) and the final MLP, and writes to --out (default
@@ -9,6 +10,12 @@ ResNet-50, VGG-16, their mean (soft vote) and the final MLP, and writes to --out
 combined map, each panel titled, the image's aspect ratio kept); with --explain, also <stem>_explain.png:
 Grad-CAM, Grad-CAM++ and LayerCAM of each CNN beside LIME, Kernel SHAP and occlusion (captum). The maps explain the
 class chosen by the rule the MLP was trained with.
+
+Calibrated probabilities and "refer this case" (docs/calibration.md): every P also temperature-scaled with the
+temperature the run fitted on held-out patients (columns p_malignant_<model>_calibrated), and each image's
+conformal set at --alpha from the final MLP's calibrated P: "benign", "malignant" or "uncertain: refer" (an
+image-level set: calibrated on held-out images, labelled as such). With --one-patient, all inputs are one patient's
+images: the patient's mean calibrated P and its patient-level set (calibrated on held-out patients) are printed.
 
 Both kinds of run: on a K-fold run (run_pipeline.py's default) each CNN of a new image is the bagged ensemble of
 its K fold models and the final MLP the one fitted on every out-of-fold row (printed when it runs). An image of
@@ -40,8 +47,16 @@ from common.core.fileio import (
     scratch_folder,
     write_text,
 )
-from common.core.runfiles import PREDICTIONS_CSV, PREDICTIONS_DIR, distinct_stems, probability_key
+from common.core.runfiles import (
+    PREDICTIONS_CSV,
+    PREDICTIONS_DIR,
+    distinct_stems,
+    probability_key,
+    scaled_probability_key,
+)
 from common.data.records import IMAGE_EXTENSIONS
+from common.evaluation.calibration import apply_temperature
+from common.evaluation.conformal import prediction_sets, set_names, threshold_from_scores
 from common.evaluation.metrics import DECISION_THRESHOLD, format_probability
 from common.inference import BATCH_SIZE, RunModels, load_run_models, predict_batches
 from common.models.registry import ARCHS, MODEL_ORDER
@@ -182,11 +197,19 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="where to write predictions.csv and overlays (default: <output-dir>/predictions)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="auto: CUDA if present, else MPS, else the CPU")
+    parser.add_argument("--alpha", type=float,
+                        help="error rate of the conformal sets (default: the run's, set by cancer_class_further.py "
+                             "--alpha, 0.1 unless changed)")
+    parser.add_argument("--one-patient", action="store_true",
+                        help="the inputs are one patient's images: also print the patient's mean calibrated "
+                             "P(malignant) and its patient-level conformal set")
     parser.add_argument("--explain", choices=["all", *MODEL_ORDER],
                         help="also write <stem>_explain.png: every CAM of each CNN side by side with LIME, Kernel "
                              "SHAP and occlusion (captum; hundreds of forward passes per image) of this CNN or all "
                              "(default: no explanation figures)")
     args = parser.parse_args(argv)
+    if args.alpha is not None and not 0 < args.alpha < 1:
+        parser.error(f"--alpha {args.alpha}: must be in (0, 1), e.g. 0.1")
     run = open_run(args.output_dir)
     out_dir = Path(args.out) if args.out else run.output_dir / PREDICTIONS_DIR
     check_writable_folder(out_dir, option="--out")  # before the models load, not after the work
@@ -198,13 +221,16 @@ def main(argv=None) -> None:
     names = overlay_names(image_paths)
     members = dataset_membership(run, image_paths)  # inputs that are the run's own images, flagged as such
     rows: dict[int, list[str]] = {}
-    print(f"{'image':<40} " + " ".join(f"{name:>12}" for name in COLUMNS) + "  prediction (final MLP)")
+    sets = ConformalSets(models.classifier, args.alpha)
+    print(f"{sets.describe()}")
+    print(f"{'image':<40} " + " ".join(f"{name:>12}" for name in COLUMNS)
+          + f" {'calibrated':>10}  {'prediction (final MLP)':<22}  set (alpha {sets.alpha:g}, image level)")
     remove_stale_temporaries(out_dir.parent)  # a killed predict.py's staging folder (never a live one's)
     # Overlays are written batch by batch (flat memory) into a staging folder that is moved into --out only when
     # every image has been read: a bad image stops the run with --out as it was.
     with scratch_folder(out_dir.parent, out_dir.name) as staging:
         for fold, indices in scoring_groups(run, members, len(image_paths)):
-            rows.update(score_group(run, models, fold, indices, image_paths, members, names, staging, out_dir))
+            rows.update(score_group(run, models, fold, indices, image_paths, members, names, staging, out_dir, sets))
         if args.explain:
             names += write_explanations(image_paths, names, models, members, staging, args.explain)
         out_dir.mkdir(exist_ok=True)
@@ -212,15 +238,52 @@ def main(argv=None) -> None:
             os.replace(staging / name, out_dir / name)
     table = io.StringIO()
     csv.writer(table).writerows([["image"] + [f"p_malignant_{name}" for name in COLUMNS]
-                                 + ["prediction", "overlay", "scored_by"]] + [rows[index] for index in sorted(rows)])
+                                 + [f"p_malignant_{name}_calibrated" for name in COLUMNS]
+                                 + ["prediction", f"conformal_set_image_level_alpha_{sets.alpha:g}", "overlay",
+                                    "scored_by"]] + [rows[index] for index in sorted(rows)])
     write_text(out_dir / PREDICTIONS_CSV, table.getvalue())
+    if args.one_patient:
+        final_calibrated_column = 1 + len(COLUMNS) + COLUMNS.index("final_mlp")  # after the image and the raw Ps
+        calibrated = [float(rows[index][final_calibrated_column]) for index in sorted(rows)]
+        print(sets.patient_line(calibrated))
     explained = f" and {len(image_paths)} explanation figure(s) <stem>_explain.png" if args.explain else ""
     print(f"wrote {out_dir / PREDICTIONS_CSV}, {len(image_paths)} overlay(s) <stem>_gradcam.png (image | "
           f"{' | '.join(MODEL_ORDER)} | combined){explained}")
 
 
+class ConformalSets:
+    """The final MLP's conformal sets at an error rate, from the held-out scores in the classifier file."""
+
+    def __init__(self, classifier: dict, alpha: float | None):
+        self.temperatures = classifier["temperatures"]
+        conformal = classifier["conformal"]
+        self.alpha = conformal["alpha"] if alpha is None else alpha
+        self.image_threshold = threshold_from_scores(conformal["image_scores"].numpy(), self.alpha)
+        self.patient_threshold = threshold_from_scores(conformal["patient_scores"].numpy(), self.alpha)
+        self.held_out = (len(conformal["image_scores"]), len(conformal["patient_scores"]))
+        self.protocol = classifier["calibration_protocol"]
+
+    def describe(self) -> str:
+        temperatures = ", ".join(f"{key} T {value:.2f}" for key, value in self.temperatures.items())
+        return (f"calibrated: P temperature-scaled ({temperatures}); sets at alpha {self.alpha:g} from "
+                f"{self.held_out[0]} held-out images / {self.held_out[1]} held-out patients ({self.protocol})")
+
+    def calibrated(self, probabilities: dict[str, float]) -> dict[str, float]:
+        return {name: float(apply_temperature(probabilities[name], self.temperatures[name])) for name in COLUMNS}
+
+    def image_set(self, calibrated_final: float) -> str:
+        return set_names(prediction_sets(np.array([calibrated_final]), self.image_threshold))[0]
+
+    def patient_line(self, calibrated_final: list[float]) -> str:
+        mean = float(np.mean(calibrated_final))
+        name = set_names(prediction_sets(np.array([mean]), self.patient_threshold))[0]
+        return (f"one patient ({len(calibrated_final)} images): mean calibrated P(malignant) "
+                f"{format_probability(mean)}; conformal set at alpha {self.alpha:g} (patient level): {name}")
+
+
 def score_group(run: Run, models: RunModels, fold: int | None, indices: list[int], image_paths: list[Path],
-                members: dict[int, int], names: list[str], staging: Path, out_dir: Path) -> dict[int, list[str]]:
+                members: dict[int, int], names: list[str], staging: Path, out_dir: Path,
+                sets: ConformalSets) -> dict[int, list[str]]:
     """Score the inputs `indices` with the run's models (fold None: all of them) or fold k's; write their overlays
     into `staging`, print their rows (and a note under each of the run's own images); returns their
     predictions.csv rows by input index."""
@@ -233,23 +296,28 @@ def score_group(run: Run, models: RunModels, fold: int | None, indices: list[int
             probabilities = {name: float(batch["probabilities"][name][row]) for name in COLUMNS}
             own_row = members.get(index)
             relative = run.partition.records[own_row].path if own_row is not None else None
+            calibrated = sets.calibrated(probabilities)
             if stored is not None:  # never fitted on this patient's rows, unlike final_classifier.pth
                 stored_row = int(np.flatnonzero(stored["paths"] == relative)[0])
-                final_key = probability_key(f"mlp_{models.classifier['features']}")
-                probabilities["final_mlp"] = float(stored[final_key][stored_row])
+                final_row = f"mlp_{models.classifier['features']}"
+                probabilities["final_mlp"] = float(stored[probability_key(final_row)][stored_row])
+                calibrated["final_mlp"] = float(stored[scaled_probability_key(final_row)][stored_row])
             figure = overlay_figure(batch["images"][row], {arch: batch["cams"][arch][row] for arch in MODEL_ORDER},
                                     probabilities, path.name)
             with disk_full_as_pipeline_error(out_dir / names[index]):  # (staging: a whole file or none moves on)
                 figure.savefig(staging / names[index], format="png", dpi=90)
             verdict = "malignant" if probabilities["final_mlp"] >= DECISION_THRESHOLD else "benign"
+            image_set = sets.image_set(calibrated["final_mlp"])
             print(f"{path.name[-40:]:<40} " + " ".join(f"{format_probability(probabilities[name]):>12}"
-                                                       for name in COLUMNS) + f"  {verdict}")
+                                                       for name in COLUMNS)
+                  + f" {format_probability(calibrated['final_mlp']):>10}  {verdict:<22}  {image_set}")
             if own_row is not None:
                 scored_here = f"; scored here by fold {fold}'s models" if fold is not None else ""
                 print(f"  note: {path.name}: {run.own_image_note(own_row)}{scored_here}")
             side = run.partition.splits[own_row] if own_row is not None and run.kind == "single" else None
             rows[index] = ([str(path)] + [format_probability(probabilities[name], digits=6) for name in COLUMNS]
-                           + [verdict, str(out_dir / names[index]), scored_by(run, fold, side)])
+                           + [format_probability(calibrated[name], digits=6) for name in COLUMNS]
+                           + [verdict, image_set, str(out_dir / names[index]), scored_by(run, fold, side)])
     return rows
 
 

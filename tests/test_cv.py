@@ -26,18 +26,21 @@ from common.cams.methods import CAM_METHODS, grad_cam
 from common.core.errors import PipelineError
 from common.core.fileio import save_torch, sha256_of_file
 from common.core.runfiles import (CV_RESULTS_JSON, CV_RESULTS_MD, FAITHFULNESS_JSON, FINAL_CLASSIFIER, FOLDS_FILE,
-                                  OOF_PREDICTIONS, REPORT_DIR, checkpoint_path, fold_dir)
+                                  OOF_PREDICTIONS, REPORT_DIR, checkpoint_path, fold_dir, probability_key,
+                                  scaled_probability_key)
 from common.data.images import build_cache, cache_key, load_rgb, make_batches
 from common.data.partition import describe_protocol, load_folds
 from common.data.records import index_dataset
 from common.data.transforms import build_transforms
+from common.evaluation.calibration import apply_temperature, calibration_metrics, fit_temperature
 from common.evaluation.map_comparison import cam_probability_key, compare_cam_methods
 from common.fusion.mlp import MlpSettings
 from common.fusion.stacking import OutOfFold, cross_fit, mlp_stacker
 from common.models.checkpoints import load_checkpoint, model_from_checkpoint
 from common.models.registry import MODEL_ORDER
 from common.run import open_run
-from common.evaluation.stats import MIN_PATIENTS_PER_CLASS, TOO_FEW_PATIENTS, PatientBootstrap, evaluate_row
+from common.evaluation.stats import (MIN_PATIENTS_PER_CLASS, TOO_FEW_PATIENTS, PatientBootstrap, diagnose_patients,
+                                    evaluate_row)
 from common.stages.cross_validation import (
     CV_ROW_NAMES,
     cross_fitted_probabilities,
@@ -457,3 +460,42 @@ def test_every_pooled_metric_has_its_interval_from_five_patients_per_class_and_t
                     assert format_cell(entry, interval=True).endswith(f" ({TOO_FEW_PATIENTS})")
                 checked += 1
         assert checked >= 10
+
+
+def calibration_of_rows(labels, prob, patients) -> dict[str, dict]:
+    """The calibration metrics recomputed from a predictions file, image and patient level."""
+    diagnosis = diagnose_patients(prob, labels, patients)
+    return {"image": calibration_metrics(labels, prob),
+            "patient": calibration_metrics(diagnosis.labels, diagnosis.prob_malignant)}
+
+
+def test_k_fold_calibration_equals_a_recomputation_from_the_out_of_fold_file(cv_run):
+    """Brier, log loss and both ECEs of every row, before and after the cross-fitted temperature, image and patient
+    level, equal those recomputed from oof_predictions.csv; each fold's temperature is fitted on the other folds'
+    rows; the classifier file holds the temperatures and conformal scores predict.py uses."""
+    results = json.loads((cv_run / CV_RESULTS_JSON).read_text())
+    rows = list(oof_rows(cv_run).values())
+    labels = np.array([int(row["label"] == "malignant") for row in rows])
+    patients = np.array([row["patient"] for row in rows])
+    folds = np.array([int(row["fold"]) for row in rows])
+    section = results["calibration"]
+    for key in CV_ROW_NAMES:
+        prob = np.array([float(row[probability_key(key)]) for row in rows])
+        scaled = np.array([float(row[scaled_probability_key(key)]) for row in rows])
+        for values, part in ((prob, "before"), (scaled, "temperature_scaled")):
+            for level, metrics in calibration_of_rows(labels, values, patients).items():
+                for metric, value in metrics.items():
+                    assert section[part][key][level][metric]["estimate"] == pytest.approx(value, abs=1e-6)
+        for fold, temperature in zip((1, 2), section["temperatures"][key]["per_block"]):
+            assert temperature == pytest.approx(fit_temperature(prob[folds != fold], labels[folds != fold]), rel=1e-6)
+            assert np.allclose(scaled[folds == fold], apply_temperature(prob[folds == fold], temperature))
+        conformal = section["conformal"]["rows"][key]
+        assert conformal["patient"]["cases"] == len(set(patients)) and conformal["image"]["cases"] == len(rows)
+    classifier = torch.load(cv_run / FINAL_CLASSIFIER, map_location="cpu", weights_only=True)
+    assert set(classifier["temperatures"]) == {*MODEL_ORDER, "soft_vote", "final_mlp"}
+    assert classifier["temperatures"]["final_mlp"] == pytest.approx(
+        section["temperatures"][results["final_row"]]["for_new_images"])
+    assert len(classifier["conformal"]["patient_scores"]) == len(set(patients))
+    assert len(classifier["conformal"]["image_scores"]) == len(rows)
+    markdown = (cv_run / CV_RESULTS_MD).read_text()
+    assert "## Calibration" in markdown and "## Conformal sets" in markdown

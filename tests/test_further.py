@@ -377,7 +377,7 @@ def aligned(run_dir) -> dict:
 def test_final_classifier_reproduces_its_test_predictions(run_dir, aligned, name, features, prediction_key):
     classifier = torch.load(run_dir / name, map_location="cpu", weights_only=True)
     assert classifier["features"] == features and classifier["fit_rows"] == "the train split"
-    assert classifier["format_version"] == 2 and classifier["run_kind"] == "single"
+    assert classifier["format_version"] == 3 and classifier["run_kind"] == "single"
     assert classifier["partition_digest"] == load_split(run_dir / "split.json").digest
     grid_size = classifier["grid_size"]
     assert classifier["input_shape"] == [3, grid_size, grid_size] and classifier["model_order"] == list(MODEL_ORDER)

@@ -27,6 +27,8 @@ from common.core.fileio import save_npz, sha256_of_file
 from common.core.runfiles import checkpoint_path, heatmap_path
 from common.data.partition import load_split
 from common.data.transforms import build_transforms
+from common.evaluation.calibration import apply_temperature
+from common.evaluation.conformal import prediction_sets, set_names, threshold_from_scores
 from common.evaluation.metrics import softmax
 from common.inference import load_run_models, predict_batches
 from common.models.checkpoints import load_checkpoint, model_from_checkpoint, training_caveats
@@ -205,26 +207,54 @@ def cli_run(run_dir, images, tmp_path_factory) -> dict:
     return {"finished": finished, "out": out, "table": table, "inputs": expected_inputs}
 
 
-def test_cli_writes_one_csv_row_per_image_with_the_printed_columns(cli_run):
+def test_cli_writes_one_csv_row_per_image_with_the_printed_columns(cli_run, run_dir):
     header, *rows = cli_run["table"]
     printed = cli_run["finished"].stdout.splitlines()
     printed_header = next(line for line in printed if line.startswith("image "))
     printed_columns = printed_header.split()[1:1 + len(COLUMNS)]
     assert printed_columns == COLUMNS
-    assert header == ["image"] + [f"p_malignant_{name}" for name in printed_columns] + ["prediction", "overlay",
-                                                                                       "scored_by"]
+    assert header == (["image"] + [f"p_malignant_{name}" for name in printed_columns]
+                      + [f"p_malignant_{name}_calibrated" for name in printed_columns]
+                      + ["prediction", "conformal_set_image_level_alpha_0.1", "overlay", "scored_by"])
     assert [row[0] for row in rows] == [str(path) for path in cli_run["inputs"]]  # the folder expanded, sorted
     after_header = printed[printed.index(printed_header) + 1:]
     body = [line for line in after_header if not line.startswith("  note: ")][:len(rows)]
     # The run's own test image among the inputs (a copy, found by its bytes) is flagged under its row.
     assert any(line.startswith("  note: ") and "one of this run's own test images" in line for line in after_header)
+    classifier = torch.load(run_dir / "final_classifier.pth", map_location="cpu", weights_only=True)
+    image_threshold = threshold_from_scores(classifier["conformal"]["image_scores"].numpy(), 0.1)
     for row, line in zip(rows, body):
         values = [float(value) for value in row[1:1 + len(COLUMNS)]]
+        calibrated = [float(value) for value in row[1 + len(COLUMNS):1 + 2 * len(COLUMNS)]]
         assert all(0 <= value <= 1 for value in values)
-        assert row[1 + len(COLUMNS)] == ("malignant" if values[-1] >= 0.5 else "benign")
-        printed_values = [float(value) for value in line[40:].split()[:len(COLUMNS)]]
-        np.testing.assert_allclose(printed_values, values, atol=5e-4 + 1e-9)
-        assert line.split()[-1] == row[1 + len(COLUMNS)]
+        for name, value, scaled in zip(COLUMNS, values, calibrated):  # the run's temperatures, decisions kept
+            assert scaled == pytest.approx(apply_temperature(value, classifier["temperatures"][name]), abs=2e-6)
+            assert (scaled >= 0.5) == (value >= 0.5)
+        verdict, image_set = row[1 + 2 * len(COLUMNS)], row[2 + 2 * len(COLUMNS)]
+        assert verdict == ("malignant" if values[-1] >= 0.5 else "benign")
+        assert image_set == set_names(prediction_sets(np.array([calibrated[-1]]), image_threshold))[0]
+        printed_values = [float(value) for value in line[40:].split()[:len(COLUMNS) + 1]]
+        np.testing.assert_allclose(printed_values, values + calibrated[-1:], atol=5e-4 + 1e-9)
+        assert f" {verdict} " in line and line.rstrip().endswith(image_set)
+
+
+def test_one_patients_images_get_a_patient_level_set_at_the_chosen_alpha(run_dir, images, tmp_path, capsys):
+    """--one-patient: the mean calibrated P of the inputs and its set from the held-out patients' scores."""
+    capsys.readouterr()
+    predict.main(["--output-dir", str(run_dir), "--out", str(tmp_path / "out"), "--device", "cpu", "--one-patient",
+                  "--alpha", "0.3", str(images["odd_size"]), str(images["wide"])])
+    stdout = capsys.readouterr().out
+    with open(tmp_path / "out" / "predictions.csv", newline="", encoding="utf-8") as handle:
+        header, *rows = list(csv.reader(handle))
+    calibrated = [float(row[header.index("p_malignant_final_mlp_calibrated")]) for row in rows]
+    classifier = torch.load(run_dir / "final_classifier.pth", map_location="cpu", weights_only=True)
+    threshold = threshold_from_scores(classifier["conformal"]["patient_scores"].numpy(), 0.3)
+    expected = set_names(prediction_sets(np.array([np.mean(calibrated)]), threshold))[0]
+    assert "conformal_set_image_level_alpha_0.3" in header
+    assert f"one patient (2 images): mean calibrated P(malignant) {np.mean(calibrated):.3f}" in stdout
+    assert f"conformal set at alpha 0.3 (patient level): {expected}\n" in stdout
+    status, stderr = predict_in_process(["--output-dir", str(run_dir), "--alpha", "1.5", str(images["wide"])], capsys)
+    assert status == 2 and "--alpha 1.5: must be in (0, 1)" in stderr
 
 
 def test_cli_agrees_with_predict_batches(cli_run, predicted, images):
@@ -311,12 +341,14 @@ def test_printed_probability_beside_the_threshold_agrees_with_the_verdict(run_di
     monkeypatch.setattr(predict, "predict_batches", two_images)
     predict.main(["--output-dir", str(run_dir), "--out", str(tmp_path / "out"), "--device", "cpu",
                   *map(str, inputs)])
-    printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.endswith(("benign", "malignant"))]
-    assert [line[1:] for line in printed] == [["0.49999"] * 4 + ["0.4996", "benign"],
-                                             ["0.49999"] * 4 + ["0.500", "malignant"]]
+    printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("below", "at.png"))]
+    assert [line[1:6] + line[7:8] for line in printed] == [["0.49999"] * 4 + ["0.4996", "benign"],
+                                                           ["0.49999"] * 4 + ["0.500", "malignant"]]
+    assert [float(line[6]) >= 0.5 for line in printed] == [False, True]  # the calibrated P: the same sides
     with open(tmp_path / "out" / "predictions.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))[1:]
-    assert [row[len(COLUMNS):len(COLUMNS) + 2] for row in rows] == [["0.499600", "benign"], ["0.500000", "malignant"]]
+    assert [[row[len(COLUMNS)], row[1 + 2 * len(COLUMNS)]] for row in rows] == [["0.499600", "benign"],
+                                                                                ["0.500000", "malignant"]]
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs

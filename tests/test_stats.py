@@ -90,8 +90,8 @@ def test_vectorised_bootstrap_equals_the_slow_loop_on_the_same_resamples(coarse)
     for level, loop in (("image", image_loop), ("patient", patient_loop)):
         for name in RESAMPLED_METRICS:
             assert np.allclose(vectorised[level][name], loop[name], rtol=0, atol=1e-12, equal_nan=True), (level, name)
-    intervals = bootstrap.intervals(prob)
-    for name in RESAMPLED_METRICS:
+    intervals = bootstrap.intervals(prob, {"image": RESAMPLED_METRICS, "patient": RESAMPLED_METRICS})
+    for name in RESAMPLED_METRICS:  # the calibration metrics included
         low, high = percentile_interval(image_loop[name])
         assert intervals["image"][name].low == pytest.approx(low, abs=1e-12)
         assert intervals["image"][name].high == pytest.approx(high, abs=1e-12)
@@ -104,7 +104,7 @@ def test_estimates_are_the_pooled_metrics():
     estimates = bootstrap.estimates(prob)
     pooled_image = binary_metrics(labels, prob, patients)
     pooled_patient = patient_metrics(prob, labels, patients)["all"]
-    for name in LEVEL_METRICS["image"]:  # F1 and the patient recognition rate included
+    for name in RESAMPLED_METRICS:  # F1, the patient recognition rate and the calibration metrics included
         assert estimates["image"][name] == pytest.approx(pooled_image[name], abs=1e-12)
     for name in LEVEL_METRICS["patient"]:
         assert estimates["patient"][name] == pytest.approx(pooled_patient[name], abs=1e-12)

@@ -112,6 +112,11 @@ def probability_key(row_key: str) -> str:
     return f"prob_{row_key.replace('+', '_')}"
 
 
+def scaled_probability_key(row_key: str) -> str:
+    """The predictions-file column of a row's temperature-scaled P ('resnet50' -> 'prob_resnet50_scaled')."""
+    return f"{probability_key(row_key)}_scaled"
+
+
 RUN_KINDS = {"single": ("single-split", SPLIT_FILE), "kfold": ("K-fold", FOLDS_FILE)}
 
 

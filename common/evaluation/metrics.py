@@ -7,6 +7,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from common.evaluation.calibration import calibration_metrics
+
 DECISION_THRESHOLD = 0.5  # a prediction is malignant when P(malignant) >= this
 
 METRIC_COLUMNS = (
@@ -76,8 +78,10 @@ def format_probability(probability: float, *, digits: int = 3, threshold: float 
 
 
 def binary_metrics(labels, prob_malignant, patients, magnifications=None,
-                   threshold: float = DECISION_THRESHOLD) -> dict:
-    """All reported metrics for one set of predictions; a prediction is malignant when prob >= threshold."""
+                   threshold: float = DECISION_THRESHOLD, *, adaptive_edges: np.ndarray | None = None) -> dict:
+    """All reported metrics for one set of predictions; a prediction is malignant when prob >= threshold.
+    With the calibration metrics (common.evaluation.calibration; adaptive_edges: the adaptive ECE's bins, by
+    default this set's own)."""
     labels = np.asarray(labels, dtype=np.int64)
     prob_malignant = np.asarray(prob_malignant, dtype=np.float64)
     predictions = (prob_malignant >= threshold).astype(np.int64)
@@ -99,6 +103,7 @@ def binary_metrics(labels, prob_malignant, patients, magnifications=None,
         "roc_auc": roc_auc(labels, prob_malignant),
         "confusion_matrix": [[tn, fp], [fn, tp]],  # rows: true benign, malignant; columns: predicted
         "patient_recognition_rate": patient_recognition_rate(labels, predictions, np.asarray(patients)),
+        **calibration_metrics(labels, prob_malignant, adaptive_edges=adaptive_edges),
     }
     if magnifications is not None and len(set(magnifications)) > 1:
         magnifications = np.asarray(magnifications)

@@ -24,6 +24,7 @@ import numpy as np
 
 from common.core.errors import PipelineError
 from common.data.records import majority_labels
+from common.evaluation.calibration import CALIBRATION_METRICS, bin_edges, resampled_calibration
 from common.evaluation.metrics import DECISION_THRESHOLD, binary_metrics
 
 DEFAULT_RESAMPLES = 2000
@@ -33,14 +34,18 @@ CONFIDENCE = 0.95
 # zero-wide and says nothing about the next patient. The number is a convention, stated wherever it applies.
 MIN_PATIENTS_PER_CLASS = 5
 TOO_FEW_PATIENTS = "too few patients for an interval"
-RESAMPLED_METRICS = ("roc_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "f1",
-                     "patient_recognition_rate")
-# The metrics given per level: at patient level (one diagnosis per patient) the recognition rate is the accuracy.
-LEVEL_METRICS = {"image": RESAMPLED_METRICS, "patient": RESAMPLED_METRICS[:5]}
+DISCRIMINATION_METRICS = ("roc_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "f1",
+                          "patient_recognition_rate")
+RESAMPLED_METRICS = (*DISCRIMINATION_METRICS, *CALIBRATION_METRICS)
+# The metrics of a results table's main rows per level: at patient level (one diagnosis per patient) the
+# recognition rate is the accuracy. The calibration metrics have their own table (common.evaluation.uncertainty).
+LEVEL_METRICS = {"image": DISCRIMINATION_METRICS, "patient": DISCRIMINATION_METRICS[:5]}
+CALIBRATION_LEVEL_METRICS = {"image": CALIBRATION_METRICS, "patient": CALIBRATION_METRICS}
 DIFFERENCE_METRICS = ("roc_auc", "balanced_accuracy")
 METRIC_NAMES = {"roc_auc": "AUC", "balanced_accuracy": "balanced accuracy", "accuracy": "accuracy",
                 "sensitivity": "sensitivity", "specificity": "specificity", "f1": "F1",
-                "patient_recognition_rate": "patient recognition rate"}
+                "patient_recognition_rate": "patient recognition rate", "brier": "Brier score", "log_loss": "log loss",
+                "ece": "ECE", "ece_adaptive": "adaptive ECE"}
 LEVELS = ("image", "patient")
 # Rows of resamples handled at once in weighted_roc_auc: (chunk, N) float64 arrays of about 16 MB.
 AUC_CHUNK_ELEMENTS = 2_000_000
@@ -162,7 +167,7 @@ def resampled_metrics(labels, prob_malignant, group_of_row, counts: np.ndarray, 
     """Each RESAMPLED_METRICS metric, (R,), of rows weighted by counts[r, group_of_row]: the metrics of the
     data set in which group g appears counts[r, g] times (as that many distinct groups: the patient recognition
     rate, the mean over groups of each group's accuracy, counts it that many times). NaN where a metric is
-    undefined (a class absent)."""
+    undefined (a class absent). The adaptive ECE's equal-mass bins are those of the rows as given (unweighted)."""
     labels = np.asarray(labels)
     predicted = np.asarray(prob_malignant, dtype=np.float64) >= threshold
     n_groups = counts.shape[1]
@@ -183,6 +188,8 @@ def resampled_metrics(labels, prob_malignant, group_of_row, counts: np.ndarray, 
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
         "patient_recognition_rate": _ratio(counts[:, defined] @ group_accuracy[defined],
                                            counts[:, defined].sum(axis=1)),
+        **resampled_calibration(labels, prob_malignant, group_of_row, counts,
+                                adaptive_edges=bin_edges(prob_malignant, "quantile")),
     }
 
 
@@ -193,12 +200,14 @@ def resampled_metrics_loop(labels, prob_malignant, group_of_row, resample_indice
     iteration per resample."""
     labels, prob_malignant = np.asarray(labels), np.asarray(prob_malignant, dtype=np.float64)
     group_of_row = np.asarray(group_of_row)
+    adaptive_edges = bin_edges(prob_malignant, "quantile")  # of the data as given, as resampled_metrics keeps them
     rows_of_group = [np.flatnonzero(group_of_row == group) for group in range(int(group_of_row.max()) + 1)]
     values = {name: np.empty(len(resample_indices)) for name in RESAMPLED_METRICS}
     for resample, drawn in enumerate(resample_indices):
         rows = np.concatenate([rows_of_group[group] for group in drawn])
         draw_of_row = np.concatenate([np.full(len(rows_of_group[group]), draw) for draw, group in enumerate(drawn)])
-        metrics = binary_metrics(labels[rows], prob_malignant[rows], draw_of_row, threshold=threshold)
+        metrics = binary_metrics(labels[rows], prob_malignant[rows], draw_of_row, threshold=threshold,
+                                 adaptive_edges=adaptive_edges)
         for name in RESAMPLED_METRICS:
             values[name][resample] = np.nan if metrics[name] is None else metrics[name]
     return values
@@ -284,7 +293,7 @@ class PatientBootstrap:
         return (f"{TOO_FEW_PATIENTS} ({benign} benign, {malignant} malignant patients; an interval needs at least "
                 f"{MIN_PATIENTS_PER_CLASS} of each)")
 
-    def _interval(self, estimate: float, values: np.ndarray) -> Interval:
+    def interval(self, estimate: float, values: np.ndarray) -> Interval:
         """The estimate with its percentile interval, or with the too-few-patients note and no interval."""
         note = self.too_few_patients
         if note:
@@ -312,18 +321,19 @@ class PatientBootstrap:
         once = self._metrics(prob_malignant, np.ones((1, len(self.patients))))
         return {level: {name: float(value[0]) for name, value in metrics.items()} for level, metrics in once.items()}
 
-    def intervals(self, prob_malignant) -> dict[str, dict[str, Interval]]:
-        """Each metric's estimate with its percentile interval, at image and patient level."""
+    def intervals(self, prob_malignant, metrics=LEVEL_METRICS) -> dict[str, dict[str, Interval]]:
+        """Each metric's estimate with its percentile interval, at image and patient level (`metrics`: level ->
+        names; CALIBRATION_LEVEL_METRICS for the calibration table)."""
         estimates, values = self.estimates(prob_malignant), self.values(prob_malignant)
-        return {level: {name: self._interval(estimates[level][name], values[level][name])
-                        for name in LEVEL_METRICS[level]} for level in LEVELS}
+        return {level: {name: self.interval(estimates[level][name], values[level][name])
+                        for name in metrics[level]} for level in LEVELS}
 
     def difference(self, prob_a, prob_b, *, metrics=DIFFERENCE_METRICS) -> dict[str, dict[str, Interval]]:
         """Row A minus row B, paired: both rows are scored on the same resampled patients, so what the two rows
         share (which patients are easy) cancels out of the interval."""
         estimates_a, estimates_b = self.estimates(prob_a), self.estimates(prob_b)
         values_a, values_b = self.values(prob_a), self.values(prob_b)
-        return {level: {name: self._interval(estimates_a[level][name] - estimates_b[level][name],
+        return {level: {name: self.interval(estimates_a[level][name] - estimates_b[level][name],
                                              values_a[level][name] - values_b[level][name]) for name in metrics}
                 for level in LEVELS}
 

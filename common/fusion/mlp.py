@@ -10,6 +10,11 @@ final_classifier.pth (torch.load(path, weights_only=True)):
     partition_digest                the digest of the run's split.json or folds.json
     checkpoint_sha256, heatmaps_sha256   arch -> [one per fold (a single split: one)]: the files it was fitted on;
                                     readers refuse it beside other ones, fold by fold
+    temperatures                    column -> T: each CNN (on a K-fold run applied to the bagged P), the soft vote
+                                    and 'final_mlp', fitted on held-out rows (common.evaluation.uncertainty)
+    conformal                       alpha, row, image_scores, patient_scores: the held-out cases' sorted
+                                    true-label scores, from which predict.py makes a set at any alpha
+    calibration_protocol            where the temperatures and scores were fitted
 """
 
 import dataclasses
@@ -27,7 +32,7 @@ from common.fusion.features import Standardizer, build_features, stack_maps
 from common.models.registry import MODEL_ORDER
 from common.training.runtime import make_optimizer
 
-CLASSIFIER_FORMAT_VERSION = 2  # 2: one schema for single-split and K-fold runs
+CLASSIFIER_FORMAT_VERSION = 3  # 2: one schema for single-split and K-fold runs; 3: temperatures, conformal scores
 
 
 def build_mlp(in_features: int, hidden_sizes: list[int], dropout: float) -> nn.Sequential:
@@ -142,11 +147,24 @@ def best_epoch(history: list[dict]) -> int:
     return max(row["epoch"] for row in history if row.get("best_so_far"))
 
 
+def uncertainty_fields(for_new_images: dict[str, dict], final_row: str, protocol: str) -> dict:
+    """The classifier file's temperatures and conformal scores, from common.evaluation.uncertainty's fit for new
+    images: per CNN and the soft vote, and the final row's as 'final_mlp'."""
+    final = for_new_images[final_row]
+    return {"temperatures": {**{key: float(for_new_images[key]["temperature"]) for key in (*MODEL_ORDER, "soft_vote")},
+                             "final_mlp": float(final["temperature"])},
+            "conformal": {"alpha": float(final["alpha"]), "row": final_row,
+                          "image_scores": torch.from_numpy(np.asarray(final["image_scores"], dtype=np.float64)),
+                          "patient_scores": torch.from_numpy(np.asarray(final["patient_scores"], dtype=np.float64))},
+            "calibration_protocol": protocol}
+
+
 def classifier_file(mlp: nn.Module, standardizer: Standardizer, *, run_kind: str, features: str, cam_method: str,
                     settings: MlpSettings, fit_rows: str, history: list[dict], target_class_rule: str,
                     partition_digest: str, checkpoint_sha256: dict[str, list[str]],
-                    heatmaps_sha256: dict[str, list[str]]) -> dict:
-    """The contents of final_classifier.pth (the module docstring lists them), for either run kind."""
+                    heatmaps_sha256: dict[str, list[str]], uncertainty: dict) -> dict:
+    """The contents of final_classifier.pth (the module docstring lists them), for either run kind; uncertainty:
+    uncertainty_fields'."""
     in_features = int(standardizer.mean.shape[0])
     return {
         "format_version": CLASSIFIER_FORMAT_VERSION, "kind": "heatmap_mlp", "run_kind": run_kind, "features": features,
@@ -161,4 +179,5 @@ def classifier_file(mlp: nn.Module, standardizer: Standardizer, *, run_kind: str
         # Plain str: a numpy str_ in the file would make torch.load(weights_only=True) refuse it.
         "checkpoint_sha256": {arch: [str(digest) for digest in checkpoint_sha256[arch]] for arch in MODEL_ORDER},
         "heatmaps_sha256": {arch: [str(digest) for digest in heatmaps_sha256[arch]] for arch in MODEL_ORDER},
+        **uncertainty,
     }

@@ -7,8 +7,9 @@ Sections: the sentences on the paired differences; the image-level and patient-l
 figure with its patient-bootstrap 95 % interval, and mean ± sd over folds); per-fold ROC curves of every row
 (oof_predictions.csv); patient-level results per magnification; the heatmap MLP on each map type; the Grad-CAM
 gallery of out-of-fold images (misclassified first, each map from the fold model that never saw the patient); the
-faithfulness of the explanations (faithfulness.json, when score_explanations.py has run); links to the folds'
-pages. The folder is self-contained: the folds' pages are inside it.
+faithfulness of the explanations (faithfulness.json, when score_explanations.py has run); calibration before and
+after the cross-fitted temperature scaling with reliability diagrams, and the conformal sets
+(common/report/calibration.py); links to the folds' pages. The folder is self-contained: the folds' pages are inside it.
 """
 
 import html
@@ -22,6 +23,7 @@ from sklearn.metrics import roc_curve
 from common.core.fileio import write_text
 from common.core.runfiles import probability_key
 from common.evaluation.stats import MIN_PATIENTS_PER_CLASS
+from common.report.calibration import calibration_html, conformal_html
 from common.report.gallery import GallerySource, build_gallery, gallery_html
 from common.report.html import caveat_html, map_type_html, page_html, save_figure, table_html
 from common.report.interpretability import faithfulness_html
@@ -138,6 +140,10 @@ def write_kfold_report(run: Run, report_dir: Path, *, gallery_size: int) -> None
         "Which maps": map_type_html(results.get("cam_method_comparison")),
         "Grad-CAM gallery": gallery_html(source, gallery),
     }
+    for title, section in (("Calibration", calibration_html(results, predictions, report_dir)),
+                           ("Conformal sets", conformal_html(results))):
+        if section is not None:  # absent in results of earlier versions
+            sections[title] = section
     faithfulness = faithfulness_html(run, report_dir)  # None until score_explanations.py ran
     if faithfulness is not None:
         sections["Faithfulness"] = faithfulness

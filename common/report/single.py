@@ -14,6 +14,8 @@ Sections:
     confusion     one 2x2 grid per row, counts from results.json
     training      train_log_<arch>.jsonl per CNN; the MLP's selection curve from results.json's mlp_training;
                   a loss far above the others (a diverged first epoch) is drawn on the top edge with its value
+    calibration   Brier, log loss, ECE before and after temperature scaling, reliability diagrams, conformal sets
+                  (common/report/calibration.py)
     gallery       test images, misclassified first (common/report/gallery.py)
     faithfulness  when faithfulness.json exists (common/report/interpretability.py)
 
@@ -39,6 +41,7 @@ from common.core.runfiles import heatmap_path, probability_key, train_log_path
 from common.data.records import CLASS_NAMES
 from common.evaluation.metrics import DECISION_THRESHOLD, METRIC_COLUMNS, format_metric
 from common.models.registry import MODEL_ORDER
+from common.report.calibration import calibration_html, conformal_html
 from common.report.gallery import GallerySource, build_gallery, gallery_html
 from common.report.html import caveat_html, map_type_html, page_html, save_figure, table_html
 from common.report.interpretability import faithfulness_html
@@ -349,6 +352,10 @@ def write_single_report(report: SingleReport, report_dir: Path, *, gallery_size:
                     + "<h3>Heatmap MLP</h3>" + _plot(plots["mlp"], "MLP training curves"),
         "Grad-CAM gallery": gallery_html(report.gallery_source(), gallery),
     }
+    for title, section in (("Calibration", calibration_html(report.results, report.predictions, report_dir)),
+                           ("Conformal sets", conformal_html(report.results))):
+        if section is not None:  # absent in results of earlier versions
+            sections[title] = section
     faithfulness = faithfulness_html(report.run, report_dir)  # None until score_explanations.py ran
     if faithfulness is not None:
         sections["Faithfulness"] = faithfulness

@@ -34,7 +34,14 @@ import torch
 from common.cams.methods import CAM_DISPLAY_NAMES, CAM_METHODS
 from common.core.errors import PipelineError
 from common.core.fileio import save_torch, sha256_of_file, write_json, write_text, written_together
-from common.core.runfiles import CV_RESULTS_JSON, CV_RESULTS_MD, FINAL_CLASSIFIER, OOF_PREDICTIONS, probability_key
+from common.core.runfiles import (
+    CV_RESULTS_JSON,
+    CV_RESULTS_MD,
+    FINAL_CLASSIFIER,
+    OOF_PREDICTIONS,
+    probability_key,
+    scaled_probability_key,
+)
 from common.data.partition import assign_groups
 from common.data.records import CLASS_NAMES, majority_labels
 from common.evaluation.map_comparison import (
@@ -52,8 +59,9 @@ from common.evaluation.stats import (
     evaluate_row,
     mean_and_sd_over_folds,
 )
+from common.evaluation.uncertainty import HeldOutPlan, evaluate_uncertainty, uncertainty_markdown
 from common.fusion.features import ROW_NAMES, build_features, stack_maps
-from common.fusion.mlp import MlpSettings, classifier_file, fit_mlp
+from common.fusion.mlp import MlpSettings, classifier_file, fit_mlp, uncertainty_fields
 from common.fusion.stacking import OutOfFold, cross_fit, logistic_regression_stacker, mlp_stacker, soft_vote
 from common.models.registry import MODEL_ORDER
 from common.run import HeldOut, Run
@@ -112,9 +120,11 @@ def cross_fitted_cam_method_probabilities(held: HeldOut, options: FinalStageOpti
 
 
 def final_classifier(run: Run, held: HeldOut, features: np.ndarray, options: FinalStageOptions,
-                     device: torch.device) -> dict:
+                     device: torch.device, uncertainty: dict) -> dict:
     """The heatmap MLP fitted on every out-of-fold row (epoch picked on SELECT_FRACTION of the patients): what
-    predict.py and the viewer apply to the fold models' bagged maps of a new image."""
+    predict.py and the viewer apply to the fold models' bagged maps of a new image. Its temperature and conformal
+    scores (uncertainty) are those fitted on the cross-fitted MLP's out-of-fold rows: the refitted MLP is taken to
+    score like the cross-fitted ones, the assumption behind reporting cross-validated figures for it."""
     side_of = assign_groups(majority_labels(held.patients, held.labels),
                             {"fit": 1 - SELECT_FRACTION, "select": SELECT_FRACTION}, options.settings.seed)
     sides = np.array([side_of[patient] for patient in held.patients])
@@ -125,7 +135,8 @@ def final_classifier(run: Run, held: HeldOut, features: np.ndarray, options: Fin
                            cam_method=options.cam_method, settings=options.settings,
                            fit_rows="out-of-fold rows of every fold", history=history,
                            target_class_rule=held.target_class_rule, partition_digest=run.partition.digest,
-                           checkpoint_sha256=held.checkpoint_sha256, heatmaps_sha256=held.heatmaps_sha256)
+                           checkpoint_sha256=held.checkpoint_sha256, heatmaps_sha256=held.heatmaps_sha256,
+                           uncertainty=uncertainty)
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -239,12 +250,16 @@ def results_markdown(results: dict) -> str:
               if difference["level"] == "patient"]
     if "cam_method_comparison" in results:  # absent in files of earlier versions
         lines += ["", comparison_markdown(results["cam_method_comparison"]).rstrip("\n")]
+    if "calibration" in results:  # absent in files of earlier versions
+        lines += ["", uncertainty_markdown(results["calibration"], CV_ROW_NAMES).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
-def oof_csv(held: HeldOut, probabilities: dict[str, np.ndarray], cam_probabilities: dict[str, np.ndarray]) -> str:
+def oof_csv(held: HeldOut, probabilities: dict[str, np.ndarray], cam_probabilities: dict[str, np.ndarray],
+            scaled: dict[str, np.ndarray]) -> str:
     """oof_predictions.csv: one row per image, its fold (1..K), the checkpoints that scored it, each row's P,
-    then the heatmap MLP's P on each map type (prob_mlp_gradcam equals prob_mlp_heatmaps). Every P is written
+    then the heatmap MLP's P on each map type (prob_mlp_gradcam equals prob_mlp_heatmaps), then each row's
+    temperature-scaled P (cross-fitted: prob_<row>_scaled). Every P is written
     with all its digits (repr): a metric recomputed from the file equals the table's (6 decimals turned near-tied
     probabilities into ties and moved an AUC by 0.004)."""
     buffer = io.StringIO()
@@ -252,25 +267,27 @@ def oof_csv(held: HeldOut, probabilities: dict[str, np.ndarray], cam_probabiliti
     writer.writerow(["path", "patient", "label", "magnification", "fold",
                      *(f"checkpoint_sha256_{arch}" for arch in MODEL_ORDER),
                      *(probability_key(key) for key in CV_ROW_NAMES),
-                     *(cam_probability_key(method) for method in cam_probabilities)])
+                     *(cam_probability_key(method) for method in cam_probabilities),
+                     *(scaled_probability_key(key) for key in CV_ROW_NAMES)])
     for index in range(len(held.paths)):
         fold = int(held.folds[index])
         writer.writerow([held.paths[index], held.patients[index], CLASS_NAMES[held.labels[index]],
                          held.magnifications[index], fold,
                          *(held.checkpoint_sha256[arch][fold - 1] for arch in MODEL_ORDER),
                          *(repr(float(probabilities[key][index])) for key in CV_ROW_NAMES),
-                         *(repr(float(values[index])) for values in cam_probabilities.values())])
+                         *(repr(float(values[index])) for values in cam_probabilities.values()),
+                         *(repr(float(scaled[key][index])) for key in CV_ROW_NAMES)])
     return buffer.getvalue()
 
 
 def write_cv_files(output_dir: Path, results: dict, held: HeldOut, probabilities: dict,
-                   cam_probabilities: dict, classifier: dict) -> None:
+                   cam_probabilities: dict, scaled: dict, classifier: dict) -> None:
     """All or nothing (common.core.fileio.written_together); cv_results.json last, with the others' SHA-256."""
     names = [FINAL_CLASSIFIER, OOF_PREDICTIONS, CV_RESULTS_MD, CV_RESULTS_JSON]
     with written_together([output_dir / name for name in names]) as temp_paths:
         temp_of = dict(zip(names, temp_paths))
         save_torch(classifier, temp_of[FINAL_CLASSIFIER])
-        write_text(temp_of[OOF_PREDICTIONS], oof_csv(held, probabilities, cam_probabilities))
+        write_text(temp_of[OOF_PREDICTIONS], oof_csv(held, probabilities, cam_probabilities, scaled))
         write_text(temp_of[CV_RESULTS_MD], results_markdown(results))
         outputs = {name: sha256_of_file(temp_of[name]) for name in names if name != CV_RESULTS_JSON}
         write_json(temp_of[CV_RESULTS_JSON], {**results, "outputs": outputs})
@@ -316,6 +333,12 @@ def run_cross_validation(run: Run, *, options: FinalStageOptions, device: torch.
                      f"final_classifier.pth reads {CAM_DISPLAY_NAMES[options.cam_method]} maps (--cam-method)."),
         "cam_method": options.cam_method, "final_features": options.features,
     }
-    classifier = final_classifier(run, held, features[options.features], options, device)
-    write_cv_files(run.output_dir, results, held, probabilities, cam_probabilities, classifier)
+    plan = HeldOutPlan.cross_fitted(held.folds)
+    calibrated = evaluate_uncertainty({key: probabilities[key] for key in CV_ROW_NAMES}, labels=held.labels,
+                                      patients=held.patients, magnifications=held.magnifications,
+                                      plans=dict.fromkeys(CV_ROW_NAMES, plan), bootstrap=bootstrap, alpha=options.alpha)
+    results["calibration"] = calibrated.section
+    classifier = final_classifier(run, held, features[options.features], options, device,
+                                  uncertainty_fields(calibrated.for_new_images, final_row, plan.description))
+    write_cv_files(run.output_dir, results, held, probabilities, cam_probabilities, calibrated.scaled, classifier)
     return results

@@ -11,13 +11,17 @@ heatmap file. Writes (all or nothing; results.json last, with the SHA-256 of the
                                              the heatmap MLP on each stored map type (Grad-CAM, Grad-CAM++,
                                              LayerCAM), same rows and settings, with patient-bootstrap intervals
                                              and paired differences against Grad-CAM (common.evaluation.map_comparison)
-    test_predictions.npz                     per test image: label, patient and every model's P(malignant)
+                                             calibration (Brier, log loss, ECE) before and after temperature
+                                             scaling, and the conformal sets (common.evaluation.uncertainty)
+    test_predictions.npz                     per test image: label, patient and every model's P(malignant), also
+                                             temperature-scaled (prob_<row>_scaled), all float64
 
 The MLP learns from the rows of --fit-split and picks its best epoch on held-out rows; the test split is used
 once, for the table.
 """
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +39,17 @@ from common.core.runfiles import (
     classifier_name,
     heatmap_path,
     probability_key,
+    scaled_probability_key,
 )
 from common.data.partition import assign_groups, describe_protocol
 from common.data.records import majority_labels
+from common.evaluation.conformal import DEFAULT_ALPHA
 from common.evaluation.map_comparison import cam_probability_key, compare_cam_methods, comparison_markdown
 from common.evaluation.metrics import DECISION_THRESHOLD, binary_metrics, metrics_table, per_patient_rates, softmax
+from common.evaluation.stats import PatientBootstrap
+from common.evaluation.uncertainty import Calibrated, HeldOutPlan, evaluate_uncertainty, uncertainty_markdown
 from common.fusion.features import FEATURE_SETS, ROW_NAMES, build_features, malignant_probabilities, stack_maps
-from common.fusion.mlp import MlpSettings, classifier_file, fit_mlp, mlp_logits
+from common.fusion.mlp import MlpSettings, classifier_file, fit_mlp, mlp_logits, uncertainty_fields
 from common.models.registry import MODEL_ORDER
 from common.run import Run
 
@@ -56,6 +64,7 @@ class FinalStageOptions:
     fit_split: str = "train"  # single split: the rows the MLP learns from
     resamples: int = 2000  # patient-bootstrap resamples of the intervals
     heatmap_files: dict[str, Path] | None = None  # single split: heatmap files to use instead of the run's
+    alpha: float = DEFAULT_ALPHA  # the conformal sets' error rate
 
 
 def run_single_split(run: Run, options: FinalStageOptions, device: torch.device) -> str:
@@ -74,11 +83,33 @@ def run_single_split(run: Run, options: FinalStageOptions, device: torch.device)
     inputs = sources(run.output_dir, heatmap_files, checkpoint_digests)  # hashed once: what the results are made of
     probabilities = malignant_probabilities({arch: heatmaps[arch]["logits"] for arch in MODEL_ORDER})
     rows = {"fit": fit_rows, "select": select_rows}
-    mlp_probabilities, histories, classifiers = train_mlps(options, heatmaps, inputs, rows, device)
+    mlp_probabilities, histories, make_classifiers = train_mlps(options, heatmaps, inputs, rows, device)
     cam_probabilities, missing_methods = train_cam_method_mlps(options, heatmaps, inputs, rows, device,
                                                                mlp_probabilities["mlp_heatmaps"])
-    return write_comparison(options, run.output_dir, reference, {**probabilities, **mlp_probabilities}, histories,
-                            protocol, inputs, classifiers, cam_probabilities, missing_methods)
+    probabilities = {**probabilities, **mlp_probabilities}
+    calibrated = calibrate(options, reference, probabilities, select_rows)
+    classifiers = {name: make(uncertainty=uncertainty_fields(calibrated.for_new_images, f"mlp_{feature_set}",
+                                                             calibrated.section["protocol"]))
+                   for name, (feature_set, make) in make_classifiers.items()}
+    return write_comparison(options, run.output_dir, reference, probabilities, histories, protocol, inputs,
+                            classifiers, cam_probabilities, missing_methods, calibrated)
+
+
+def calibrate(options: FinalStageOptions, reference: dict, probabilities: dict[str, np.ndarray],
+              select_rows: np.ndarray) -> Calibrated:
+    """Temperatures and conformal sets of every row, fitted on held-out patients: the val split's for the CNNs and
+    the soft vote, the MLPs' own select rows (val patients they did not fit on) for the MLPs; evaluated on test."""
+    splits, labels, patients = reference["splits"], reference["labels"], reference["patients"]
+    val_rows, test_rows = np.flatnonzero(splits == "val"), np.flatnonzero(splits == "test")
+    description = ("fitted on held-out patients (the val split; for each MLP the val rows it did not fit on), applied "
+                   "to the test split and to new images")
+    plans = {key: HeldOutPlan.held_out(select_rows if key.startswith("mlp_") else val_rows, test_rows, description)
+             for key in ROW_NAMES}
+    bootstrap = PatientBootstrap.draw(labels=labels[test_rows], patients=patients[test_rows],
+                                      resamples=options.resamples, seed=options.settings.seed)
+    return evaluate_uncertainty({key: probabilities[key] for key in ROW_NAMES}, labels=labels, patients=patients,
+                                magnifications=reference["magnifications"], plans=plans, bootstrap=bootstrap,
+                                alpha=options.alpha)
 
 
 def results_current(run: Run) -> bool:
@@ -124,9 +155,9 @@ def stacked_maps(heatmaps: dict, method: str, inputs: dict, grid_size: int) -> n
 
 
 def train_mlps(options: FinalStageOptions, heatmaps: dict, inputs: dict, rows: dict,
-               device: torch.device) -> tuple[dict[str, np.ndarray], dict, dict[str, dict]]:
-    """One MLP per feature set; P(malignant) of every row, histories, and each classifier file's contents by file
-    name (the chosen feature set's is final_classifier.pth)."""
+               device: torch.device) -> tuple[dict[str, np.ndarray], dict, dict[str, tuple]]:
+    """One MLP per feature set; P(malignant) of every row, histories, and by file name (the chosen feature set's
+    is final_classifier.pth) its feature set and a function of the uncertainty fields that makes its contents."""
     reference = heatmaps[MODEL_ORDER[0]]
     labels, patients = reference["labels"], reference["patients"]
     logits = {arch: heatmaps[arch]["logits"] for arch in MODEL_ORDER}
@@ -138,8 +169,8 @@ def train_mlps(options: FinalStageOptions, heatmaps: dict, inputs: dict, rows: d
         mlp, standardizer, histories[feature_set] = fit_mlp(features, labels, patients, rows["fit"], rows["select"],
                                                             settings, device, f"MLP on {feature_set}")
         probabilities[f"mlp_{feature_set}"] = softmax(mlp_logits(mlp, standardizer(features), device))[:, 1]
-        classifiers[classifier_name(feature_set, options.features)] = classifier_file(
-            mlp, standardizer, run_kind="single", features=feature_set, cam_method=options.cam_method,
+        classifiers[classifier_name(feature_set, options.features)] = feature_set, partial(
+            classifier_file, mlp, standardizer, run_kind="single", features=feature_set, cam_method=options.cam_method,
             settings=settings, fit_rows=f"the {options.fit_split} split", history=histories[feature_set],
             target_class_rule=str(reference["target_class_rule"]), partition_digest=str(reference["split_digest"]),
             checkpoint_sha256={arch: [inputs[arch]["checkpoint_sha256"]] for arch in MODEL_ORDER},
@@ -188,9 +219,10 @@ def write_run_files(output_dir: Path, classifiers: dict[str, dict], results: dic
 
 def write_comparison(options: FinalStageOptions, output_dir: Path, reference: dict, probabilities: dict,
                      histories: dict, protocol: str, inputs: dict, classifiers: dict[str, dict],
-                     cam_probabilities: dict[str, np.ndarray], missing_methods: tuple[str, ...]) -> str:
-    """The one use of the test split: every model on the same test images, then the heatmap MLP on each map type;
-    written with the classifiers. Returns the Markdown tables."""
+                     cam_probabilities: dict[str, np.ndarray], missing_methods: tuple[str, ...],
+                     calibrated: Calibrated) -> str:
+    """The one use of the test split: every model on the same test images, then the heatmap MLP on each map type,
+    then calibration and conformal sets; written with the classifiers. Returns the Markdown tables."""
     labels, patients = reference["labels"], reference["patients"]
     test_rows = np.flatnonzero(reference["splits"] == "test")
     test_patients = sorted(set(patients[test_rows]))
@@ -214,15 +246,17 @@ def write_comparison(options: FinalStageOptions, output_dir: Path, reference: di
         "cam_method": options.cam_method,
         "test_images": len(test_rows), "test_patients": test_patients, "display_names": ROW_NAMES,
         "rows": rows, "per_patient": per_patient, "mlp_training": histories, "cam_method_comparison": cam_comparison,
+        "calibration": calibrated.section,
         "sources": inputs}  # the report checks that the heatmap files it shows are still these
     markdown = (f"Test split, {len(test_rows)} images of {len(test_patients)} patients. "
                 f"Split: {protocol}. MLP fit on: {options.fit_split}, {options.cam_method} maps.\n\n{table}\n\n"
-                f"{comparison_markdown(cam_comparison)}")
+                f"{comparison_markdown(cam_comparison)}\n{uncertainty_markdown(calibrated.section, ROW_NAMES)}")
     predictions = {"paths": reference["paths"][test_rows], "labels": labels[test_rows],
                    "patients": patients[test_rows], "magnifications": reference["magnifications"][test_rows],
-                   **{probability_key(key): probabilities[key][test_rows].astype(np.float32) for key in ROW_NAMES},
-                   **{cam_probability_key(method): values[test_rows].astype(np.float32)
-                      for method, values in cam_probabilities.items()}}
+                   **{probability_key(key): probabilities[key][test_rows].astype(np.float64) for key in ROW_NAMES},
+                   **{cam_probability_key(method): values[test_rows].astype(np.float64)
+                      for method, values in cam_probabilities.items()},
+                   **{scaled_probability_key(key): calibrated.scaled[key][test_rows] for key in ROW_NAMES}}
     write_run_files(output_dir, classifiers, results, markdown, predictions)
     return (f"test split ({len(test_rows)} images, {len(test_patients)} patients; {protocol}):\n{table}\n\n"
             f"{comparison_markdown(cam_comparison)}")
