@@ -3,7 +3,7 @@
     python bench/bench_calibration.py                      # 7,909 images, 82 patients, 5 folds, 7 rows, 3 repeats
     python bench/bench_calibration.py --repeats 5 --resamples 2000
 
-What is timed is everything cancer_class_further.py adds for #calibration on a K-fold run
+What is timed is everything cancer_class_further.py does for calibration and conformal sets on a K-fold run
 (common.evaluation.uncertainty.evaluate_uncertainty): for each row of the table, the cross-fitted temperatures and
 conformal thresholds, the temperature for new images, Brier / log loss / both ECEs before and after scaling with
 their patient-bootstrap intervals at image and patient level, and the conformal summaries with their intervals.
@@ -48,7 +48,10 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one repeat (bench/run_all.py --quick)")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 1
     labels, patients, folds, magnifications, probabilities = breakhis_sized_table(args.images, args.patients,
                                                                                   args.folds)
     bootstrap = PatientBootstrap.draw(labels=labels, patients=patients, resamples=args.resamples, seed=0)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 BENCHMARKS = ("bench_gradcam.py", "bench_cam_methods.py", "bench_data.py", "bench_pipeline.py", "bench_checkpoint.py",
-              "bench_bootstrap.py", "bench_app.py")
+              "bench_bootstrap.py", "bench_calibration.py", "bench_app.py")
 
 
 def main() -> None:

@@ -24,9 +24,11 @@ from PIL import Image
 from common.cams.display import OVERLAY_ALPHA, combined_map, map_overlay, unit_map_overlay
 from common.cams.methods import CAM_DISPLAY_NAMES
 from common.core.errors import PipelineError
-from common.core.runfiles import CV_RESULTS_MD, REPORT_DIR, RESULTS_MD, probability_key
+from common.core.runfiles import CV_RESULTS_MD, REPORT_DIR, RESULTS_MD, probability_key, scaled_probability_key
 from common.data.images import load_rgb
 from common.data.records import CLASS_NAMES
+from common.evaluation.calibration import apply_temperature
+from common.evaluation.conformal import prediction_sets, set_names, threshold_from_scores
 from common.evaluation.metrics import DECISION_THRESHOLD
 from common.inference import BATCH_SIZE, RunModels, classify_images, display_copy, load_run_models
 from common.models.registry import MODEL_ORDER
@@ -49,6 +51,8 @@ class ImageView:
     maps: dict[str, dict[str, np.ndarray]]  # CAM method -> arch -> (h, w) raw map
     truth: int | None = None  # the label of a stored image
     details: str = ""  # patient, magnification, subtype (and fold) of a stored image
+    calibrated: dict[str, float] = dataclasses.field(default_factory=dict)  # temperature-scaled P per row key
+    conformal_set: str = ""  # a new image's image-level set ('' for a stored image)
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,16 @@ class ViewerRun:
         return ("every image, out of fold (each scored by the fold models that never saw its patient)"
                 if self.run.kind == "kfold" else "the test split")
 
+    def temperature(self, key: str) -> float:
+        """The temperature the run fitted for a row (final_classifier.pth's; 'final_mlp' there is the final row)."""
+        return self.models.classifier["temperatures"]["final_mlp" if key == self.final_key else key]
+
+    def image_set(self, calibrated_final: float) -> str:
+        """A new image's image-level conformal set at the run's alpha."""
+        conformal = self.models.classifier["conformal"]
+        threshold = threshold_from_scores(conformal["image_scores"].numpy(), conformal["alpha"])
+        return set_names(prediction_sets(np.array([calibrated_final]), threshold))[0]
+
     def describe(self) -> str:
         """The page's first lines: the run's protocol and its final classifier."""
         if self.run.kind == "kfold":
@@ -152,11 +166,13 @@ def predict_views(run: ViewerRun, named_images: list[tuple[str, Image.Image]], *
         probabilities = dict(result["probabilities"])
         probabilities[run.final_key] = probabilities.pop("final_mlp")
         for offset, (name, image) in enumerate(chunk):
+            raw = {key: float(probabilities[key][offset]) for key in run.probability_keys}
+            calibrated = {key: float(apply_temperature(value, run.temperature(key))) for key, value in raw.items()}
             views.append(ImageView(
-                title=name, image=display_copy(image, DISPLAY_SIZE),
-                probabilities={key: float(probabilities[key][offset]) for key in run.probability_keys},
+                title=name, image=display_copy(image, DISPLAY_SIZE), probabilities=raw,
                 maps={method: {arch: by_arch[arch][offset] for arch in MODEL_ORDER}
-                      for method, by_arch in result["maps"].items()}))
+                      for method, by_arch in result["maps"].items()},
+                calibrated=calibrated, conformal_set=run.image_set(calibrated[run.final_key])))
         if done:
             done(len(views), len(named_images))
     return views
@@ -207,12 +223,15 @@ def stored_view(run: ViewerRun, row: BrowseRow) -> ImageView:
     maps = {method: {arch: by_arch[arch][row.index] for arch in MODEL_ORDER}
             for method, by_arch in run.held.maps.items()}
     probabilities = {key: float(run.predictions[probability_key(key)][row.index]) for key in run.probability_keys}
+    calibrated = {key: float(run.predictions[scaled_probability_key(key)][row.index]) for key in run.probability_keys
+                  if scaled_probability_key(key) in run.predictions}  # held out: scaled by a held-out temperature
     details = f"patient {row.patient}, {row.magnification}X, {row.subtype or 'subtype unknown'}"
     if run.run.kind == "kfold":
         details += f"; fold {row.fold}: scored and explained by fold {row.fold}'s models, which never saw this patient"
     if not path.is_file():
         details += f" (image not found at {path}: grey background)"
-    return ImageView(Path(row.path).name, image, probabilities, maps, truth=row.truth, details=details)
+    return ImageView(Path(row.path).name, image, probabilities, maps, truth=row.truth, details=details,
+                     calibrated=calibrated)
 
 
 # ------------------------------------------------------------------------------------------------ display
@@ -245,8 +264,14 @@ def probability_markdown(run: ViewerRun, view: ImageView) -> str:
         lines.append(f"True class: **{CLASS_NAMES[view.truth]}** ({outcome}); {view.details}")
     elif view.details:  # an upload that is one of the run's own images
         lines.append(f"**Note: {view.details}.**")
-    lines += ["", "| model | P(malignant) | call |", "|---|---:|---|"]
-    lines += [f"| {run.name(key)} | {view.probabilities[key]:.3f} | {verdict(view.probabilities[key])} |"
+    if view.conformal_set:
+        alpha = run.models.classifier["conformal"]["alpha"]
+        lines.append(f"Conformal set (alpha {alpha:g}, image level: calibrated on held-out images, not patients): "
+                     f"**{view.conformal_set}**")
+    lines += ["", "| model | P(malignant) | calibrated P | call |", "|---|---:|---:|---|"]
+    lines += [f"| {run.name(key)} | {view.probabilities[key]:.3f} | "
+              f"{view.calibrated[key]:.3f} | {verdict(view.probabilities[key])} |" if key in view.calibrated else
+              f"| {run.name(key)} | {view.probabilities[key]:.3f} | n/a | {verdict(view.probabilities[key])} |"
               for key in run.probability_keys]
     lines += ["", f"Maps: red = strongest evidence for the class each model's maps explain (rule: "
                   f"{run.models.classifier['target_class_rule']}); each map min-max scaled for display."]

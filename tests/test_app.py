@@ -34,6 +34,8 @@ from common.core.runfiles import checkpoint_path, fold_dir, heatmap_path, probab
 from common.data.images import load_rgb
 from common.data.records import CLASS_NAMES
 from common.data.transforms import build_transforms
+from common.evaluation.calibration import apply_temperature
+from common.evaluation.conformal import prediction_sets, set_names, threshold_from_scores
 from common.evaluation.metrics import softmax
 from common.fusion.mlp import classifier_features, mlp_from_classifier
 from common.inference import load_run_models, predict_batches
@@ -192,6 +194,23 @@ def test_new_images_get_predict_pys_probabilities_and_maps(uploads):
         expected = np.concatenate([part["cams"][arch] for part in parts])
         np.testing.assert_allclose(np.stack([uploads.views[index].maps["gradcam"][arch] for index in new]), expected,
                                    rtol=0, atol=1e-6, err_msg=arch)
+
+
+def test_new_images_get_the_runs_calibrated_probabilities_and_an_image_level_set(uploads):
+    """Each upload's calibrated P is its P scaled by the temperature in final_classifier.pth, the final MLP's set
+    comes from the held-out images' scores there, and the page says both."""
+    viewer = uploads.viewer
+    classifier = viewer.models.classifier
+    threshold = threshold_from_scores(classifier["conformal"]["image_scores"].numpy(), classifier["conformal"]["alpha"])
+    for view in uploads.views:
+        for key in viewer.probability_keys:
+            temperature = classifier["temperatures"]["final_mlp" if key == viewer.final_key else key]
+            assert view.calibrated[key] == pytest.approx(apply_temperature(view.probabilities[key], temperature))
+        expected = set_names(prediction_sets(np.array([view.calibrated[viewer.final_key]]), threshold))[0]
+        assert view.conformal_set == expected
+        markdown = probability_markdown(viewer, view)
+        assert f"image level: calibrated on held-out images, not patients): **{expected}**" in markdown
+        assert f"| {view.calibrated[viewer.final_key]:.3f} |" in markdown
 
 
 def test_pictures_keep_the_aspect_ratio_at_display_size(uploads):

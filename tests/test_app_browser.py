@@ -293,8 +293,12 @@ def test_results_tab_shows_the_table_and_the_report_plots(page, viewer):
     page.get_by_role("tab", name="Results").click()
     expect(page.locator("#results-table")).to_contain_text(viewer.name(viewer.final_key))
     expect(page.locator("#results-table")).to_contain_text("Test split")
+    # Calibration before and after temperature scaling, the conformal sets and the reliability diagrams.
+    for text in ("Calibration", "temperature-scaled", "Conformal sets", "referred"):
+        expect(page.locator("#results-table")).to_contain_text(text)
     plots = report_plots(viewer)
     assert plots, "the pipeline run builds the report"
+    assert {"reliability_image.png", "reliability_patient.png"} <= {path.name for path, _ in plots}
     expect(page.locator("#results-plots img")).to_have_count(len(plots))
 
 

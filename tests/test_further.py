@@ -26,10 +26,12 @@ from common.cams.heatmap_file import HEATMAP_FORMAT_VERSION, HEATMAP_KEYS, load_
 from common.cams.methods import CAM_METHODS
 from common.core.errors import PipelineError
 from common.core.fileio import save_npz, sha256_of_file
-from common.core.runfiles import checkpoint_path, heatmap_path
+from common.core.runfiles import checkpoint_path, heatmap_path, probability_key, scaled_probability_key
 from common.data.partition import load_split
+from common.evaluation.calibration import apply_temperature, calibration_metrics, fit_temperature
 from common.evaluation.map_comparison import cam_probability_key, compare_cam_methods, comparison_markdown
 from common.evaluation.metrics import binary_metrics, metrics_table, softmax
+from common.evaluation.stats import diagnose_patients
 from common.fusion.features import Standardizer, build_features, stack_maps
 from common.fusion.mlp import build_mlp, mlp_logits, train_mlp
 from common.models.registry import ARCHS, MODEL_ORDER
@@ -496,6 +498,35 @@ def test_map_type_comparison_is_made_from_the_saved_test_predictions(run_dir, al
     assert_same_numbers(comparison, recomputed)
     assert comparison_markdown(comparison) in (run_dir / "results.md").read_text()
     assert comparison["patients"] == len(results["test_patients"])  # scored on the test split's patients
+
+
+def test_calibration_is_fitted_on_val_and_equals_a_recomputation_from_the_test_predictions(run_dir, aligned):
+    """results.json's calibration section: every row's Brier, log loss and both ECEs, before and after temperature
+    scaling, image and patient level, equal those recomputed from test_predictions.npz; the CNNs' temperatures are
+    fitted on the val split's rows (never a test row); final_classifier.pth carries the final row's."""
+    results = json.loads((run_dir / "results.json").read_text())
+    section = results["calibration"]
+    saved = np.load(run_dir / "test_predictions.npz", allow_pickle=False)
+    labels, patients = saved["labels"], saved["patients"]
+    for key in results["display_names"]:
+        for column, part in ((probability_key(key), "before"), (scaled_probability_key(key), "temperature_scaled")):
+            diagnosis = diagnose_patients(saved[column], labels, patients)
+            for level, recomputed in (("image", calibration_metrics(labels, saved[column])),
+                                      ("patient", calibration_metrics(diagnosis.labels, diagnosis.prob_malignant))):
+                for metric, value in recomputed.items():
+                    assert section[part][key][level][metric]["estimate"] == pytest.approx(value, abs=1e-6)
+    val_rows = np.flatnonzero(aligned["splits"] == "val")
+    for arch in MODEL_ORDER:
+        logits = load_heatmaps(heatmap_path(run_dir, arch))["logits"]  # float32, as the stage reads them
+        prob = softmax(logits)[:, 1]
+        temperature = fit_temperature(prob[val_rows], aligned["labels"][val_rows])
+        assert section["temperatures"][arch]["per_block"] == [pytest.approx(temperature, rel=1e-6)]
+        np.testing.assert_allclose(saved[scaled_probability_key(arch)],
+                                   apply_temperature(prob[aligned["test_rows"]], temperature), atol=1e-9)
+    classifier = torch.load(run_dir / "final_classifier.pth", map_location="cpu", weights_only=True)
+    assert classifier["temperatures"]["final_mlp"] == pytest.approx(
+        section["temperatures"]["mlp_heatmaps"]["for_new_images"])
+    assert "## Calibration" in (run_dir / "results.md").read_text()
 
 
 # ------------------------------------------------------------------- stale inputs; the files of one run

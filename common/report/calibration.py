@@ -20,9 +20,16 @@ from common.evaluation.uncertainty import (
     conformal_sentence,
     conformal_table,
 )
-from common.report.html import save_figure, table_html
+from common.report.html import note_on_second_line, save_figure, table_html
 
 RELIABILITY_PLOT = "reliability_{level}.png"
+
+
+def html_cell(cell: str) -> str:
+    """A table cell with its interval or too-few-patients note on a second line, so that the tables fit the page."""
+    cell = note_on_second_line(html.escape(cell))
+    value, bracket, interval = cell.partition(" [")
+    return f'{value}<br><span class="spread">[{interval}</span>' if bracket else cell
 
 
 def level_probabilities(predictions: dict, key: str, level: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,8 +76,8 @@ def calibration_html(results: dict, predictions: dict, report_dir: Path) -> str 
     parts = [f"<p>{html.escape(section['definition'])} Temperature scaling: {html.escape(section['protocol'])}. "
              "In brackets the patient-bootstrap 95 % interval.</p>"]
     for level in LEVELS:
-        rows = [[html.escape(cell) for cell in row] for row in calibration_table(section, results["display_names"],
-                                                                                 level)]
+        table = calibration_table(section, results["display_names"], level)
+        rows = [[html_cell(cell) for cell in row] for row in table]
         plot = plot_reliability(results, predictions, level, report_dir / RELIABILITY_PLOT.format(level=level))
         parts += [f"<h3>{level.capitalize()} level</h3>",
                   table_html(CALIBRATION_HEADER, rows, table_id=f"calibration-{level}"),
@@ -84,6 +91,6 @@ def conformal_html(results: dict) -> str | None:
     section = results.get("calibration")
     if section is None:
         return None
-    rows = [[html.escape(cell) for cell in row] for row in conformal_table(section, results["display_names"])]
+    rows = [[html_cell(cell) for cell in row] for row in conformal_table(section, results["display_names"])]
     return f"<p>{html.escape(conformal_sentence(section))}</p>" + table_html(CONFORMAL_HEADER, rows,
                                                                              table_id="conformal")
