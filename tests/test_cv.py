@@ -48,6 +48,7 @@ from common.stages.cross_validation import (
     format_cell,
     row_entries,
 )
+from common.stages.single_split import results_current
 from common.training.config import TrainConfig, heatmaps_only_command, parse_config
 from common.training.model_script import prepare_run_split
 
@@ -499,3 +500,14 @@ def test_k_fold_calibration_equals_a_recomputation_from_the_out_of_fold_file(cv_
     assert len(classifier["conformal"]["image_scores"]) == len(rows)
     markdown = (cv_run / CV_RESULTS_MD).read_text()
     assert "## Calibration" in markdown and "## Conformal sets" in markdown
+
+
+def test_a_folds_classifier_of_an_earlier_format_makes_its_results_stale(cv_copy):
+    """After an upgrade, cancer_class_further.py redoes a fold whose final_classifier.pth is of an earlier format
+    (with no temperatures), instead of keeping it beside this version's aggregation."""
+    fold_run = open_run(fold_dir(cv_copy, 1))
+    assert results_current(fold_run)
+    path = fold_dir(cv_copy, 1) / FINAL_CLASSIFIER
+    older = torch.load(path, map_location="cpu", weights_only=True)
+    save_torch({**older, "format_version": 2}, path)
+    assert not results_current(fold_run)

@@ -26,7 +26,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.data.records import CLASS_NAMES
-from common.evaluation.calibration import BINNING, CALIBRATION_METRICS, ECE_BINS, apply_temperature, fit_temperature
+from common.evaluation.calibration import (
+    BINNING,
+    CALIBRATION_METRICS,
+    ECE_BINS,
+    TEMPERATURE_BOUNDS,
+    apply_temperature,
+    fit_temperature,
+)
 from common.evaluation.conformal import (
     prediction_sets,
     referral_by,
@@ -199,11 +206,13 @@ def evaluate_uncertainty(probabilities: dict[str, np.ndarray], *, labels, patien
 
 
 def temperature_text(temperatures: dict) -> str:
-    """'T 1.42' (one block) or 'T 1.31-1.56 over 5 folds' (cross-fitted)."""
+    """'T 1.42' (one block) or 'T 1.31-1.56 over 5 folds' (cross-fitted); a T at a bound of TEMPERATURE_BOUNDS is
+    said to be one: at the upper bound the held-out rows find no signal in P and flatten it to about 0.5."""
     per_block = temperatures["per_block"]
-    if len(per_block) == 1:
-        return f"T {per_block[0]:.2f}"
-    return f"T {min(per_block):.2f}-{max(per_block):.2f} over {len(per_block)} folds"
+    text = (f"T {per_block[0]:.2f}" if len(per_block) == 1 else
+            f"T {min(per_block):.2f}-{max(per_block):.2f} over {len(per_block)} folds")
+    at_bound = any(np.isclose(value, bound, rtol=1e-3) for value in per_block for bound in TEMPERATURE_BOUNDS)
+    return text + (", at a bound: the held-out rows do not pin T down" if at_bound else "")
 
 
 def calibration_table(section: dict, display_names: dict[str, str], level: str) -> list[list[str]]:

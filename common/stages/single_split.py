@@ -32,6 +32,7 @@ from common.cams.methods import CAM_DISPLAY_NAMES, CAM_METHODS
 from common.core.errors import PipelineError
 from common.core.fileio import save_npz, save_torch, sha256_of_file, write_json, write_text, written_together
 from common.core.runfiles import (
+    FINAL_CLASSIFIER,
     RESULTS_JSON,
     RESULTS_MD,
     TEST_PREDICTIONS,
@@ -49,7 +50,14 @@ from common.evaluation.metrics import DECISION_THRESHOLD, binary_metrics, metric
 from common.evaluation.stats import PatientBootstrap
 from common.evaluation.uncertainty import Calibrated, HeldOutPlan, evaluate_uncertainty, uncertainty_markdown
 from common.fusion.features import FEATURE_SETS, ROW_NAMES, build_features, malignant_probabilities, stack_maps
-from common.fusion.mlp import MlpSettings, classifier_file, fit_mlp, mlp_logits, uncertainty_fields
+from common.fusion.mlp import (
+    CLASSIFIER_FORMAT_VERSION,
+    MlpSettings,
+    classifier_file,
+    fit_mlp,
+    mlp_logits,
+    uncertainty_fields,
+)
 from common.models.registry import MODEL_ORDER
 from common.run import Run
 
@@ -113,15 +121,17 @@ def calibrate(options: FinalStageOptions, reference: dict, probabilities: dict[s
 
 
 def results_current(run: Run) -> bool:
-    """Whether the run's results.json was made from the heatmap files and checkpoints now beside it (a model
-    retrained since makes it stale; cancer_class_further.py on a K-fold run then redoes that fold's stage)."""
+    """Whether the run's results.json was made from the heatmap files and checkpoints now beside it, by this version's
+    final stage (a model retrained since, or a classifier file of an earlier format, makes it stale;
+    cancer_class_further.py on a K-fold run then redoes that fold's stage)."""
     try:
         sources = run.results().get("sources", {})
-        return all(sources.get(arch, {}).get("heatmaps_sha256") == sha256_of_file(heatmap_path(run.output_dir, arch))
-                   and sources.get(arch, {}).get("checkpoint_sha256") ==
-                   sha256_of_file(checkpoint_path(run.output_dir, arch))
-                   for arch in MODEL_ORDER)
-    except (PipelineError, OSError):  # no results yet, or a file gone
+        classifier = torch.load(run.output_dir / FINAL_CLASSIFIER, map_location="cpu", weights_only=True)
+        return classifier.get("format_version") == CLASSIFIER_FORMAT_VERSION and all(
+            sources.get(arch, {}).get("heatmaps_sha256") == sha256_of_file(heatmap_path(run.output_dir, arch))
+            and sources.get(arch, {}).get("checkpoint_sha256") == sha256_of_file(checkpoint_path(run.output_dir, arch))
+            for arch in MODEL_ORDER)
+    except Exception:  # no results yet, a file gone or unreadable: not current, the stage remakes it
         return False
 
 
