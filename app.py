@@ -56,7 +56,7 @@ from common.training.runtime import pick_device  # noqa: E402
 from common.viewer import (DEFAULT_OPACITY, ImageView, ViewerRun, browse_rows, filter_rows,  # noqa: E402
                            load_viewer_run, mark_own_images, method_name, open_uploads, predict_views,
                            probability_markdown, render_panels, report_plots, results_markdown, stored_view,
-                           verdict)
+                           verdict, with_patient_set)
 
 PANEL_NAMES = ("image",) + MODEL_ORDER + ("combined",)  # the pictures of a view, left to right
 CSS = "#warning-banner {background: #fff3cd; border: 1px solid #e0b400; padding: 0.5em 1em; border-radius: 6px}"
@@ -104,7 +104,7 @@ def predict_uploads(run: ViewerRun, files: list[str] | None, method: str, opacit
     try:
         views = predict_views(run, open_uploads(files), done=lambda scored, total: progress(
             scored / total, desc=f"{scored}/{total} images scored"))
-        views = mark_own_images(run, views, files)
+        views = with_patient_set(run, mark_own_images(run, views, files))
     except PipelineError as error:  # e.g. a file that is not an image: said in the page, the server goes on
         raise gr.Error(message_of(error)) from None
     names = [(view.title, index) for index, view in enumerate(views)]

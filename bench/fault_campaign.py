@@ -5,6 +5,8 @@ result, temporaries left behind.
     python bench/fault_campaign.py --work-dir /tmp/campaign_work             # everything (long on 2 CPU cores)
     python bench/fault_campaign.py --work-dir /tmp/campaign_work --quick     # a representative subset
     python bench/fault_campaign.py --sections kill,bad                       # some sections only
+    python bench/fault_campaign.py --sections tamper --each-file --reuse-reference --work-dir /tmp/campaign_work
+                                                                             # every run file once
 
 In --work-dir (default: a new temporary folder, kept), with the test suite's small settings (random init, 32 px,
 one epoch, a 48-image synthetic tree):
@@ -662,7 +664,17 @@ def run_readers(setup: Setup, ledger: Ledger, copy: Path, label: str, baseline: 
     return fingerprints
 
 
-def tamper_campaign(setup: Setup, ledger: Ledger, quick: bool, readers: list[str]) -> None:
+def each_file_once() -> list[tuple[str, str]]:
+    """Every run file once, the tamperings taken in turn (swapping with the other fold only where it has one)."""
+    plan, turn = [], 0
+    for relative, other in run_files():
+        kinds = [kind for kind in TAMPERINGS if kind != "other_fold" or other is not None]
+        plan.append((relative, kinds[turn % len(kinds)]))
+        turn += 1
+    return plan
+
+
+def tamper_campaign(setup: Setup, ledger: Ledger, quick: bool, readers: list[str], each_file: bool) -> None:
     print("\n== tamper: each run file of a copy of the reference truncated, flipped, swapped, deleted; then the "
           "readers", flush=True)
     base = setup.work / "tamper"
@@ -675,6 +687,8 @@ def tamper_campaign(setup: Setup, ledger: Ledger, quick: bool, readers: list[str
     counterparts = dict(run_files())
     if quick:
         plan = QUICK_TAMPERINGS
+    elif each_file:
+        plan = each_file_once()
     else:
         plan = [(relative, kind) for relative, other in run_files() for kind in TAMPERINGS
                 if kind != "other_fold" or other is not None]
@@ -818,6 +832,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="the JSON of tables and cases (default: WORK/fault_campaign.json)")
     parser.add_argument("--quick", action="store_true", help="fold 1's model stages only in the kill section, a "
                         f"subset of {len(QUICK_TAMPERINGS)} tamperings covering every kind of file and tampering")
+    parser.add_argument("--each-file", action="store_true", help=f"the tamper section: every one of the "
+                        f"{len(run_files())} run files once, the tamperings in turn (default: every file with every "
+                        "tampering)")
     parser.add_argument("--sections", default="kill,tamper,bad", help="which sections to run (default: all)")
     parser.add_argument("--reuse-reference", action="store_true", help="reuse the reference run an earlier "
                         "campaign left in --work-dir, if made by the same command (default: make it anew)")
@@ -845,7 +862,7 @@ def main() -> int:
     setup = prepare(work, args.faithfulness_images, args.reuse_reference, "kill" in sections)
     ledger = Ledger()
     campaigns = {"kill": lambda: kill_campaign(setup, ledger, args.quick, args.seed),
-                 "tamper": lambda: tamper_campaign(setup, ledger, args.quick, readers),
+                 "tamper": lambda: tamper_campaign(setup, ledger, args.quick, readers, args.each_file),
                  "bad": lambda: bad_input_campaign(setup, ledger)}
     for section in sections:
         campaigns[section]()
@@ -856,7 +873,8 @@ def main() -> int:
     load_at_end = os.getloadavg()
     print(f"\nwall time {wall:.0f} s; load average at start {' '.join(f'{v:.2f}' for v in load_at_start)}, at end "
           f"{' '.join(f'{v:.2f}' for v in load_at_end)}")
-    summary = {"command": shlex.join([PYTHON, *sys.argv]), "quick": args.quick, "sections": sections,
+    summary = {"command": shlex.join([PYTHON, *sys.argv]), "quick": args.quick, "each_file": args.each_file,
+               "sections": sections,
                "readers": readers,
                "seed": args.seed, "settings": {"pipeline_args": PIPELINE_ARGS, "folds": FOLDS,
                                                 "faithfulness_images": args.faithfulness_images,

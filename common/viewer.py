@@ -53,6 +53,7 @@ class ImageView:
     details: str = ""  # patient, magnification, subtype (and fold) of a stored image
     calibrated: dict[str, float] = dataclasses.field(default_factory=dict)  # temperature-scaled P per row key
     conformal_set: str = ""  # a new image's image-level set ('' for a stored image)
+    patient_line: str = ""  # with several uploads: their patient-level set, if they are one patient's images
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,20 @@ def mark_own_images(run: ViewerRun, views: list[ImageView], paths: list[str]) ->
     return marked
 
 
+def with_patient_set(run: ViewerRun, views: list[ImageView]) -> list[ImageView]:
+    """Several uploads: each view also says what they are as ONE patient's images (the mean calibrated P of the
+    final MLP and the patient-level set at the run's alpha), worded as a condition: only the user knows."""
+    if len(views) < 2:
+        return views
+    conformal = run.models.classifier["conformal"]
+    mean = float(np.mean([view.calibrated[run.final_key] for view in views]))
+    threshold = threshold_from_scores(conformal["patient_scores"].numpy(), conformal["alpha"])
+    name = set_names(prediction_sets(np.array([mean]), threshold))[0]
+    line = (f"If these {len(views)} uploads are one patient's images: mean calibrated P(malignant) {mean:.3f}, "
+            f"conformal set (alpha {conformal['alpha']:g}, patient level): **{name}**")
+    return [dataclasses.replace(view, patient_line=line) for view in views]
+
+
 def open_uploads(paths: list[str]) -> list[tuple[str, Image.Image]]:
     """(file name, RGB image) per uploaded file; a file that is not an image stops with an error naming it."""
     if not paths:
@@ -268,6 +283,8 @@ def probability_markdown(run: ViewerRun, view: ImageView) -> str:
         alpha = run.models.classifier["conformal"]["alpha"]
         lines.append(f"Conformal set (alpha {alpha:g}, image level: calibrated on held-out images, not patients): "
                      f"**{view.conformal_set}**")
+    if view.patient_line:
+        lines.append(view.patient_line)
     lines += ["", "| model | P(malignant) | calibrated P | call |", "|---|---:|---:|---|"]
     lines += [f"| {run.name(key)} | {view.probabilities[key]:.3f} | "
               f"{view.calibrated[key]:.3f} | {verdict(view.probabilities[key])} |" if key in view.calibrated else

@@ -38,7 +38,7 @@ from common.evaluation.calibration import apply_temperature
 from common.evaluation.conformal import prediction_sets, set_names, threshold_from_scores
 from common.evaluation.metrics import softmax
 from common.fusion.mlp import classifier_features, mlp_from_classifier
-from common.inference import load_run_models, predict_batches
+from common.inference import BATCH_SIZE as VIEWER_BATCH_SIZE, load_run_models, predict_batches
 from common.models.checkpoints import load_checkpoint, model_from_checkpoint
 from common.models.registry import MODEL_ORDER
 from common.run import open_run
@@ -57,6 +57,7 @@ from common.viewer import (
     render_panels,
     results_markdown,
     stored_view,
+    with_patient_set,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,17 +182,18 @@ def test_uploads_get_the_bagged_mean_of_the_fold_models(uploads):
 
 def test_new_images_get_predict_pys_probabilities_and_maps(uploads):
     """predict.py scores an image the run has never seen with common.inference.predict_batches (models loaded
-    anew): the viewer shows the very same numbers and maps."""
+    anew): the viewer shows the very same numbers and maps. Scored in the viewer's batches: a convolution's float32
+    result depends on the batch size by ~1e-5, more than this test's tolerance."""
     new = [index for index, path in enumerate(uploads.paths) if path.suffix in (".jpg", ".tif")]
     models = load_run_models(open_run(uploads.viewer.output_dir), CPU)
-    parts = list(predict_batches([uploads.paths[index] for index in new], models, batch_size=1))
+    parts = list(predict_batches(uploads.paths, models, batch_size=VIEWER_BATCH_SIZE))  # as predict_views
     for key in uploads.viewer.probability_keys:
         expected = np.concatenate([part["probabilities"]["final_mlp" if key == uploads.viewer.final_key else key]
-                                   for part in parts])
+                                   for part in parts])[new]
         np.testing.assert_allclose([uploads.views[index].probabilities[key] for index in new], expected, rtol=0,
                                    atol=1e-6, err_msg=key)
     for arch in MODEL_ORDER:
-        expected = np.concatenate([part["cams"][arch] for part in parts])
+        expected = np.concatenate([part["cams"][arch] for part in parts])[new]
         np.testing.assert_allclose(np.stack([uploads.views[index].maps["gradcam"][arch] for index in new]), expected,
                                    rtol=0, atol=1e-6, err_msg=arch)
 
@@ -211,6 +213,16 @@ def test_new_images_get_the_runs_calibrated_probabilities_and_an_image_level_set
         markdown = probability_markdown(viewer, view)
         assert f"image level: calibrated on held-out images, not patients): **{expected}**" in markdown
         assert f"| {view.calibrated[viewer.final_key]:.3f} |" in markdown
+    # Several uploads: what they are as one patient's images, from the held-out patients' scores.
+    mean = np.mean([view.calibrated[viewer.final_key] for view in uploads.views])
+    patient_threshold = threshold_from_scores(classifier["conformal"]["patient_scores"].numpy(),
+                                              classifier["conformal"]["alpha"])
+    expected = set_names(prediction_sets(np.array([mean]), patient_threshold))[0]
+    for view in with_patient_set(viewer, uploads.views):
+        assert (f"If these {len(uploads.views)} uploads are one patient's images: mean calibrated P(malignant) "
+                f"{mean:.3f}, conformal set (alpha {classifier['conformal']['alpha']:g}, patient level): "
+                f"**{expected}**") in probability_markdown(viewer, view)
+    assert with_patient_set(viewer, uploads.views[:1])[0] is uploads.views[0]  # one image: no patient-level line
 
 
 def test_pictures_keep_the_aspect_ratio_at_display_size(uploads):

@@ -230,21 +230,31 @@ def referral_text(by_class: dict) -> str:
     return " / ".join(f"{values['referred']:.2f} ({values['cases']})" for values in by_class.values())
 
 
+def magnification_text(by_magnification: dict) -> str:
+    """'40X 0.50 (8), 100X 0.25 (8)': the referred share and cases per magnification."""
+    return ", ".join(f"{magnification}X {values['referred']:.2f} ({values.get('cases', values.get('patients'))})"
+                     for magnification, values in by_magnification.items())
+
+
 def conformal_table(section: dict, display_names: dict[str, str]) -> list[list[str]]:
-    """Rows of the conformal table: each model at patient and image level."""
+    """Rows of the conformal table: each model at patient and image level (per magnification: at patient level
+    each magnification's images alone, calibrated the same way; at image level the images of each)."""
     rows = []
     for key, by_level in section["conformal"]["rows"].items():
+        by_magnification = {"patient": by_level["patient_by_magnification"],
+                            "image": by_level["image"]["referred_by_magnification"]}
         for level in ("patient", "image"):
             summary = by_level[level]
             rows.append([display_names[key], f"{level} ({summary['cases']})"]
                         + [format_estimate(summary[name]) for name in SET_SUMMARY]
-                        + [referral_text(summary["referred_by_class"])])
+                        + [referral_text(summary["referred_by_class"]),
+                           magnification_text(by_magnification[level]) or "n/a"])
     return rows
 
 
 CALIBRATION_HEADER = ["model", "Brier", "log loss", f"ECE ({ECE_BINS} bins)", f"adaptive ECE ({ECE_BINS} bins)"]
 CONFORMAL_HEADER = ["model", "level (cases)", "coverage", "referred", "accuracy, not referred",
-                    "referred: benign / malignant (cases)"]
+                    "referred: benign / malignant (cases)", "referred by magnification (cases)"]
 
 
 def conformal_sentence(section: dict) -> str:
