@@ -745,3 +745,19 @@ def test_kfold_report_links_each_folds_own_page(cv_index, cv_run):
 
 def test_kfold_faithfulness_tables_equal_faithfulness_json(cv_index, cv_run):
     check_faithfulness_section(cv_index, cv_run, "kfold")
+
+
+def test_kfold_report_reads_every_folds_files_before_any_work(cv_copy, capsys):
+    """An unreadable fold file stops the build at once: one error naming it, no gallery progress before it (the
+    fault campaign counted two lines as a bad refusal), the report already there untouched."""
+    results = cv_copy / "fold_1" / "results.json"
+    content = results.read_bytes()
+    results.unlink()  # a link to the shared run: replace it, never write through it
+    results.write_bytes(content[:len(content) // 2])
+    report_before = {path: path.read_bytes() for path in (cv_copy / "report").rglob("*") if path.is_file()}
+    capsys.readouterr()
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(results))} is unreadable \(.*\); rerun python "
+                                            rf"cancer_class_further.py --output-dir {re.escape(str(results.parent))}$"):
+        build_report(cv_copy)
+    assert capsys.readouterr().err == ""
+    assert {path: path.read_bytes() for path in (cv_copy / "report").rglob("*") if path.is_file()} == report_before

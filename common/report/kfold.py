@@ -103,14 +103,14 @@ def magnification_table(results: dict) -> str:
     return table_html(header, rows, table_id="cv-magnification")
 
 
-def fold_pages(run: Run, report_dir: Path) -> str:
+def fold_pages(fold_reports: dict, report_dir: Path) -> str:
     """Each fold's single-split page into report_dir/fold_<k>/; returns the list of links to them."""
     links = []
-    for fold in run.folds:
+    for fold, fold_report in fold_reports.items():
         print(f"report: fold {fold}'s page", file=sys.stderr, flush=True)
         folder = report_dir / f"fold_{fold}"
         folder.mkdir()
-        write_single_report(load_single_report(open_run(run.model_dir(fold))), folder, gallery_size=FOLD_GALLERY_SIZE)
+        write_single_report(fold_report, folder, gallery_size=FOLD_GALLERY_SIZE)
         links.append(f'<li><a href="fold_{fold}/index.html">fold {fold}</a>: its models on its own test patients '
                      "(the fold's table, per-patient rates, training curves, gallery)</li>")
     return ("<p>Each fold is a single-split run whose test split is that fold's patients; its table is one fold's "
@@ -120,6 +120,8 @@ def fold_pages(run: Run, report_dir: Path) -> str:
 def write_kfold_report(run: Run, report_dir: Path, *, gallery_size: int) -> None:
     """index.html, its plots, gallery/ and fold_<k>/ into report_dir (an empty folder)."""
     results, predictions, held = run.results(), run.predictions(), run.held_out()
+    # Every fold's files are read before any work, so an unreadable one stops the build at once, in one line.
+    fold_reports = {fold: load_single_report(open_run(run.model_dir(fold))) for fold in run.folds}
     roc = plot_fold_rocs(results, predictions, report_dir / "cv_roc.png")
     source = GallerySource(held, predictions, results["display_names"], results["final_row"], run.data_root,
                            kfold=True)
@@ -147,7 +149,7 @@ def write_kfold_report(run: Run, report_dir: Path, *, gallery_size: int) -> None
     faithfulness = faithfulness_html(run, report_dir)  # None until score_explanations.py ran
     if faithfulness is not None:
         sections["Faithfulness"] = faithfulness
-    sections["Folds"] = fold_pages(run, report_dir)
+    sections["Folds"] = fold_pages(fold_reports, report_dir)
     header = (f"<h1>Cross-validation report ({results['n_folds']} folds)</h1>{caveat_html(run.caveats())}"
               f'<dl class="facts"><dt>Protocol</dt><dd>{html.escape(results["protocol"])}</dd>'
               f"<dt>Run folder</dt><dd>{html.escape(str(run.output_dir.resolve()))}</dd></dl>")
