@@ -666,11 +666,10 @@ def run_readers(setup: Setup, ledger: Ledger, copy: Path, label: str, baseline: 
 
 def each_file_once() -> list[tuple[str, str]]:
     """Every run file once, the tamperings taken in turn (swapping with the other fold only where it has one)."""
-    plan, turn = [], 0
-    for relative, other in run_files():
+    plan = []
+    for turn, (relative, other) in enumerate(run_files()):
         kinds = [kind for kind in TAMPERINGS if kind != "other_fold" or other is not None]
         plan.append((relative, kinds[turn % len(kinds)]))
-        turn += 1
     return plan
 
 
